@@ -1,0 +1,131 @@
+"""`ftdist train RECIPE [key=value ...]` and the other verbs.
+
+The same command runs as one plain process, under torchrun or the deepspeed
+launcher, under srun, and inside Ray: the process group comes from the
+environment (ftdist/engine/dist.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+TRAIN_EPILOG = """\
+RECIPE is a built-in recipe name ({recipes}) or a YAML file.
+Overrides use dotted keys, e.g. train.lr=1e-4 deepspeed.zero_stage=3 model.lora.r=8.
+Launch the same command with torchrun/deepspeed/srun for several processes, e.g.
+  torchrun --nproc_per_node 2 -m ftdist train sft_tiny deepspeed.zero_stage=3
+
+Recipe keys (type, default):
+{keys}
+"""
+
+
+def _user_errors():
+    from ftdist.config import ConfigError
+    from ftdist.data.loading import DataError
+    from ftdist.models.loading import ModelError
+
+    return (ConfigError, DataError, ModelError)
+
+
+def _fail(msg: str) -> int:
+    rank = os.environ.get("RANK")
+    prefix = f"ftdist: error (rank {rank}): " if rank not in (None, "0") else "ftdist: error: "
+    print(prefix + msg, file=sys.stderr)
+    return 2
+
+
+def cmd_train(args) -> int:
+    from ftdist.config import load_config
+
+    errors = _user_errors()
+    try:
+        cfg = load_config(args.recipe, args.overrides)
+        if args.print_config:
+            import yaml
+
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            return 0
+        from ftdist.train.loop import train
+
+        result = train(cfg)
+    except errors as e:
+        return _fail(str(e))
+    finally:
+        _destroy_process_group()
+    return 3 if "stopped_at" in result else 0
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:
+            pass
+
+
+def cmd_recipes(args) -> int:
+    from ftdist.config import RECIPES_DIR, builtin_recipes
+
+    for name in builtin_recipes():
+        first = (RECIPES_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ").strip()
+        print(f"{name:16s} {first}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from ftdist import plan
+
+    return plan.run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ftdist.config import builtin_recipes, config_help
+
+    p = argparse.ArgumentParser(prog="ftdist", description="Distributed fine-tuning of causal language models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a recipe (sft, rm, dpo, orpo, ppo)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=TRAIN_EPILOG.format(recipes=", ".join(builtin_recipes()), keys=config_help()))
+    t.add_argument("recipe", help="built-in recipe name or path to a recipe YAML")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides with dotted keys")
+    t.add_argument("--print-config", action="store_true", help="print the fully resolved config and exit")
+    t.set_defaults(func=cmd_train)
+
+    r = sub.add_parser("recipes", help="list the built-in recipes")
+    r.set_defaults(func=cmd_recipes)
+
+    try:
+        from ftdist import plan
+
+        pl = sub.add_parser("plan", help="predict per-GPU memory and recommend a ZeRO/offload configuration",
+                            parents=[plan.build_parser()], add_help=False)
+        pl.set_defaults(func=cmd_plan)
+    except ImportError:
+        pass
+    try:
+        from ftdist import merge
+
+        m = sub.add_parser("merge", help="merge LoRA adapters into a 16/32-bit base model",
+                           parents=[merge.build_parser()], add_help=False)
+        m.set_defaults(func=merge.run)
+    except ImportError:
+        pass
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

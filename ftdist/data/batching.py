@@ -1,0 +1,159 @@
+"""Step plans, best-fit packing and collation into typed batches.
+
+The order of samples in an epoch is a pure function of (seed, epoch, lengths),
+so every rank computes the same plan without communication, and a resumed run
+continues from a step number alone.
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from ftdist.data.tokenize import IGNORE_INDEX
+
+
+@dataclass
+class SFTBatch:
+    input_ids: torch.Tensor  # (B, T) long
+    labels: torch.Tensor  # (B, T) long, IGNORE_INDEX on prompt, padding and the first token of each packed sample
+    attention_mask: torch.Tensor  # (B, T) long, 1 = real token
+    position_ids: torch.Tensor  # (B, T) long, restarting at 0 for each packed sample
+    seq_ids: Optional[torch.Tensor] = None  # (B, T) long, packed sample number 1..k within a row, 0 = padding
+
+    @property
+    def n_target_tokens(self) -> int:
+        # the causal shift: label t is predicted from position t-1, so column 0 is never a target
+        return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+    @property
+    def n_padded(self) -> int:
+        return self.input_ids.numel()
+
+    def to(self, device) -> "SFTBatch":
+        return SFTBatch(**{k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+                           for k, v in self.__dict__.items()})
+
+
+Row = list[int]  # sample indices packed into one row (one index when not packing)
+
+
+def best_fit_pack(lengths: Sequence[int], order: Sequence[int], capacity: int) -> list[Row]:
+    """Best-fit decreasing: each sample goes into the fullest bin it still fits in.
+
+    Padding waste stays at a few percent for long-tailed length distributions,
+    where first-fit in arrival order wastes 20-40%.
+    """
+    items = sorted(order, key=lambda i: -lengths[i])
+    bins: list[Row] = []
+    free: list[tuple[int, int]] = []  # sorted (remaining capacity, bin index)
+    for i in items:
+        n = min(lengths[i], capacity)
+        pos = bisect.bisect_left(free, (n, -1))
+        if pos < len(free):
+            rem, b = free.pop(pos)
+            bins[b].append(i)
+            rem -= n
+        else:
+            bins.append([i])
+            b, rem = len(bins) - 1, capacity - n
+        if rem > 0:
+            bisect.insort(free, (rem, b))
+    return bins
+
+
+def epoch_rows(lengths: Sequence[int], seed: int, epoch: int, packing: bool, capacity: int) -> list[Row]:
+    rng = random.Random(seed * 100_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    if not packing:
+        return [[i] for i in order]
+    rows = best_fit_pack(lengths, order, capacity)
+    rng.shuffle(rows)
+    return rows
+
+
+@dataclass
+class StepPlan:
+    """The rows of every optimizer step of one epoch, split over ranks and micro-batches."""
+
+    steps: list[list[list[Row]]]  # [step][micro][row] for THIS rank
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+
+def plan_epoch(lengths: Sequence[int], *, seed: int, epoch: int, micro_batch_size: int, grad_accum: int,
+               world_size: int, rank: int, packing: bool, capacity: int) -> StepPlan:
+    rows = epoch_rows(lengths, seed, epoch, packing, capacity)
+    per_step = micro_batch_size * grad_accum * world_size
+    n_steps = len(rows) // per_step  # an incomplete last step would change the effective batch: dropped
+    steps = []
+    for s in range(n_steps):
+        step_rows = rows[s * per_step:(s + 1) * per_step]
+        if not packing:
+            # length-grouped micro-batches: similar lengths pad less; the update is unchanged because
+            # the loss is normalised over the whole step
+            step_rows = sorted(step_rows, key=lambda r: row_len_of(r, lengths))
+        mine = step_rows[rank::world_size]
+        steps.append([mine[m * micro_batch_size:(m + 1) * micro_batch_size] for m in range(grad_accum)])
+    return StepPlan(steps)
+
+
+def row_len_of(row: Row, lengths: Sequence[int]) -> int:
+    return sum(lengths[i] for i in row)
+
+
+def collate_rows(rows: list[Row], data, pad_id: int, capacity: int, packed: bool) -> SFTBatch:
+    """`data[i]` -> (input_ids, labels) lists for sample i."""
+    seqs = []
+    for row in rows:
+        ids, labs, pos, sid = [], [], [], []
+        for k, i in enumerate(row):
+            x, y = data[i]
+            x, y = list(x)[:capacity], list(y)[:capacity]
+            if packed:
+                y[0] = IGNORE_INDEX  # never predict a sample's first token from the previous sample
+            ids += x
+            labs += y
+            pos += range(len(x))
+            sid += [k + 1] * len(x)
+        seqs.append((ids[:capacity], labs[:capacity], pos[:capacity], sid[:capacity]))
+    T = max(len(s[0]) for s in seqs)
+    B = len(seqs)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)
+    position_ids = torch.zeros((B, T), dtype=torch.long)
+    seq_ids = torch.zeros((B, T), dtype=torch.long)
+    for b, (ids, labs, pos, sid) in enumerate(seqs):
+        n = len(ids)
+        input_ids[b, :n] = torch.tensor(ids)
+        labels[b, :n] = torch.tensor(labs)
+        attention_mask[b, :n] = 1
+        position_ids[b, :n] = torch.tensor(pos)
+        seq_ids[b, :n] = torch.tensor(sid)
+    return SFTBatch(input_ids, labels, attention_mask, position_ids, seq_ids if packed else None)
+
+
+class TokenData:
+    """Random access to (input_ids, labels) of a tokenised datasets.Dataset, with lengths."""
+
+    def __init__(self, ds):
+        self.ds = ds.with_format("numpy")
+        self.lengths = [len(x) for x in ds["input_ids"]]
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, i: int):
+        r = self.ds[int(i)]
+        return r["input_ids"].tolist(), r["labels"].tolist()

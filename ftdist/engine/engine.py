@@ -1,0 +1,182 @@
+"""The one owner of DeepSpeed: config, initialize, backward/step, gathered weights, HF export.
+
+Loss normalisation contract: the caller passes a loss that is the SUM over its
+micro-batch divided by the number of units (target tokens, pairs) in the whole
+optimizer step across all micro-batches and ranks. DeepSpeed would divide by
+the accumulation steps (we switch that off) and averages gradients over ranks
+(we multiply by the world size to undo it), so the update is the true mean over
+the step however samples are split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+from typing import Optional
+
+import torch
+
+from ftdist.config import Config, ConfigError, ds_config_path
+from ftdist.engine.dist import DistInfo
+
+log = logging.getLogger("ftdist")
+
+_HF_DS_CONFIG = None  # transformers keeps only a weak reference: we hold the object alive
+
+
+def build_ds_config(cfg: Config, world_size: int, grad_accum: int) -> dict:
+    path = ds_config_path(cfg)
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"deepspeed.config: {path} is not valid JSON: {e}") from None
+    t = cfg.train
+    auto = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": t.micro_batch_size * grad_accum * world_size,
+        "gradient_clipping": t.max_grad_norm,
+    }
+    for k, v in auto.items():
+        if ds.get(k, "auto") == "auto":
+            ds[k] = v
+        elif ds[k] != v:
+            raise ConfigError(f"deepspeed.config: {path} sets {k}={ds[k]} but the recipe gives {v}; "
+                              f"set it to \"auto\" so ftdist fills it from the recipe")
+    ds.setdefault("bf16", {})["enabled"] = cfg.model.dtype == "bf16"
+    ds.setdefault("fp16", {})["enabled"] = cfg.model.dtype == "fp16"
+    z = ds.setdefault("zero_optimization", {})
+    # the recipe decides stage and offload; the JSON supplies the tuning knobs
+    z["stage"] = cfg.deepspeed.zero_stage
+    pin = torch.cuda.is_available()
+    if cfg.deepspeed.offload_optimizer:
+        z["offload_optimizer"] = {**z.get("offload_optimizer", {}), "device": "cpu", "pin_memory": pin}
+    else:
+        z.pop("offload_optimizer", None)
+    if cfg.deepspeed.offload_params:
+        z["offload_param"] = {**z.get("offload_param", {}), "device": "cpu", "pin_memory": pin}
+    else:
+        z.pop("offload_param", None)
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    ds.setdefault("steps_per_print", 10**9)
+    return ds
+
+
+@contextlib.contextmanager
+def model_init_context(cfg: Config, world_size: int):
+    """Under ZeRO-3, parameters are partitioned as from_pretrained creates them: no rank ever holds the whole model."""
+    global _HF_DS_CONFIG
+    if cfg.deepspeed.zero_stage != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+
+    ds = build_ds_config(cfg, world_size, 1)
+    _HF_DS_CONFIG = HfDeepSpeedConfig(ds)
+    yield
+
+
+def _build_optimizer(cfg: Config, param_groups: list[dict]):
+    from ftdist.engine.optim import build_optimizer
+
+    return build_optimizer(cfg.train, param_groups, offload=cfg.deepspeed.offload_optimizer)
+
+
+class Engine:
+    """A DeepSpeed engine around one trainable model, with the loop-facing calls ftdist needs."""
+
+    def __init__(self, model, cfg: Config, info: DistInfo, *, grad_accum: int, total_steps: int,
+                 param_groups: Optional[list[dict]] = None):
+        import deepspeed
+        from transformers import get_scheduler
+
+        self.cfg, self.info, self.grad_accum = cfg, info, grad_accum
+        self.ds_config = build_ds_config(cfg, info.world_size, grad_accum)
+        if param_groups is None:
+            from ftdist.models.loading import decay_param_groups
+
+            param_groups = decay_param_groups(model, cfg.train.weight_decay)
+        optimizer = _build_optimizer(cfg, param_groups)
+        warmup = int(round(cfg.train.warmup_ratio * total_steps))
+        scheduler = get_scheduler(cfg.train.scheduler, optimizer, num_warmup_steps=warmup,
+                                  num_training_steps=total_steps)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=copy.deepcopy(self.ds_config),
+            dist_init_required=False)
+        self.device = self.engine.device
+
+    # -- training -------------------------------------------------------------------------------
+    @property
+    def module(self):
+        return self.engine.module
+
+    def train(self, mode: bool = True):
+        self.engine.train(mode)
+
+    def forward(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # loss is already normalised over the whole step; undo DeepSpeed's 1/world averaging
+        self.engine.backward(loss * self.info.world_size, scale_wrt_gas=False)
+
+    def step(self) -> None:
+        self.engine.step()
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"]) if self.scheduler is None else float(self.scheduler.get_last_lr()[0])
+
+    def grad_norm(self) -> Optional[float]:
+        g = self.engine.get_global_grad_norm()
+        if g is None:
+            return None
+        return float(g.item() if isinstance(g, torch.Tensor) else g)
+
+    @property
+    def zero_stage(self) -> int:
+        return self.engine.zero_optimization_stage()
+
+    # -- weights --------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def gathered(self, params=None, modifier_rank: Optional[int] = None):
+        """Full parameters on every rank inside the block (a no-op below ZeRO-3)."""
+        if self.zero_stage != 3:
+            yield
+            return
+        import deepspeed
+
+        params = list(params if params is not None else self.module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
+            yield
+
+    def full_state_dict(self) -> Optional[dict]:
+        """The module's state dict with whole tensors on rank 0 (None on other ranks under ZeRO-3)."""
+        if self.zero_stage == 3:
+            sd = self.engine._zero3_consolidated_16bit_state_dict()
+            return sd if self.info.is_main else None
+        return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+
+    def export_hf(self, out_dir: str, tokenizer=None) -> None:
+        """Hugging Face format (safetensors) with the tokenizer; collective under ZeRO-3."""
+        sd = self.full_state_dict()
+        if self.info.is_main:
+            os.makedirs(out_dir, exist_ok=True)
+            sd = {k: v.contiguous().cpu() for k, v in sd.items()}
+            self.module.save_pretrained(out_dir, state_dict=sd, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(out_dir)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def save_state(self, ckpt_dir: str, client_state: dict) -> None:
+        self.engine.save_checkpoint(ckpt_dir, tag="engine", client_state=client_state, save_latest=False)
+
+    def load_state(self, ckpt_dir: str) -> dict:
+        path, client_state = self.engine.load_checkpoint(ckpt_dir, tag="engine", load_optimizer_states=True,
+                                                         load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"{ckpt_dir}: DeepSpeed could not load the engine state")
+        return client_state or {}

@@ -1,0 +1,120 @@
+"""Hugging Face loading: tokenizer, causal LM with dtype and attention kernel, NEFTune.
+
+Returns plain nn.Modules; the engine decides how they are partitioned. Under
+ZeRO-3 the engine opens its model-init context first, so that from_pretrained
+partitions parameters as they are created.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class ModelError(ValueError):
+    pass
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    if name_or_path in ("ftdist/tiny", "tiny"):
+        from ftdist.models.tiny import resolve_model_path as tiny_path
+
+        return tiny_path(name_or_path)
+    return name_or_path
+
+
+def _check_source(path: str, what: str) -> None:
+    if os.path.isdir(path):
+        if not os.path.exists(os.path.join(path, "config.json")) and what == "model":
+            raise ModelError(f"model.name_or_path: {path} has no config.json (not a Hugging Face model directory)")
+    elif os.path.sep in path and not path.count("/") == 1:
+        raise ModelError(f"model.name_or_path: {path} does not exist")
+
+
+def load_tokenizer(model_cfg):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(model_cfg.name_or_path)
+    _check_source(path, "tokenizer")
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+    except Exception as e:
+        raise ModelError(f"model.name_or_path={model_cfg.name_or_path!r}: cannot load the tokenizer: {e}") from None
+    if tok.pad_token_id is None:
+        # a pad id is only needed for batching; its positions are masked out of attention and loss
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def attn_implementation(model_cfg) -> str:
+    impl = model_cfg.attn_implementation
+    if impl == "auto":
+        if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+            return "flash_attention_2"
+        return "sdpa"
+    return impl
+
+
+def load_causal_lm(model_cfg, dtype: torch.dtype | None = None, **kwargs):
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(model_cfg.name_or_path)
+    _check_source(path, "model")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=dtype or DTYPES[model_cfg.dtype],
+            attn_implementation=attn_implementation(model_cfg),
+            trust_remote_code=model_cfg.trust_remote_code,
+            **kwargs,
+        )
+    except (OSError, ValueError) as e:
+        raise ModelError(f"model.name_or_path={model_cfg.name_or_path!r}: cannot load the model: {e}") from None
+    if model_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def enable_neftune(model, alpha: float):
+    """NEFTune (Jain et al. 2023): uniform noise on input embeddings while training, scaled by alpha/sqrt(L*d)."""
+    if alpha <= 0:
+        return None
+    emb = model.get_input_embeddings()
+
+    def hook(module, inputs, output):
+        if module.training:
+            dims = output.size(1) * output.size(2)
+            mag = alpha / dims**0.5
+            output = output + torch.zeros_like(output).uniform_(-mag, mag)
+        return output
+
+    return emb.register_forward_hook(hook)
+
+
+def decay_param_groups(model, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: never on biases and norm weights (all 1-D parameters)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        # ZeRO-3 partitions params to 1-D shards; ds_shape keeps the real shape
+        shape = getattr(p, "ds_shape", p.shape)
+        (no_decay if len(shape) < 2 or "norm" in name.lower() or name.endswith(".bias") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return [g for g in groups if g["params"]]
+
+
+def count_parameters(model) -> tuple[int, int]:
+    total = trainable = 0
+    for p in model.parameters():
+        n = getattr(p, "ds_numel", p.numel())
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total

@@ -1,0 +1,85 @@
+"""metrics.jsonl, TensorBoard, optional W&B, and the rank-0 progress bar."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+
+class MetricsWriter:
+    """Rank 0 writes; other ranks hold a writer that does nothing, so call sites need no rank checks."""
+
+    def __init__(self, output_dir: str, enabled: bool, logging_cfg=None, config_dict: Optional[dict] = None):
+        self.enabled = enabled
+        self.tb = self.wandb = None
+        if not enabled:
+            return
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if logging_cfg is not None and logging_cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+            except ImportError:
+                self.tb = None
+        if logging_cfg is not None and logging_cfg.wandb:
+            if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
+                raise RuntimeError("logging.wandb=true needs WANDB_API_KEY (or WANDB_MODE=offline) in the environment")
+            import wandb
+
+            self.wandb = wandb.init(project=logging_cfg.wandb_project, config=config_dict, dir=output_dir,
+                                    resume="allow", name=os.path.basename(os.path.abspath(output_dir)))
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(clean) + "\n")
+        step = record.get("step", 0)
+        for k, v in record.items():
+            if k in ("step",) or not isinstance(v, (int, float)) or isinstance(v, bool):
+                continue
+            if self.tb is not None:
+                self.tb.add_scalar(k, v, step)
+        if self.tb is not None:
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in clean.items() if k != "step"}, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+class Progress:
+    """tqdm on rank 0 with loss and tokens/s; tqdm computes the ETA from the step rate."""
+
+    def __init__(self, total: int, initial: int, enabled: bool, desc: str = "train"):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
+        self.t0 = time.time()
+
+    def update(self, n: int = 1, **postfix) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+            self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()},
+                                 refresh=False)
+
+    def write(self, msg: str) -> None:
+        if self.bar is not None:
+            self.bar.write(msg)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

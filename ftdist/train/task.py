@@ -1,0 +1,58 @@
+"""The Task protocol: what differs between SFT, reward modelling, DPO and ORPO.
+
+The loop (train/loop.py) owns epochs, step plans, normalisation, logging,
+evaluation cadence and checkpoints. A Task owns its data, its model and its
+loss. Loss convention: `loss(...)` returns (sum over this micro-batch's units /
+`denom`, {metric: sum over units}); the loop divides every metric sum by the
+number of units in the whole step (target tokens for SFT, pairs for RM/DPO).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Protocol, Sequence
+
+import torch
+
+from ftdist.data.batching import Row
+
+
+class Task(Protocol):
+    name: str
+    packing: bool
+    capacity: int
+
+    def prepare_data(self, cache_dir: str, show_progress: bool) -> str:
+        """Tokenise train/eval data (called on rank 0 first, then the others reuse the cache); returns a summary."""
+
+    def train_lengths(self) -> Sequence[int]: ...
+
+    def eval_rows(self) -> list[Row]: ...
+
+    def collate(self, rows: list[Row], split: str) -> Any: ...
+
+    def units(self, batch) -> int:
+        """How many units the loss averages over in this batch (target tokens, pairs)."""
+
+    def tokens(self, batch) -> tuple[int, int]:
+        """(real tokens, processed tokens including padding)."""
+
+    def build_model(self) -> torch.nn.Module: ...
+
+    def loss(self, engine, batch, denom: float) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+    def extra_eval(self, engine) -> dict[str, float]:
+        """Metrics beyond the eval loss (e.g. exact-match accuracy); collective."""
+
+    def export(self, engine, out_dir: str) -> None: ...
+
+
+def make_task(cfg, tokenizer, info) -> Task:
+    if cfg.stage == "sft":
+        from ftdist.train.sft import SFTTask
+
+        return SFTTask(cfg, tokenizer, info)
+    raise NotImplementedError(f"stage={cfg.stage!r} is not available in this version")
+
+
+def maybe(x: Optional[float]) -> Optional[float]:
+    return None if x is None else float(x)

@@ -1,0 +1,327 @@
+#!/usr/bin/env bash
+# local_slurm.sh — a throw-away single-node Slurm cluster on this machine, for
+# trying the sbatch scripts in slurm/ and for CI (tests/slurm/).
+#
+# Usage (as root; no systemd, no cgroups needed):
+#   launch/local_slurm.sh up       install Debian packages if missing, start munged,
+#                                  slurmctld and slurmd, wait until the node is idle
+#   launch/local_slurm.sh down     stop the daemons that `up` started (by recorded pid);
+#                                  cancels the local cluster's jobs first; packages stay
+#   launch/local_slurm.sh status   print which of our daemons are alive, then sinfo;
+#                                  exit status 3 when no slurmctld runs
+#
+# Environment:
+#   FTDIST_SLURM_DIR   state dir: pids, logs, spool, controller state (default /tmp/ftdist-slurm)
+#   FTDIST_SLURM_WAIT  seconds `up` waits for the node to become idle (default 60)
+#
+# What `up` does:
+#   * apt-get install -y slurmctld slurmd slurm-client munge when sbatch/slurmctld/slurmd/
+#     munged are missing (about 11 s; noninteractive; services are kept from auto-starting
+#     with a temporary /usr/sbin/policy-rc.d when none exists).
+#   * creates /etc/munge/munge.key if missing; starts munged unless one already answers.
+#   * writes /etc/slurm/slurm.conf (where sbatch/srun/sinfo look by default) for one node
+#     named `hostname -s` with CPUs=nproc and RealMemory a bit under MemTotal, one
+#     partition `debug` (Default=YES, MaxTime=INFINITE). An existing slurm.conf that this
+#     script did not write is saved once as slurm.conf.ftdist-orig.
+#   * starts slurmctld (with a clean job state) and slurmd in the foreground (-D) under
+#     nohup with logs in the state dir, records their pids, waits for `idle`.
+#   * running `up` again is a no-op when the daemons are alive and the config is unchanged.
+#
+# Facts measured on a 2-core Debian bookworm box (Slurm 22.05) that the config relies on:
+#   * ProctrackType=proctrack/linuxproc, TaskPlugin=task/none, SelectType=select/cons_tres,
+#     no accounting: the daemons run without systemd or cgroups.
+#   * AuthInfo=cred_expire=5 and SchedulerParameters=bf_interval=1,sched_interval=2 make a
+#     requeued job start again within seconds instead of ~145 s.
+#   * MinJobAge=5 lets `sbatch --wait` notice the end of a job within ~2 s.
+#   * Only `--signal=B:USR1@N` (B: = deliver to the batch shell) reaches a `trap ... USR1`
+#     in the batch script; without B: the signal goes to the job steps only. By hand:
+#     `scancel --signal=USR1 --batch JOBID`.
+#   * OverSubscribe=YES on the partition: jobs may share CPUs when asked (--oversubscribe);
+#     `sbatch -n 2` + `srun -n 2` inside it fits a 2-core node (the batch step does not
+#     take a CPU away from its srun steps).
+set -euo pipefail
+
+STATE_DIR="${FTDIST_SLURM_DIR:-/tmp/ftdist-slurm}"
+WAIT_S="${FTDIST_SLURM_WAIT:-60}"
+CONF_DIR=/etc/slurm
+CONF="$CONF_DIR/slurm.conf"
+MARKER="# written by ftdist launch/local_slurm.sh"
+PACKAGES=(slurmctld slurmd slurm-client munge)
+
+log() { echo "local_slurm: $*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+usage() {
+  sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"
+  exit "${1:-0}"
+}
+
+# pid_alive PID NAME: PID is alive and its command name is NAME (guards against pid reuse).
+pid_alive() {
+  local pid="$1" name="$2" comm
+  [[ -n "$pid" && "$pid" =~ ^[0-9]+$ ]] || return 1
+  kill -0 "$pid" 2>/dev/null || return 1
+  comm="$(cat "/proc/$pid/comm" 2>/dev/null || true)"
+  [[ "$comm" == "$name" ]]
+}
+
+recorded_pid() { cat "$STATE_DIR/$1.pid.ftdist" 2>/dev/null || true; }
+
+daemon_alive() { pid_alive "$(recorded_pid "$1")" "$1"; }
+
+need_root() { [[ "$(id -u)" == 0 ]] || die "must run as root (it installs packages and starts daemons)"; }
+
+install_packages() {
+  local missing=0 cmd
+  for cmd in sbatch srun sinfo scontrol slurmctld slurmd munged mungekey; do
+    command -v "$cmd" >/dev/null 2>&1 || [[ -x "/usr/sbin/$cmd" ]] || missing=1
+  done
+  [[ "$missing" == 0 ]] && return 0
+  command -v apt-get >/dev/null || die "Slurm is not installed and apt-get is not available"
+  log "installing ${PACKAGES[*]} (apt-get)"
+  # Keep apt from starting the packaged services (they would use the wrong config and
+  # hold the ports); only when no policy-rc.d exists, and removed again afterwards.
+  local policy=/usr/sbin/policy-rc.d made_policy=0
+  if [[ ! -e "$policy" ]]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy"; chmod 755 "$policy"; made_policy=1
+  fi
+  local rc=0
+  {
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq </dev/null >/dev/null &&
+      apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" </dev/null >/dev/null
+  } || rc=$?
+  [[ "$made_policy" == 1 ]] && rm -f "$policy"
+  [[ "$rc" == 0 ]] || die "apt-get install ${PACKAGES[*]} failed (rc=$rc)"
+}
+
+munge_works() { munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; }
+
+start_munge() {
+  if munge_works; then return 0; fi
+  if [[ ! -s /etc/munge/munge.key ]]; then
+    log "creating /etc/munge/munge.key"
+    mkdir -p /etc/munge
+    if command -v mungekey >/dev/null; then
+      mungekey --create --keyfile=/etc/munge/munge.key --force
+    else
+      dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key status=none
+    fi
+  fi
+  # munged refuses to run unless key and dirs belong to the user it runs as.
+  local user=root
+  getent passwd munge >/dev/null && user=munge
+  mkdir -p /run/munge /var/lib/munge /var/log/munge
+  chown "$user:" /etc/munge /etc/munge/munge.key /run/munge /var/lib/munge /var/log/munge
+  chmod 700 /etc/munge /var/lib/munge /var/log/munge
+  chmod 755 /run/munge
+  chmod 400 /etc/munge/munge.key
+  rm -f /run/munge/munge.socket.2 /run/munge/munge.socket.2.lock
+  # -F: foreground, so $! is munged itself (setpriv execs, it does not fork).
+  if [[ "$user" == root ]]; then
+    nohup setsid munged -F --force >"$STATE_DIR/munged.log" 2>&1 </dev/null &
+  else
+    nohup setsid setpriv --reuid="$user" --regid="$user" --init-groups \
+      munged -F >"$STATE_DIR/munged.log" 2>&1 </dev/null &
+  fi
+  echo $! >"$STATE_DIR/munged.pid.ftdist"
+  log "started munged ($!)"
+  local i
+  for ((i = 0; i < 50; i++)); do
+    munge_works && return 0
+    daemon_alive munged || break
+    sleep 0.2
+  done
+  cat "$STATE_DIR/munged.log" >&2 || true
+  die "munged did not start (log: $STATE_DIR/munged.log)"
+}
+
+# Sets NODE, NCPUS, REAL_MB for this machine.
+probe_node() {
+  local mem_kb
+  NODE="$(hostname -s)"
+  NCPUS="$(nproc)"
+  mem_kb="$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)"
+  # "a bit under": slurmd drains a node that reports less memory than configured.
+  REAL_MB=$((mem_kb / 1024 * 95 / 100))
+  ((REAL_MB > 0)) || REAL_MB=1
+}
+
+write_conf() {
+  local host="$NODE" cpus="$NCPUS" real_mb="$REAL_MB"
+  cat <<EOF
+$MARKER — regenerated by every 'up'; edit the script, not this file.
+ClusterName=ftdist-local
+SlurmctldHost=$host(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=cred_expire=5
+MpiDefault=none
+MailProg=/bin/true
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SwitchType=switch/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SchedulerType=sched/backfill
+SchedulerParameters=bf_interval=1,sched_interval=2
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/none
+JobRequeue=1
+MinJobAge=5
+ReturnToService=2
+InactiveLimit=0
+KillWait=5
+Waittime=0
+SlurmctldTimeout=30
+SlurmdTimeout=60
+SlurmctldPort=6817
+SlurmdPort=6818
+SlurmctldPidFile=$STATE_DIR/slurmctld.pid
+SlurmdPidFile=$STATE_DIR/slurmd.pid
+SlurmctldLogFile=$STATE_DIR/slurmctld.log
+SlurmdLogFile=$STATE_DIR/slurmd.log
+SlurmdSpoolDir=$STATE_DIR/spool
+StateSaveLocation=$STATE_DIR/state
+NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$real_mb State=UNKNOWN
+PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE OverSubscribe=YES State=UP
+EOF
+}
+
+# stop_daemons NAME...: TERM the recorded pids together, wait up to 10 s, then KILL.
+stop_daemons() {
+  local name pid i alive
+  local -a names=() pids=()
+  for name in "$@"; do
+    pid="$(recorded_pid "$name")"
+    if pid_alive "$pid" "$name"; then
+      kill -TERM "$pid" 2>/dev/null || true
+      names+=("$name"); pids+=("$pid")
+    fi
+  done
+  for ((i = 0; i < 50; i++)); do
+    alive=0
+    for pid in "${!pids[@]}"; do pid_alive "${pids[$pid]}" "${names[$pid]}" && alive=1; done
+    [[ "$alive" == 0 ]] && break
+    sleep 0.2
+  done
+  for i in "${!pids[@]}"; do
+    if pid_alive "${pids[$i]}" "${names[$i]}"; then
+      log "${names[$i]} (${pids[$i]}) did not stop on TERM; sending KILL"
+      kill -KILL "${pids[$i]}" 2>/dev/null || true
+    fi
+    log "stopped ${names[$i]} (${pids[$i]})"
+  done
+  for name in "$@"; do rm -f "$STATE_DIR/$name.pid.ftdist"; done
+}
+
+node_state() { sinfo -h -N -n "$NODE" -o '%t' 2>/dev/null | head -n1 || true; }
+
+cmd_up() {
+  need_root
+  mkdir -p "$STATE_DIR/spool" "$STATE_DIR/state"
+  install_packages
+  start_munge
+
+  mkdir -p "$CONF_DIR"
+  local new
+  probe_node
+  new="$(write_conf)"
+  local changed=1
+  if [[ -f "$CONF" ]] && [[ "$(cat "$CONF")" == "$new" ]]; then changed=0; fi
+  if [[ -f "$CONF" ]] && ! grep -qF "$MARKER" "$CONF" && [[ ! -e "$CONF.ftdist-orig" ]]; then
+    cp -p "$CONF" "$CONF.ftdist-orig"
+    log "saved the existing $CONF as $CONF.ftdist-orig"
+  fi
+  if [[ "$changed" == 1 ]]; then
+    printf '%s\n' "$new" >"$CONF"
+    # Slurm 22.05 reads cgroup.conf only for cgroup plugins; an empty-ish one keeps
+    # tools quiet that look for it anyway.
+    [[ -e "$CONF_DIR/cgroup.conf" ]] || printf '%s\n' "$MARKER" >"$CONF_DIR/cgroup.conf"
+  fi
+
+  if [[ "$changed" == 1 ]] && { daemon_alive slurmctld || daemon_alive slurmd; }; then
+    log "slurm.conf changed; restarting the daemons"
+    stop_daemons slurmd slurmctld
+  fi
+
+  if ! daemon_alive slurmctld; then
+    if pgrep -x slurmctld >/dev/null 2>&1; then
+      die "a slurmctld that this script did not start is running (pid $(pgrep -x slurmctld | tr '\n' ' ')); stop it first"
+    fi
+    # -c: start from a clean job state (a local test cluster; no stale jobs from last time).
+    nohup setsid slurmctld -D -c -f "$CONF" >"$STATE_DIR/slurmctld.out" 2>&1 </dev/null &
+    echo $! >"$STATE_DIR/slurmctld.pid.ftdist"
+    log "started slurmctld ($!)"
+  fi
+  if ! daemon_alive slurmd; then
+    if pgrep -x slurmd >/dev/null 2>&1; then
+      die "a slurmd that this script did not start is running (pid $(pgrep -x slurmd | tr '\n' ' ')); stop it first"
+    fi
+    nohup setsid slurmd -D -f "$CONF" >"$STATE_DIR/slurmd.out" 2>&1 </dev/null &
+    echo $! >"$STATE_DIR/slurmd.pid.ftdist"
+    log "started slurmd ($!)"
+  fi
+
+  local deadline=$((SECONDS + WAIT_S)) state=""
+  while ((SECONDS < deadline)); do
+    state="$(node_state)"
+    [[ "$state" == idle || "$state" == mix || "$state" == alloc ]] && break
+    daemon_alive slurmctld || { tail -n 30 "$STATE_DIR/slurmctld.out" "$STATE_DIR/slurmctld.log" >&2 2>/dev/null || true; die "slurmctld exited"; }
+    daemon_alive slurmd || { tail -n 30 "$STATE_DIR/slurmd.out" "$STATE_DIR/slurmd.log" >&2 2>/dev/null || true; die "slurmd exited"; }
+    sleep 0.5
+  done
+  if [[ "$state" != idle && "$state" != mix && "$state" != alloc ]]; then
+    sinfo -R >&2 2>/dev/null || true
+    tail -n 20 "$STATE_DIR/slurmctld.log" "$STATE_DIR/slurmd.log" >&2 2>/dev/null || true
+    die "node $NODE not idle after ${WAIT_S}s (state: ${state:-unknown}); logs in $STATE_DIR"
+  fi
+  echo "local slurm up: node $NODE, $NCPUS cpus (partition debug; state dir $STATE_DIR)"
+}
+
+cmd_down() {
+  need_root
+  if daemon_alive slurmctld && command -v squeue >/dev/null; then
+    if [[ -n "$(squeue -h -o %A 2>/dev/null)" ]]; then
+      log "cancelling the local cluster's jobs"
+      scancel --partition=debug 2>/dev/null || true
+      local i
+      for ((i = 0; i < 40; i++)); do
+        [[ -z "$(squeue -h -t running,completing -o %A 2>/dev/null)" ]] && break
+        sleep 0.25
+      done
+    fi
+  fi
+  stop_daemons slurmd slurmctld munged
+  echo "local slurm down"
+}
+
+cmd_status() {
+  local name
+  probe_node
+  for name in munged slurmctld slurmd; do
+    if daemon_alive "$name"; then
+      echo "$name: running (pid $(recorded_pid "$name"))"
+    else
+      echo "$name: not started by local_slurm.sh"
+    fi
+  done
+  command -v sinfo >/dev/null || { echo "sinfo not installed (run: $0 up)"; exit 3; }
+  # sinfo spends ~10 s (MessageTimeout) retrying when no controller runs: skip it then.
+  if ! daemon_alive slurmctld && ! pgrep -x slurmctld >/dev/null 2>&1; then
+    echo "local slurm is down (run: $0 up)"
+    exit 3
+  fi
+  sinfo
+}
+
+case "${1:-}" in
+  up) cmd_up ;;
+  down) cmd_down ;;
+  status) cmd_status ;;
+  -h | --help | help) usage 0 ;;
+  *) usage 2 >&2 ;;
+esac

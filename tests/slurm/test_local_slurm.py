@@ -1,0 +1,133 @@
+"""End-to-end checks of the local single-node Slurm (launch/local_slurm.sh).
+
+They submit real batch jobs: a 2-task `srun` step, and the preemption path our
+sbatch scripts rely on (`--signal=B:USR1@N` + `--requeue`, a USR1 trap that
+requeues the job, SLURM_RESTART_COUNT on the second run).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slurm
+
+JOB_TIMEOUT_S = 60
+
+
+def _sh(*cmd: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(cmd), stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+
+
+def _job_info(job_id: str) -> dict[str, str] | None:
+    """Key=value fields of `scontrol show job -o`, or None once the record is gone (MinJobAge)."""
+    r = _sh("scontrol", "show", "job", "-o", job_id)
+    if r.returncode != 0 or "JobId=" not in r.stdout:
+        return None
+    return dict(m.groups() for m in re.finditer(r"(\w+)=(\S*)", r.stdout))
+
+
+def _wait_for(pred, timeout: float, what: str, interval: float = 0.25):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def test_sbatch_two_tasks_srun(tmp_path: Path):
+    out = tmp_path / "out.txt"
+    script = tmp_path / "two_tasks.sh"
+    script.write_text(
+        "#!/bin/bash\n"
+        "#SBATCH --job-name=ftdist-two-tasks\n"
+        "#SBATCH --ntasks=2\n"
+        f"#SBATCH --output={out}\n"
+        "set -euo pipefail\n"
+        "srun --ntasks=2 bash -c 'echo \"procid=$SLURM_PROCID ntasks=$SLURM_NTASKS host=$(hostname -s)\"'\n"
+    )
+    t0 = time.monotonic()
+    r = _sh("sbatch", "--wait", "--parsable", str(script), timeout=JOB_TIMEOUT_S)
+    elapsed = time.monotonic() - t0
+    text = out.read_text() if out.exists() else ""
+    assert r.returncode == 0, f"sbatch --wait rc={r.returncode}\nstderr: {r.stderr}\noutput file:\n{text}"
+    procids = sorted(int(m) for m in re.findall(r"procid=(\d+) ntasks=2", text))
+    assert procids == [0, 1], f"expected one line per task, got:\n{text}"
+    assert elapsed < JOB_TIMEOUT_S
+
+
+def test_usr1_trap_requeues_and_restarts(tmp_path: Path):
+    out = tmp_path / "out.txt"
+    ready = tmp_path / "ready"
+    marker = tmp_path / "usr1_marker"
+    done = tmp_path / "done"
+    script = tmp_path / "requeue.sh"
+    # First run: trap USR1 -> write a marker, requeue itself, exit. The sleep runs in the
+    # background with `wait`, so bash runs the trap as soon as the signal arrives.
+    # Second run (SLURM_RESTART_COUNT=1): write `done` and finish.
+    script.write_text(
+        "#!/bin/bash\n"
+        "#SBATCH --job-name=ftdist-requeue\n"
+        "#SBATCH --ntasks=1\n"
+        "#SBATCH --requeue\n"
+        "#SBATCH --signal=B:USR1@60\n"
+        "#SBATCH --open-mode=append\n"
+        f"#SBATCH --output={out}\n"
+        'echo "start restart=${SLURM_RESTART_COUNT:-0}"\n'
+        "on_usr1() {\n"
+        f'  echo "usr1 restart=${{SLURM_RESTART_COUNT:-0}}" >> {marker}\n'
+        '  scontrol requeue "$SLURM_JOB_ID"\n'
+        "  exit 0\n"
+        "}\n"
+        "trap on_usr1 USR1\n"
+        'if [ "${SLURM_RESTART_COUNT:-0}" -ge 1 ]; then\n'
+        f'  echo "restart=$SLURM_RESTART_COUNT" > {done}\n'
+        "  exit 0\n"
+        "fi\n"
+        f"touch {ready}\n"
+        "sleep 300 &\n"
+        "wait $!\n"
+        'echo "no signal arrived" >&2\n'
+        "exit 3\n"
+    )
+    r = _sh("sbatch", "--parsable", str(script))
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.strip().split(";")[0]
+    try:
+        t0 = time.monotonic()
+        _wait_for(ready.exists, 30, "the first run to start")
+        r = _sh("scancel", "--signal=USR1", "--batch", job_id)
+        assert r.returncode == 0, r.stderr
+
+        # Poll until the job ends; remember the last record seen (it disappears
+        # MinJobAge=5 s after the end, we poll every 0.25 s).
+        last: dict[str, str] = {}
+
+        def finished() -> bool:
+            info = _job_info(job_id)
+            if info is None:
+                return done.exists()
+            last.clear()
+            last.update(info)
+            return info.get("JobState") in {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}
+
+        remaining = JOB_TIMEOUT_S - (time.monotonic() - t0)
+        _wait_for(finished, remaining, f"job {job_id} to requeue, restart and finish")
+    finally:
+        if not done.exists():
+            _sh("scancel", job_id)
+
+    text = out.read_text()
+    assert marker.read_text().split() == ["usr1", "restart=0"], marker.read_text()
+    assert done.read_text().strip() == "restart=1"
+    assert re.findall(r"start restart=(\d)", text) == ["0", "1"], text
+    assert "no signal arrived" not in text
+    assert last.get("Restarts") == "1", last
+    assert last.get("JobState") == "COMPLETED", last
+    assert last.get("ExitCode") == "0:0", last
