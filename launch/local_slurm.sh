@@ -28,7 +28,7 @@
 #   * running `up` again is a no-op when the daemons are alive and the config is unchanged.
 #
 # Facts measured on a 2-core Debian bookworm box (Slurm 22.05) that the config relies on:
-#   * ProctrackType=proctrack/linuxproc, TaskPlugin=task/none, SelectType=select/cons_tres,
+#   * ProctrackType=proctrack/pgid, TaskPlugin=task/none, SelectType=select/cons_tres,
 #     no accounting: the daemons run without systemd or cgroups.
 #   * AuthInfo=cred_expire=5 and SchedulerParameters=bf_interval=1,sched_interval=2 make a
 #     requeued job start again within seconds instead of ~145 s.
@@ -56,13 +56,51 @@ usage() {
   exit "${1:-0}"
 }
 
-# pid_alive PID NAME: PID is alive and its command name is NAME (guards against pid reuse).
+# pid_running PID: PID exists and is not a zombie (a reparented daemon can stay a zombie
+# for seconds where pid 1 is slow to reap, e.g. in containers).
+pid_running() {
+  local pid="$1" stat
+  [[ -n "$pid" && "$pid" =~ ^[0-9]+$ ]] || return 1
+  stat="$(cat "/proc/$pid/stat" 2>/dev/null)" || return 1
+  stat="${stat##*) }"
+  [[ "${stat%% *}" != Z ]]
+}
+
+# pid_alive PID NAME: PID runs and its command name is NAME (guards against pid reuse).
 pid_alive() {
   local pid="$1" name="$2" comm
-  [[ -n "$pid" && "$pid" =~ ^[0-9]+$ ]] || return 1
-  kill -0 "$pid" 2>/dev/null || return 1
+  pid_running "$pid" || return 1
   comm="$(cat "/proc/$pid/comm" 2>/dev/null || true)"
   [[ "$comm" == "$name" ]]
+}
+
+# procs_named NAME: pids of running processes whose command name is NAME (no procps needed).
+procs_named() {
+  local f pid
+  for f in /proc/[0-9]*/comm; do
+    [[ "$(cat "$f" 2>/dev/null)" == "$1" ]] || continue
+    pid="${f#/proc/}"; pid="${pid%/comm}"
+    pid_running "$pid" && printf '%s ' "$pid"
+  done
+  return 0
+}
+
+# start_daemon NAME CMD...: start CMD in its own session under nohup (stdin closed,
+# output to STATE_DIR/NAME.out), record its pid, and wait until nohup/setsid/setpriv
+# have exec'd into NAME (so pid_alive works right away).
+start_daemon() {
+  local name="$1" pid i
+  shift
+  nohup setsid "$@" >"$STATE_DIR/$name.out" 2>&1 </dev/null &
+  pid=$!
+  echo "$pid" >"$STATE_DIR/$name.pid.ftdist"
+  for ((i = 0; i < 50; i++)); do
+    pid_alive "$pid" "$name" && { log "started $name ($pid)"; return 0; }
+    pid_running "$pid" || break
+    sleep 0.1
+  done
+  tail -n 30 "$STATE_DIR/$name.out" >&2 2>/dev/null || true
+  die "$name did not start (output: $STATE_DIR/$name.out)"
 }
 
 recorded_pid() { cat "$STATE_DIR/$1.pid.ftdist" 2>/dev/null || true; }
@@ -117,23 +155,20 @@ start_munge() {
   chmod 755 /run/munge
   chmod 400 /etc/munge/munge.key
   rm -f /run/munge/munge.socket.2 /run/munge/munge.socket.2.lock
-  # -F: foreground, so $! is munged itself (setpriv execs, it does not fork).
+  # -F: foreground, so the recorded pid is munged itself (setpriv execs, it does not fork).
   if [[ "$user" == root ]]; then
-    nohup setsid munged -F --force >"$STATE_DIR/munged.log" 2>&1 </dev/null &
+    start_daemon munged munged -F --force
   else
-    nohup setsid setpriv --reuid="$user" --regid="$user" --init-groups \
-      munged -F >"$STATE_DIR/munged.log" 2>&1 </dev/null &
+    start_daemon munged setpriv --reuid="$user" --regid="$user" --init-groups munged -F
   fi
-  echo $! >"$STATE_DIR/munged.pid.ftdist"
-  log "started munged ($!)"
   local i
   for ((i = 0; i < 50; i++)); do
     munge_works && return 0
     daemon_alive munged || break
     sleep 0.2
   done
-  cat "$STATE_DIR/munged.log" >&2 || true
-  die "munged did not start (log: $STATE_DIR/munged.log)"
+  tail -n 30 "$STATE_DIR/munged.out" >&2 || true
+  die "munged does not answer (output: $STATE_DIR/munged.out)"
 }
 
 # Sets NODE, NCPUS, REAL_MB for this machine.
@@ -160,7 +195,7 @@ CredType=cred/munge
 AuthInfo=cred_expire=5
 MpiDefault=none
 MailProg=/bin/true
-ProctrackType=proctrack/linuxproc
+ProctrackType=proctrack/pgid
 TaskPlugin=task/none
 SwitchType=switch/none
 SelectType=select/cons_tres
@@ -237,10 +272,8 @@ cmd_up() {
     log "saved the existing $CONF as $CONF.ftdist-orig"
   fi
   if [[ "$changed" == 1 ]]; then
+    # No cgroup.conf: Slurm 22.05 reads it only for cgroup plugins, which are not used.
     printf '%s\n' "$new" >"$CONF"
-    # Slurm 22.05 reads cgroup.conf only for cgroup plugins; an empty-ish one keeps
-    # tools quiet that look for it anyway.
-    [[ -e "$CONF_DIR/cgroup.conf" ]] || printf '%s\n' "$MARKER" >"$CONF_DIR/cgroup.conf"
   fi
 
   if [[ "$changed" == 1 ]] && { daemon_alive slurmctld || daemon_alive slurmd; }; then
@@ -248,33 +281,28 @@ cmd_up() {
     stop_daemons slurmd slurmctld
   fi
 
+  local others
   if ! daemon_alive slurmctld; then
-    if pgrep -x slurmctld >/dev/null 2>&1; then
-      die "a slurmctld that this script did not start is running (pid $(pgrep -x slurmctld | tr '\n' ' ')); stop it first"
-    fi
+    others="$(procs_named slurmctld)"
+    [[ -z "$others" ]] || die "a slurmctld that this script did not start is running (pid $others); stop it first"
     # -c: start from a clean job state (a local test cluster; no stale jobs from last time).
-    nohup setsid slurmctld -D -c -f "$CONF" >"$STATE_DIR/slurmctld.out" 2>&1 </dev/null &
-    echo $! >"$STATE_DIR/slurmctld.pid.ftdist"
-    log "started slurmctld ($!)"
+    start_daemon slurmctld slurmctld -D -c -f "$CONF"
   fi
   if ! daemon_alive slurmd; then
-    if pgrep -x slurmd >/dev/null 2>&1; then
-      die "a slurmd that this script did not start is running (pid $(pgrep -x slurmd | tr '\n' ' ')); stop it first"
-    fi
-    nohup setsid slurmd -D -f "$CONF" >"$STATE_DIR/slurmd.out" 2>&1 </dev/null &
-    echo $! >"$STATE_DIR/slurmd.pid.ftdist"
-    log "started slurmd ($!)"
+    others="$(procs_named slurmd)"
+    [[ -z "$others" ]] || die "a slurmd that this script did not start is running (pid $others); stop it first"
+    start_daemon slurmd slurmd -D -f "$CONF"
   fi
 
   local deadline=$((SECONDS + WAIT_S)) state=""
   while ((SECONDS < deadline)); do
     state="$(node_state)"
-    [[ "$state" == idle || "$state" == mix || "$state" == alloc ]] && break
+    [[ "$state" =~ ^(idle|mix|alloc|comp)$ ]] && break
     daemon_alive slurmctld || { tail -n 30 "$STATE_DIR/slurmctld.out" "$STATE_DIR/slurmctld.log" >&2 2>/dev/null || true; die "slurmctld exited"; }
     daemon_alive slurmd || { tail -n 30 "$STATE_DIR/slurmd.out" "$STATE_DIR/slurmd.log" >&2 2>/dev/null || true; die "slurmd exited"; }
     sleep 0.5
   done
-  if [[ "$state" != idle && "$state" != mix && "$state" != alloc ]]; then
+  if ! [[ "$state" =~ ^(idle|mix|alloc|comp)$ ]]; then
     sinfo -R >&2 2>/dev/null || true
     tail -n 20 "$STATE_DIR/slurmctld.log" "$STATE_DIR/slurmd.log" >&2 2>/dev/null || true
     die "node $NODE not idle after ${WAIT_S}s (state: ${state:-unknown}); logs in $STATE_DIR"
@@ -311,7 +339,7 @@ cmd_status() {
   done
   command -v sinfo >/dev/null || { echo "sinfo not installed (run: $0 up)"; exit 3; }
   # sinfo spends ~10 s (MessageTimeout) retrying when no controller runs: skip it then.
-  if ! daemon_alive slurmctld && ! pgrep -x slurmctld >/dev/null 2>&1; then
+  if ! daemon_alive slurmctld && [[ -z "$(procs_named slurmctld)" ]]; then
     echo "local slurm is down (run: $0 up)"
     exit 3
   fi

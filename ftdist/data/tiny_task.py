@@ -36,7 +36,7 @@ SYSTEM_PROMPTS = (
 )
 # text a decoded response may end with that is not part of the answer
 _EOS_TEXTS = ("<|end|>", "<|eos|>", "</s>", "<|pad|>")
-_PROMPT_RE = re.compile(re.escape(PROMPT_PREFIX) + r"\s*([0-9](?:\s+[0-9])*)")
+_PROMPT_RE = re.compile(re.escape(PROMPT_PREFIX) + r"\s*([0-9](?:[ \t]*[0-9])*)")
 
 
 def _digits_text(digits: Sequence[int]) -> str:

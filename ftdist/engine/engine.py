@@ -65,16 +65,25 @@ def build_ds_config(cfg: Config, world_size: int, grad_accum: int) -> dict:
     return ds
 
 
+def _init_deepspeed_comm(info_backend: str) -> None:
+    """deepspeed.comm wraps the torch process group we already created; it must know about it."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=info_backend, auto_mpi_discovery=False)
+
+
 @contextlib.contextmanager
-def model_init_context(cfg: Config, world_size: int):
+def model_init_context(cfg: Config, world_size: int, grad_accum: int):
     """Under ZeRO-3, parameters are partitioned as from_pretrained creates them: no rank ever holds the whole model."""
     global _HF_DS_CONFIG
     if cfg.deepspeed.zero_stage != 3:
         yield
         return
+    import torch.distributed as dist
     from transformers.integrations import HfDeepSpeedConfig
 
-    ds = build_ds_config(cfg, world_size, 1)
+    _init_deepspeed_comm(dist.get_backend())
+    ds = build_ds_config(cfg, world_size, grad_accum)
     _HF_DS_CONFIG = HfDeepSpeedConfig(ds)
     yield
 
@@ -94,6 +103,7 @@ class Engine:
         from transformers import get_scheduler
 
         self.cfg, self.info, self.grad_accum = cfg, info, grad_accum
+        _init_deepspeed_comm(info.backend)
         self.ds_config = build_ds_config(cfg, info.world_size, grad_accum)
         if param_groups is None:
             from ftdist.models.loading import decay_param_groups

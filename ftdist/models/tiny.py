@@ -24,7 +24,8 @@ from typing import Any, Callable
 
 TINY_NAME = "ftdist/tiny"
 TINY_ALIASES = (TINY_NAME, "tiny")
-# bump when the files change, so old caches are not reused
+# bump when the files change (this module, or the task text the tokenizer is
+# trained on in ftdist/data/tiny_task.py), so old caches are not reused
 TINY_VERSION = "tiny-v1"
 
 PAD_TOKEN = "<|pad|>"

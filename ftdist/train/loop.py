@@ -110,7 +110,7 @@ def train(cfg: Config) -> dict:
 
     from ftdist.engine.engine import Engine, model_init_context
 
-    with model_init_context(cfg, info.world_size):
+    with model_init_context(cfg, info.world_size, grad_accum):
         model = task.build_model()
     trainable, total = count_parameters(model)
     log.info("model: %s parameters, %s trainable (%.2f%%); %d ranks x micro %d x accumulation %d = %d rows/step; "

@@ -7,9 +7,11 @@ requeues the job, SLURM_RESTART_COUNT on the second run).
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,24 @@ def _job_info(job_id: str) -> dict[str, str] | None:
     if r.returncode != 0 or "JobId=" not in r.stdout:
         return None
     return dict(m.groups() for m in re.finditer(r"(\w+)=(\S*)", r.stdout))
+
+
+def _live_procs_with_env(needle: str) -> list[int]:
+    """Pids of live (non-zombie) processes whose environment contains `needle`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = f.read()
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if needle.encode() in env and state != b"Z":
+            found.append(int(entry))
+    return found
 
 
 def _wait_for(pred, timeout: float, what: str, interval: float = 0.25):
@@ -68,9 +88,11 @@ def test_usr1_trap_requeues_and_restarts(tmp_path: Path):
     marker = tmp_path / "usr1_marker"
     done = tmp_path / "done"
     script = tmp_path / "requeue.sh"
-    # First run: trap USR1 -> write a marker, requeue itself, exit. The sleep runs in the
-    # background with `wait`, so bash runs the trap as soon as the signal arrives.
-    # Second run (SLURM_RESTART_COUNT=1): write `done` and finish.
+    token = f"FTDIST_REQUEUE_TOKEN={uuid.uuid4().hex}"
+    # First run: trap USR1 -> write a marker, requeue itself, exit. The sleep stands in
+    # for training launched in the background (`wait` lets bash run the trap at once);
+    # the trap leaves it to Slurm to kill, as real scripts do, and the test checks that
+    # nothing of the first run survives. Second run (SLURM_RESTART_COUNT=1): write `done`.
     script.write_text(
         "#!/bin/bash\n"
         "#SBATCH --job-name=ftdist-requeue\n"
@@ -79,6 +101,7 @@ def test_usr1_trap_requeues_and_restarts(tmp_path: Path):
         "#SBATCH --signal=B:USR1@60\n"
         "#SBATCH --open-mode=append\n"
         f"#SBATCH --output={out}\n"
+        f"export {token}\n"
         'echo "start restart=${SLURM_RESTART_COUNT:-0}"\n'
         "on_usr1() {\n"
         f'  echo "usr1 restart=${{SLURM_RESTART_COUNT:-0}}" >> {marker}\n'
@@ -131,3 +154,12 @@ def test_usr1_trap_requeues_and_restarts(tmp_path: Path):
     assert last.get("Restarts") == "1", last
     assert last.get("JobState") == "COMPLETED", last
     assert last.get("ExitCode") == "0:0", last
+    # Nothing of the first run may keep running after the requeue (proctrack/pgid kills
+    # the batch shell's background children; proctrack/linuxproc lets them escape).
+    leftovers = _live_procs_with_env(token)
+    for pid in leftovers:
+        try:
+            os.kill(pid, 9)
+        except OSError:
+            pass
+    assert not leftovers, f"processes of the requeued first run still alive: {leftovers}"

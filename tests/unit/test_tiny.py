@@ -209,8 +209,8 @@ def test_chat_template_prefix_stable(tok, start):
     for k, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = tok.apply_chat_template(messages[:k], add_generation_prompt=True)
-        full = tok.apply_chat_template(messages[: k + 1])
+        prompt = tok.apply_chat_template(messages[:k], add_generation_prompt=True, return_dict=True)["input_ids"]
+        full = tok.apply_chat_template(messages[: k + 1], return_dict=True)["input_ids"]
         assert full[: len(prompt)] == prompt
         # and the rendered text tokenises to the same ids
         assert tok(tok.apply_chat_template(messages[: k + 1], tokenize=False))["input_ids"] == full
@@ -305,6 +305,7 @@ def test_make_example_uses_rng():
 def test_answer_from_prompt(tok):
     assert answer_from_prompt("Sort the digits: 5 2 9 1") == "1 2 5 9"
     assert answer_from_prompt("9 0 9") == "0 9 9"
+    assert answer_from_prompt("Sort the digits: 5291") == "1 2 5 9"
     rendered = tok.apply_chat_template(
         [{"role": "system", "content": "Sort in ascending order."},
          {"role": "user", "content": "Sort the digits: 3 1 2"}],

@@ -1,0 +1,461 @@
+"""Per-GPU memory planner behind `ftdist plan`: predicts bytes and picks a ZeRO/offload setup.
+
+Pure arithmetic on the model shape (no torch import). GB = 1e9 bytes; an "80 GB" card
+holds 80 GiB, so budgets are read ~7% conservatively.
+
+Model state per parameter (Psi params; ZeRO paper, Rajbhandari et al. 2020):
+  mixed precision: 2 bf16 weights + 2 bf16 grads + K=12 (4 fp32 master + 8 Adam m, v)
+  fp32:            4 weights + 4 grads + 8 Adam m, v (no separate master copy)
+  "optimizer" counts m+v only, the master copy is its own line: AdamW on 7B holds
+  8 B/param = 54 GB (the "56 GB for 7B" rule is 7e9 x 8); 8-bit AdamW holds 2 B/param
+  plus an fp32 absmax per 256-block of each state = 13.7 GB (the "14 GB" rule).
+  ZeRO over N ranks: stage 1 divides master + m + v by N, stage 2 also the gradients,
+  stage 3 also the weights, plus one gathered unit in full (largest decoder layer or the
+  embedding) and a prefetch bucket of 0.9*h^2 params. offload_optimizer (ZeRO 1-3) moves
+  master + m + v to the CPU with the fp32 gradient partition CPU Adam steps on; under ZeRO
+  2/3 no gradient partition stays on the GPU, ZeRO-1 keeps its full bf16 gradients.
+  offload_params (ZeRO-3) moves the weight partition to the CPU too.
+  LoRA: frozen base in the training dtype, adapters (r*(in+out) per linear) pay the full
+  cost. QLoRA: decoder linear weights in NF4 = 0.5 B/param + constants: fp32 absmax per
+  64-block (4/64), or double-quantised 8-bit absmax + an fp32 constant per 256 of them
+  (1/64 + 4/(64*256)); bitsandbytes measures 0.5164. Embeddings, norms, lm_head: bf16.
+
+Activations, bytes per token per decoder layer (e = compute dtype size), from what
+autograd saves in a transformers LlamaDecoderLayer (benchmarks/plan_vs_measured.py
+measures a real step on CPU within 1%, fp32 and bf16):
+  2 RMSNorms  2*(4h + 2e*h + 4): fp32 copy of the input (the input itself in fp32),
+              normalised x (for the weight grad), weighted output (next linears' input), rsqrt
+  attention   e*(2*q_dim + 2*kv_dim): q, k after RoPE, v, attention output = o_proj input.
+              sdpa kernels (flash, memory-efficient, torch's CPU kernel) add an fp32
+              logsumexp per head; eager keeps the fp32 softmax and its cast (heads*T*(4+e),
+              once in fp32) and k, v repeated to all heads.
+  MLP         4e*I: gate output, SiLU output, up output, their product (down_proj input)
+  LoRA        e*r per adapted linear (lora_A output), with dropout + (e+1)*in (output, mask)
+Outside the layers: final norm, logits kept by the model output (e*V) and the fp32
+log-softmax of the loss (4V); at the start of backward two fp32 V-sized gradients (8V)
+coexist. Gradient checkpointing keeps each layer's input (e*h) and recomputes one layer
+in backward: peak = max(inputs + final norm + loss + 8V, inputs + logits + one layer).
+Not modelled (headroom covers them): CUDA context, NCCL and ZeRO buckets, fragmentation,
+transients inside a layer's backward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+GB = 1e9
+LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+# optimizer state bytes per trainable parameter (m + v for Adam; the fp32 master copy is separate)
+OPTIMIZER_STATE_BYTES = {
+    "adamw_torch": 8.0,
+    "paged_adamw_32bit": 8.0,
+    "adamw_8bit": 2 + 8 / 256,  # two uint8 states + one fp32 absmax per 256-block each
+    "paged_adamw_8bit": 2 + 8 / 256,  # paged: same bytes, can spill to CPU under pressure
+    "sgd": 4.0,  # momentum buffer
+    "lion": 4.0,  # one momentum buffer
+    "adafactor": 0.0,  # factored second moment, rows + columns only: ~0 per parameter
+}
+OPTIMIZER_ALIASES = {"adamw": "adamw_torch", "adam": "adamw_torch"}
+CPU_ADAM_OPTIMIZERS = ("adamw_torch", "paged_adamw_32bit")  # what the engine turns into CPU Adam
+METHODS = ("full", "lora", "qlora")
+OFFLOADS = ((False, False), (True, False), (True, True))  # (optimizer, params), slowest last
+
+
+def _nf4_bytes_per_param(double_quant: bool) -> float:
+    return 0.5 + (1 / 64 + 4 / (64 * 256) if double_quant else 4 / 64)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The numbers that fix a Llama-architecture model's size."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    vocab_size: int
+    tie_embeddings: bool = False
+    head_dim: int | None = None  # None = hidden_size // num_heads
+    attention_bias: bool = False
+    mlp_bias: bool = False
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * (self.head_dim or self.hidden_size // self.num_heads)
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * (self.head_dim or self.hidden_size // self.num_heads)
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each linear in one decoder layer."""
+        h, i = self.hidden_size, self.intermediate_size
+        return {"q_proj": (h, self.q_dim), "k_proj": (h, self.kv_dim), "v_proj": (h, self.kv_dim),
+                "o_proj": (self.q_dim, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    def linear_weight_params(self) -> int:
+        return self.num_layers * sum(a * b for a, b in self.linear_shapes().values())
+
+    def linear_params(self) -> int:
+        """Parameters inside the decoder layers' nn.Linear modules (weights and biases)."""
+        sh = self.linear_shapes()
+        bias = sum(sh[n][1] for n in ("q_proj", "k_proj", "v_proj", "o_proj")) * self.attention_bias
+        bias += sum(sh[n][1] for n in ("gate_proj", "up_proj", "down_proj")) * self.mlp_bias
+        return self.linear_weight_params() + self.num_layers * bias
+
+    def layer_params(self) -> int:
+        return self.linear_params() // self.num_layers + 2 * self.hidden_size  # + 2 RMSNorm weights
+
+    def n_params(self) -> int:
+        """Exact count: embeddings, layers, final norm, lm_head unless tied."""
+        embed = self.vocab_size * self.hidden_size
+        return embed * (1 if self.tie_embeddings else 2) + self.num_layers * self.layer_params() + self.hidden_size
+
+    def lora_params(self, r: int, targets=LINEAR_TARGETS) -> int:
+        """LoRA A (r x in) + B (out x r) for every targeted linear of every layer."""
+        sh = self.linear_shapes()
+        unknown = set(targets) - set(sh)
+        if unknown:
+            raise ValueError(f"lora targets: unknown {sorted(unknown)}, allowed: {', '.join(LINEAR_TARGETS)}")
+        return self.num_layers * sum(r * (sh[t][0] + sh[t][1]) for t in targets)
+
+    @classmethod
+    def from_hf_config_dir(cls, path: str) -> ModelShape:
+        """Read a Hugging Face config.json (a directory holding it, or the file)."""
+        file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+        with open(file) as f:
+            c = json.load(f)
+        c = c.get("text_config", c)
+        try:
+            return cls(hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
+                       num_layers=c["num_hidden_layers"], num_heads=c["num_attention_heads"],
+                       num_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
+                       vocab_size=c["vocab_size"], tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+                       head_dim=None if c.get("head_dim") in (None, c["hidden_size"] // c["num_attention_heads"])
+                       else c["head_dim"], attention_bias=bool(c.get("attention_bias", False)),
+                       mlp_bias=bool(c.get("mlp_bias", False)))
+        except KeyError as e:
+            raise ValueError(f"{file}: missing {e.args[0]!r}; a Llama-style config is needed") from None
+
+    @classmethod
+    def resolve(cls, spec: str) -> ModelShape:
+        """A preset name (1b, 7b, 13b, 70b) or a Hugging Face config directory."""
+        if spec.lower() in PRESETS:
+            return PRESETS[spec.lower()][0]
+        if os.path.exists(spec):
+            return cls.from_hf_config_dir(spec)
+        raise ValueError(f"--model: {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a config directory")
+
+
+PRESETS = {  # name: (shape, Hugging Face id written into emitted recipes)
+    "1b": (ModelShape(2048, 5632, 22, 32, 4, 32000), "TinyLlama/TinyLlama_v1.1"),
+    "7b": (ModelShape(4096, 11008, 32, 32, 32, 32000), "meta-llama/Llama-2-7b-hf"),
+    "13b": (ModelShape(5120, 13824, 40, 40, 40, 32000), "meta-llama/Llama-2-13b-hf"),
+    "70b": (ModelShape(8192, 28672, 80, 64, 8, 32000), "meta-llama/Llama-2-70b-hf"),
+}
+
+
+def weights_bytes(shape: ModelShape, fmt: str = "bf16", double_quant: bool = True) -> float:
+    """Bytes to hold the whole model: fp32, bf16/fp16, or nf4 (decoder linear weights in 4 bits)."""
+    if fmt == "nf4":
+        q = shape.linear_weight_params()
+        return q * _nf4_bytes_per_param(double_quant) + (shape.n_params() - q) * 2
+    return shape.n_params() * DTYPE_BYTES[fmt]
+
+
+def activation_parts(shape: ModelShape, seq_len: int, dtype: str = "bf16", attention: str = "sdpa",
+                     lora_r: int = 0, lora_targets=LINEAR_TARGETS, lora_dropout: float = 0.0) -> dict[str, float]:
+    """Activation bytes per token: one decoder layer's saved tensors ('layer'), a checkpointed
+    layer input ('layer_input'), final norm + loss ('head'), logits alone ('logits') and the
+    fp32 loss gradients at the start of backward ('loss_grad'); see the module docstring."""
+    e = DTYPE_BYTES[dtype]
+    h, i, v = shape.hidden_size, shape.intermediate_size, shape.vocab_size
+    # fp32 copy of the input, normalised x, weighted output (e each), rsqrt (fp32 scalar)
+    norm = 4 * h + 2 * e * h + 4
+    # q, k after RoPE, v, attention output (= o_proj input); gate, SiLU, up, product
+    layer = 2 * norm + e * (2 * shape.q_dim + 2 * shape.kv_dim) + 4 * e * i
+    if attention == "sdpa":
+        layer += 4 * shape.num_heads  # fp32 logsumexp per head
+    elif attention == "eager":
+        if shape.num_kv_heads != shape.num_heads:  # repeat_kv copies replace k, v
+            layer += 2 * e * (shape.q_dim - shape.kv_dim)
+        layer += shape.num_heads * seq_len * (4 + (e if e != 4 else 0))  # fp32 softmax + its cast
+    else:
+        raise ValueError(f"attention: got {attention!r}, allowed: sdpa, eager")
+    if lora_r:
+        sh = shape.linear_shapes()
+        layer += sum(e * lora_r + ((e + 1) * sh[t][0] if lora_dropout > 0 else 0) for t in lora_targets)
+    return {"layer": layer, "layer_input": e * h, "head": norm + v * (e + 4), "logits": e * v, "loss_grad": 8 * v}
+
+
+def activation_bytes(shape: ModelShape, seq_len: int, micro_batch: int, dtype: str = "bf16",
+                     gradient_checkpointing: bool = False, attention: str = "sdpa",
+                     lora_r: int = 0, lora_targets=LINEAR_TARGETS, lora_dropout: float = 0.0) -> float:
+    """Peak activation bytes of one forward+backward on one GPU."""
+    p = activation_parts(shape, seq_len, dtype, attention, lora_r, lora_targets, lora_dropout)
+    tokens, layers = seq_len * micro_batch, shape.num_layers
+    if not gradient_checkpointing:
+        return tokens * (layers * p["layer"] + p["head"] + p["loss_grad"])
+    inputs = layers * p["layer_input"]
+    # start of backward, or the recompute of one layer while the logits are still referenced
+    return tokens * max(inputs + p["head"] + p["loss_grad"], inputs + p["logits"] + p["layer"])
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per GPU (cpu_bytes: per rank on the host) for one training setup."""
+
+    method: str
+    zero_stage: int
+    offload_optimizer: bool
+    offload_params: bool
+    gradient_checkpointing: bool
+    world_size: int
+    seq_len: int
+    micro_batch: int
+    dtype: str
+    optimizer: str
+    lora_r: int
+    trainable_params: int
+    weights: float
+    gradients: float
+    master_weights: float
+    optimizer_state: float
+    activations: float
+    cpu_bytes: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.master_weights + self.optimizer_state + self.activations
+
+    @property
+    def offload(self) -> str:
+        names = [n for n, on in (("opt", self.offload_optimizer), ("param", self.offload_params)) if on]
+        return "+".join(names) or "none"
+
+
+def _check(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name}: got {value!r}, allowed: {', '.join(map(str, allowed))}")
+
+
+def estimate(shape: ModelShape, method: str = "full", zero_stage: int = 0, offload_optimizer: bool = False,
+             offload_params: bool = False, world_size: int = 1, seq_len: int = 2048, micro_batch: int = 1,
+             gradient_checkpointing: bool = False, dtype: str = "bf16", optimizer: str = "adamw",
+             lora_r: int = 16, lora_targets=LINEAR_TARGETS, lora_dropout: float = 0.05,
+             attention: str = "sdpa", double_quant: bool = True) -> MemoryEstimate:
+    """Per-GPU memory of one setup (theory in the module docstring)."""
+    optimizer = OPTIMIZER_ALIASES.get(optimizer, optimizer)
+    _check("method", method, METHODS)
+    _check("zero_stage", zero_stage, (0, 1, 2, 3))
+    _check("dtype", dtype, tuple(DTYPE_BYTES))
+    _check("optimizer", optimizer, tuple(OPTIMIZER_STATE_BYTES))
+    if offload_optimizer and zero_stage == 0:
+        raise ValueError("offload_optimizer needs zero_stage >= 1")
+    if offload_params and zero_stage != 3:
+        raise ValueError("offload_params needs zero_stage=3")
+    if offload_optimizer and optimizer not in CPU_ADAM_OPTIMIZERS:
+        raise ValueError(f"optimizer {optimizer!r} cannot be offloaded; allowed: {', '.join(CPU_ADAM_OPTIMIZERS)}")
+    if method == "qlora" and dtype == "fp32":
+        raise ValueError("qlora computes in bf16 or fp16, not fp32")
+    e, n = DTYPE_BYTES[dtype], world_size
+    total = shape.n_params()
+    if method == "full":
+        trainable, frozen = total, 0.0
+    else:
+        trainable = shape.lora_params(lora_r, lora_targets)
+        if method == "lora":
+            frozen = total * e
+        else:
+            q = shape.linear_weight_params()
+            frozen = q * _nf4_bytes_per_param(double_quant) + (total - q) * e
+    weights = frozen + trainable * e
+    grads = trainable * e
+    master = trainable * 4.0 if e != 4 else 0.0
+    states = trainable * OPTIMIZER_STATE_BYTES[optimizer]
+    shard_opt = n if zero_stage >= 1 else 1
+    shard_grad = n if zero_stage >= 2 else 1
+    cpu = 0.0
+    gpu_weights = weights / (n if zero_stage == 3 else 1)
+    if zero_stage == 3 and (n > 1 or offload_params):
+        unit = max(shape.layer_params(), shape.vocab_size * shape.hidden_size)
+        gathered = (unit + 0.9 * shape.hidden_size ** 2) * weights / (total + (trainable if method != "full" else 0))
+        gpu_weights = gathered + (0 if offload_params else gpu_weights)
+        cpu += weights / n if offload_params else 0
+    gpu_grads = grads / shard_grad
+    gpu_master, gpu_states = master / shard_opt, states / shard_opt
+    if offload_optimizer:
+        # CPU Adam keeps an fp32 parameter partition, m, v and the fp32 gradient partition
+        cpu += trainable * (4.0 + 4.0 + OPTIMIZER_STATE_BYTES[optimizer]) / shard_opt
+        gpu_master = gpu_states = 0.0
+        if zero_stage >= 2:
+            gpu_grads = 0.0
+    acts = activation_bytes(shape, seq_len, micro_batch, dtype, gradient_checkpointing, attention,
+                            lora_r if method != "full" else 0, lora_targets, lora_dropout)
+    return MemoryEstimate(method, zero_stage, offload_optimizer, offload_params, gradient_checkpointing, world_size,
+                          seq_len, micro_batch, dtype, optimizer, lora_r if method != "full" else 0, trainable,
+                          gpu_weights, gpu_grads, gpu_master, gpu_states, acts, cpu)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    estimate: MemoryEstimate
+    fits: bool
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    candidates: list  # of Candidate, fastest first
+    choice: Candidate | None  # fastest that fits
+    budget: float  # usable bytes per GPU after headroom
+    gpu_memory_gb: float
+    gpus_per_node: int
+
+
+def speed_rank(est: MemoryEstimate) -> tuple:
+    """Fastest first: no offload > optimizer offload > parameter offload, then lower ZeRO
+    stage (less communication), then no gradient checkpointing (~1/3 more compute)."""
+    return (OFFLOADS.index((est.offload_optimizer, est.offload_params)), est.zero_stage, est.gradient_checkpointing)
+
+
+def recommend(shape: ModelShape, nodes: int = 1, gpus_per_node: int = 8, gpu_memory_gb: float = 80.0,
+              seq_len: int = 2048, micro_batch: int = 1, method: str = "full", headroom: float = 0.15,
+              cpu_memory_gb: float | None = None, **estimate_kwargs) -> Recommendation:
+    """Every valid ZeRO x offload x checkpointing setup, and the fastest one that fits on the
+    GPU (and, when cpu_memory_gb per node is given, whose offloaded state fits the host)."""
+    if not 0 <= headroom < 1:
+        raise ValueError(f"headroom: got {headroom}, allowed: 0 <= x < 1")
+    budget = gpu_memory_gb * GB * (1 - headroom)
+    opt = OPTIMIZER_ALIASES.get(estimate_kwargs.get("optimizer", "adamw"), estimate_kwargs.get("optimizer", "adamw"))
+    out = []
+    for stage in range(4):
+        for off_opt, off_par in OFFLOADS:
+            if (off_opt and (stage == 0 or opt not in CPU_ADAM_OPTIMIZERS)) or (off_par and stage != 3):
+                continue
+            for ckpt in (False, True):
+                est = estimate(shape, method, stage, off_opt, off_par, nodes * gpus_per_node, seq_len, micro_batch,
+                               ckpt, **estimate_kwargs)
+                host_ok = cpu_memory_gb is None or est.cpu_bytes * gpus_per_node <= cpu_memory_gb * GB * (1 - headroom)
+                out.append(Candidate(est, est.total <= budget and host_ok))
+    out.sort(key=lambda c: speed_rank(c.estimate))
+    choice = next((c for c in out if c.fits), None)
+    return Recommendation(out, choice, budget, gpu_memory_gb, gpus_per_node)
+
+
+def format_table(rec: Recommendation) -> str:
+    """The candidates as a text table in GB, the recommended row marked with '*'."""
+    cols = ("", "zero", "offload", "grad-ckpt", "weights", "grads", "master", "optimizer", "activations",
+            "total", "cpu/node", "fits")
+    rows = []
+    for c in rec.candidates:
+        e = c.estimate
+        gb = [f"{x / GB:.1f}" for x in (e.weights, e.gradients, e.master_weights, e.optimizer_state,
+                                        e.activations, e.total, e.cpu_bytes * rec.gpus_per_node)]
+        rows.append(("*" if c is rec.choice else "", str(e.zero_stage), e.offload,
+                     "on" if e.gradient_checkpointing else "off", *gb, "yes" if c.fits else "no"))
+    widths = [max(len(r[k]) for r in [cols, *rows]) for k in range(len(cols))]
+    line = lambda r: "  ".join(s.rjust(w) if k > 3 else s.ljust(w) for k, (s, w) in enumerate(zip(r, widths)))
+    head = (f"per-GPU memory in GB (1e9 bytes); budget {rec.budget / GB:.1f} GB = {rec.gpu_memory_gb:g} GB "
+            f"minus headroom; cpu/node = host memory for offload on one node")
+    return "\n".join([head, line(cols).rstrip(), *(line(r).rstrip() for r in rows)])
+
+
+def describe(c: Candidate) -> str:
+    e = c.estimate
+    return (f"ZeRO-{e.zero_stage}, offload {e.offload}, gradient checkpointing "
+            f"{'on' if e.gradient_checkpointing else 'off'}: {e.total / GB:.1f} GB per GPU")
+
+
+def emit_recipe(choice: Candidate, base_recipe_fields: dict | None = None, path: str = "recipe.yaml") -> str:
+    """YAML recipe for the chosen setup; base_recipe_fields override it by dotted key
+    (e.g. {"model.name_or_path": "...", "data.train": "data.jsonl", "output_dir": "runs/x"})."""
+    import yaml
+
+    e = choice.estimate
+    model = {"name_or_path": "ftdist/tiny", "dtype": e.dtype, "gradient_checkpointing": e.gradient_checkpointing}
+    if e.method != "full":
+        model["lora"] = {"r": e.lora_r, "alpha": float(2 * e.lora_r), "dropout": 0.05,
+                         "target_modules": list(LINEAR_TARGETS)}
+    if e.method == "qlora":
+        model["quantization"] = {"load_in_4bit": True, "quant_type": "nf4", "double_quant": True,
+                                 "compute_dtype": e.dtype}
+    recipe = {
+        "stage": "sft",
+        "output_dir": f"runs/sft_{e.method}",
+        "model": model,
+        "data": {"max_length": e.seq_len},
+        "train": {"micro_batch_size": e.micro_batch, "global_batch_size": e.micro_batch * e.world_size,
+                  "optimizer": e.optimizer},
+        "deepspeed": {"zero_stage": e.zero_stage, "offload_optimizer": e.offload_optimizer,
+                      "offload_params": e.offload_params},
+    }
+    for key, value in (base_recipe_fields or {}).items():
+        node, *parents = recipe, *key.split(".")[:-1]
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[key.split(".")[-1]] = value
+    header = (f"# ftdist train {path}\n# written by `ftdist plan`: {describe(choice)} "
+              f"on {e.world_size} GPU(s)\n")
+    return header + yaml.safe_dump(recipe, sort_keys=False)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ftdist plan", description="Predict per-GPU memory for every ZeRO stage, "
+                                "offload and gradient-checkpointing choice, and recommend the fastest that fits.")
+    p.add_argument("--model", required=True, help="Hugging Face config directory, or a preset: " + ", ".join(PRESETS))
+    p.add_argument("--method", choices=METHODS, default="full", help="full fine-tuning, LoRA, or QLoRA (4-bit base)")
+    p.add_argument("--nodes", type=int, default=1, help="number of nodes (default 1)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
+    p.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory of one GPU in GB (default 80)")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence, data.max_length (default 2048)")
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per step (default 1)")
+    p.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default 16, or 64 for qlora)")
+    p.add_argument("--optimizer", default="adamw_torch", choices=[*OPTIMIZER_STATE_BYTES, *OPTIMIZER_ALIASES],
+                   help="optimizer whose state is counted (default adamw_torch; offload needs an Adam)")
+    p.add_argument("--dtype", choices=tuple(DTYPE_BYTES), default="bf16", help="training precision (default bf16)")
+    p.add_argument("--cpu-memory-gb", type=float, default=None,
+                   help="host memory per node in GB; offloaded state must fit it (default: not checked)")
+    p.add_argument("--headroom", type=float, default=0.15,
+                   help="fraction of GPU memory kept free for CUDA context, NCCL and fragmentation (default 0.15)")
+    p.add_argument("--emit-recipe", metavar="PATH", default=None,
+                   help="write a recipe YAML for the recommended setup to PATH")
+    return p
+
+
+def run(args) -> int:
+    """Print the table and recommendation; write the recipe when asked. 0 = something fits."""
+    try:
+        shape = ModelShape.resolve(args.model)
+        r = args.lora_r if args.lora_r is not None else (64 if args.method == "qlora" else 16)
+        rec = recommend(shape, args.nodes, args.gpus_per_node, args.gpu_memory_gb, args.seq_len, args.micro_batch,
+                        args.method, args.headroom, args.cpu_memory_gb,
+                        dtype=args.dtype, optimizer=args.optimizer, lora_r=r)
+    except (ValueError, OSError) as err:
+        print(f"ftdist plan: error: {err}", file=sys.stderr)
+        return 2
+    print(f"model {args.model}: {shape.n_params() / 1e9:.2f}B parameters, {args.method}, "
+          f"{args.nodes} node(s) x {args.gpus_per_node} GPU(s), seq {args.seq_len} x micro-batch {args.micro_batch}")
+    print(format_table(rec))
+    if rec.choice is None:
+        hint = "" if OPTIMIZER_ALIASES.get(args.optimizer, args.optimizer) in CPU_ADAM_OPTIMIZERS else (
+            f"; {args.optimizer} cannot be offloaded, adamw_torch can")
+        print(f"nothing fits: add GPUs, shorten --seq-len, lower --micro-batch, or try --method lora/qlora{hint}")
+        return 1
+    print(f"recommended: {describe(rec.choice)}")
+    if args.emit_recipe:
+        name = PRESETS[args.model.lower()][1] if args.model.lower() in PRESETS else args.model
+        text = emit_recipe(rec.choice, {"model.name_or_path": name}, path=args.emit_recipe)
+        with open(args.emit_recipe, "w") as f:
+            f.write(text)
+        print(f"wrote {args.emit_recipe}; launch with: ftdist train {args.emit_recipe}")
+    return 0
+
+
+def main(argv=None) -> int:
+    return run(build_parser().parse_args(argv))
