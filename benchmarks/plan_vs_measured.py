@@ -2,18 +2,19 @@
 
     python benchmarks/plan_vs_measured.py
 
-A ~19M-parameter Llama (random init from a config, fp32) runs one forward+backward
-and one AdamW step. Measured: parameter, gradient and optimizer-state bytes, and every
-tensor allocation of the step (a TorchDispatchMode that follows each storage until it is
-freed), from which we take the bytes still held when the forward ends and the peak
-during the step, both without the gradients (the planner's "activations"). With
-gradient checkpointing also the bytes kept by recomputing one layer in backward.
-Prints predicted vs measured and exits 1 when any item is off by more than 20%.
+A ~19M-parameter Llama (random init from a config) runs one forward+backward and one
+AdamW step: full fine-tuning in fp32 (sdpa and eager attention, with and without
+gradient checkpointing), in bf16, and with peft LoRA adapters on all seven projections.
+Measured: parameter, gradient and optimizer-state bytes, and every tensor allocation of
+the step (a TorchDispatchMode that follows each storage until it is freed), from which
+we take the bytes still held when the forward ends and the peak during the step, both
+without the gradients (the planner's "activations"); with gradient checkpointing also
+the bytes one layer's recompute keeps in backward. Prints predicted vs measured and
+exits 1 when any item is off by more than 20%.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import tempfile
 import weakref
@@ -26,10 +27,11 @@ from torch.utils._pytree import tree_flatten
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from ftdist.plan import ModelShape, activation_parts, estimate
+from ftdist.plan import LINEAR_TARGETS, ModelShape, activation_parts, estimate  # noqa: E402
 
 TOLERANCE = 0.20
-SEQ_LEN, MICRO_BATCH = 256, 2
+SEQ_LEN, MICRO_BATCH, LORA_R = 256, 2, 8
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class AllocationLog(TorchDispatchMode):
@@ -59,17 +61,15 @@ class AllocationLog(TorchDispatchMode):
                     weakref.finalize(st, self._free, key, st.nbytes())
         return out
 
-    def peak_without(self, final_keys, upto=None) -> int:
+    def peak_without(self, final_keys) -> int:
         """Peak of the running total, leaving out the last allocation of each key in final_keys."""
-        events = self.events[:upto]
-        last = {key: k for k, (key, n) in enumerate(events) if n > 0 and key in final_keys}
+        last = {key: k for k, (key, n) in enumerate(self.events) if n > 0 and key in final_keys}
         skip = set(last.values())
         total = peak = 0
-        for k, (key, n) in enumerate(events):
-            if k in skip:
-                continue
-            total += n
-            peak = max(peak, total)
+        for k, (key, n) in enumerate(self.events):
+            if k not in skip:
+                total += n
+                peak = max(peak, total)
         return peak
 
 
@@ -79,12 +79,17 @@ def tiny_config(attn: str) -> LlamaConfig:
                        attn_implementation=attn, use_cache=False)
 
 
-def train_step(attn: str, checkpointing: bool, dtype: torch.dtype) -> dict:
+def train_step(dtype: str, attn: str, checkpointing: bool, lora_dropout: float | None) -> dict:
     torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_config(attn)).to(dtype).train()
+    model = LlamaForCausalLM(tiny_config(attn)).to(DTYPES[dtype]).train()
     if checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
+    if lora_dropout is not None:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=LORA_R, lora_dropout=lora_dropout,
+                                                 target_modules=list(LINEAR_TARGETS)))
     ids = torch.randint(0, 8192, (MICRO_BATCH, SEQ_LEN))  # (B, T)
     log = AllocationLog([*model.parameters(), *model.buffers()])
 
@@ -100,28 +105,25 @@ def train_step(attn: str, checkpointing: bool, dtype: torch.dtype) -> dict:
         if state["backward"]:
             recomputed.append(log.live - state["before"] - out.untyped_storage().nbytes())
 
-    for layer in model.model.layers:
+    for layer in (m for m in model.modules() if type(m).__name__ == "LlamaDecoderLayer"):
         layer.input_layernorm.register_forward_pre_hook(start)
         layer.mlp.register_forward_hook(end)
 
     with log, torch.utils.checkpoint.set_checkpoint_early_stop(False):
         out = model(input_ids=ids, labels=ids)
         after_forward = log.live
-        forward_events = len(log.events)
         state["backward"] = True
         out.loss.backward()
-    grad_keys = {p.grad.untyped_storage()._cdata for p in model.parameters()}
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    grad_keys = {p.grad.untyped_storage()._cdata for p in trained}
+    opt = torch.optim.AdamW(trained, lr=1e-4)
     opt.step()
-    opt_bytes = sum(v.nbytes for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
     return {
-        "model": model,
         "weights": sum(p.nbytes for p in model.parameters()),
-        "grads": sum(p.grad.nbytes for p in model.parameters()),
-        "optimizer": opt_bytes,
+        "grads": sum(p.grad.nbytes for p in trained),
+        "optimizer": sum(v.nbytes for s in opt.state.values() for v in s.values() if torch.is_tensor(v)),
         "stored": after_forward,
         "peak": log.peak_without(grad_keys),
-        "forward_peak": log.peak_without(grad_keys, forward_events),
         "recomputed": max(recomputed, default=0),
     }
 
@@ -132,36 +134,40 @@ def main() -> int:
         tiny_config("sdpa").to_json_file(f"{d}/config.json")
         shape = ModelShape.from_hf_config_dir(d)
     tokens = SEQ_LEN * MICRO_BATCH
+    print(f"model: {shape.n_params() / 1e6:.1f}M params, {tokens} tokens per step "
+          f"(seq {SEQ_LEN} x micro-batch {MICRO_BATCH}), CPU")
     rows = []
 
     def check(name, predicted, measured):
         ratio = predicted / measured
         rows.append((name, predicted, measured, ratio, abs(ratio - 1) <= TOLERANCE))
 
-    # fp32 is the reference; bf16 (weights and activations, logits upcast to fp32 for the
-    # loss as transformers does) checks the mixed-precision activation terms on CPU
-    cases = [("fp32", "sdpa", False), ("fp32", "sdpa", True), ("fp32", "eager", False),
-             ("bf16", "sdpa", False), ("bf16", "sdpa", True)]
-    for dtype, attn, ckpt in cases:
-        m = train_step(attn, ckpt, {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
-        est = estimate(shape, "full", seq_len=SEQ_LEN, micro_batch=MICRO_BATCH, gradient_checkpointing=ckpt,
-                       dtype=dtype, optimizer="adamw", attention=attn)
-        p = activation_parts(shape, SEQ_LEN, dtype, attn)
-        tag = f"{dtype}, {attn}, ckpt {'on' if ckpt else 'off'}"
-        if not rows:
-            n = sum(x.numel() for x in m["model"].parameters())
-            print(f"model: {n / 1e6:.1f}M params (planner: {shape.n_params() / 1e6:.1f}M), "
-                  f"{tokens} tokens per step (seq {SEQ_LEN} x micro-batch {MICRO_BATCH}), CPU")
-            check("weights", est.weights, m["weights"])
-            check("gradients", est.gradients, m["grads"])
-            check("optimizer m+v (AdamW)", est.optimizer_state, m["optimizer"])
+    # (dtype, attention, gradient checkpointing, LoRA dropout or None for full fine-tuning);
+    # bf16 runs weights and activations in bf16 with the logits upcast for the loss, as
+    # transformers does, so it checks the mixed-precision activation terms
+    cases = [("fp32", "sdpa", False, None), ("fp32", "sdpa", True, None), ("fp32", "eager", False, None),
+             ("bf16", "sdpa", False, None), ("bf16", "sdpa", True, None),
+             ("fp32", "sdpa", False, 0.0), ("fp32", "sdpa", False, 0.05)]
+    for dtype, attn, ckpt, dropout in cases:
+        m = train_step(dtype, attn, ckpt, dropout)
+        method = "full" if dropout is None else "lora"
+        lora = dict(lora_r=LORA_R, lora_dropout=dropout) if dropout is not None else {}
+        est = estimate(shape, method, seq_len=SEQ_LEN, micro_batch=MICRO_BATCH, gradient_checkpointing=ckpt,
+                       dtype=dtype, optimizer="adamw", attention=attn, **lora)
+        p = activation_parts(shape, SEQ_LEN, dtype, attn, **lora)
+        tag = f"{dtype}, {attn}, ckpt {'on' if ckpt else 'off'}" + (f", lora dropout {dropout}" if lora else "")
+        # torch's CPU dropout keeps its mask in the compute dtype, CUDA's fused kernel in 1 byte
+        cpu_mask = tokens * shape.num_layers * (DTYPES[dtype].itemsize - 1) * sum(
+            a for a, _ in shape.linear_shapes().values()) if dropout else 0
+        if not rows or dropout == 0.0:  # model state once for full fine-tuning, once for LoRA
+            check(f"weights ({method})", est.weights, m["weights"])
+            check(f"gradients ({method})", est.gradients, m["grads"])
+            check(f"optimizer m+v, AdamW ({method})", est.optimizer_state, m["optimizer"])
         held_layers = shape.num_layers * (p["layer_input"] if ckpt else p["layer"])
-        check(f"activations held after forward ({tag})", tokens * (held_layers + p["head"]), m["stored"])
-        check(f"activation peak of the step ({tag})", est.activations, m["peak"])
+        check(f"activations held after forward ({tag})", tokens * (held_layers + p["head"]) + cpu_mask, m["stored"])
+        check(f"activation peak of the step ({tag})", est.activations + cpu_mask, m["peak"])
         if ckpt:
-            smaller = dataclasses.replace(shape, num_layers=shape.num_layers - 1)
-            one_layer = tokens * activation_parts(smaller, SEQ_LEN, dtype, attn)["layer"]
-            check(f"one recomputed layer ({tag})", one_layer, m["recomputed"])
+            check(f"one recomputed layer ({tag})", tokens * p["layer"], m["recomputed"])
 
     width = max(len(r[0]) for r in rows)
     print(f"{'item':<{width}}  {'predicted MB':>12}  {'measured MB':>12}  {'ratio':>6}")

@@ -18,20 +18,23 @@ Model state per parameter (Psi params; ZeRO paper, Rajbhandari et al. 2020):
   LoRA: frozen base in the training dtype, adapters (r*(in+out) per linear) pay the full
   cost. QLoRA: decoder linear weights in NF4 = 0.5 B/param + constants: fp32 absmax per
   64-block (4/64), or double-quantised 8-bit absmax + an fp32 constant per 256 of them
-  (1/64 + 4/(64*256)); bitsandbytes measures 0.5164. Embeddings, norms, lm_head: bf16.
+  (1/64 + 4/(64*256)); bitsandbytes measures 0.5164. Embeddings, norms, lm_head: compute dtype.
 
 Activations, bytes per token per decoder layer (e = compute dtype size), from what
 autograd saves in a transformers LlamaDecoderLayer (benchmarks/plan_vs_measured.py
-measures a real step on CPU within 1%, fp32 and bf16):
-  2 RMSNorms  2*(4h + 2e*h + 4): fp32 copy of the input (the input itself in fp32),
-              normalised x (for the weight grad), weighted output (next linears' input), rsqrt
+measures real steps on CPU within 1.5%: fp32, bf16, eager, LoRA):
+  2 RMSNorms  2*(4h + 4 + 2e*h): fp32 copy of the input (the input itself in fp32) and
+              rsqrt; with a trained weight also the normalised x (for the weight grad) and
+              the weighted output (input of the trained linears after it)
   attention   e*(2*q_dim + 2*kv_dim): q, k after RoPE, v, attention output = o_proj input.
               sdpa kernels (flash, memory-efficient, torch's CPU kernel) add an fp32
               logsumexp per head; eager keeps the fp32 softmax and its cast (heads*T*(4+e),
               once in fp32) and k, v repeated to all heads.
   MLP         4e*I: gate output, SiLU output, up output, their product (down_proj input)
-  LoRA        e*r per adapted linear (lora_A output), with dropout + (e+1)*in (output, mask)
-Outside the layers: final norm, logits kept by the model output (e*V) and the fp32
+  LoRA        frozen linears and norms save no inputs (so no normalised x, norm output or
+              product); each adapter saves e*r (lora_A output) and with dropout a copy of its
+              input plus CUDA's 1-byte mask, (e+1)*in; without dropout the shared inputs.
+Outside the layers: the final norm, logits kept by the model output (e*V) and the fp32
 log-softmax of the loss (4V); at the start of backward two fp32 V-sized gradients (8V)
 coexist. Gradient checkpointing keeps each layer's input (e*h) and recomputes one layer
 in backward: peak = max(inputs + final norm + loss + 8V, inputs + logits + one layer).
@@ -176,10 +179,11 @@ def activation_parts(shape: ModelShape, seq_len: int, dtype: str = "bf16", atten
     fp32 loss gradients at the start of backward ('loss_grad'); see the module docstring."""
     e = DTYPE_BYTES[dtype]
     h, i, v = shape.hidden_size, shape.intermediate_size, shape.vocab_size
-    # fp32 copy of the input, normalised x, weighted output (e each), rsqrt (fp32 scalar)
-    norm = 4 * h + 2 * e * h + 4
-    # q, k after RoPE, v, attention output (= o_proj input); gate, SiLU, up, product
-    layer = 2 * norm + e * (2 * shape.q_dim + 2 * shape.kv_dim) + 4 * e * i
+    # rmsnorm: fp32 copy of the input + rsqrt, and (trained weight only) the normalised x and
+    # the weighted output, which the trained linears after it save as their input
+    norm = 4 * h + 4 + (0 if lora_r else 2 * e * h)
+    # q, k after RoPE, v, attention output (= o_proj input); gate, SiLU, up outputs
+    layer = 2 * norm + e * (2 * shape.q_dim + 2 * shape.kv_dim) + 3 * e * i
     if attention == "sdpa":
         layer += 4 * shape.num_heads  # fp32 logsumexp per head
     elif attention == "eager":
@@ -188,9 +192,17 @@ def activation_parts(shape: ModelShape, seq_len: int, dtype: str = "bf16", atten
         layer += shape.num_heads * seq_len * (4 + (e if e != 4 else 0))  # fp32 softmax + its cast
     else:
         raise ValueError(f"attention: got {attention!r}, allowed: sdpa, eager")
-    if lora_r:
-        sh = shape.linear_shapes()
-        layer += sum(e * lora_r + ((e + 1) * sh[t][0] if lora_dropout > 0 else 0) for t in lora_targets)
+    if not lora_r:
+        layer += e * i  # gate*up product, saved by down_proj
+    else:
+        # frozen linears save no input; each adapter saves its lora_A input and output:
+        # with dropout a fresh copy plus a 1-byte mask (CUDA's fused dropout), without it
+        # the shared input (norm outputs, or the product for down_proj)
+        sh, t = shape.linear_shapes(), set(lora_targets)
+        layer += sum(e * lora_r + ((e + 1) * sh[n][0] if lora_dropout > 0 else 0) for n in t)
+        if lora_dropout == 0:
+            layer += e * (h * bool(t & {"q_proj", "k_proj", "v_proj"}) + h * bool(t & {"gate_proj", "up_proj"})
+                          + i * ("down_proj" in t))
     return {"layer": layer, "layer_input": e * h, "head": norm + v * (e + 4), "logits": e * v, "loss_grad": 8 * v}
 
 

@@ -15,30 +15,44 @@
 #   FTDIST_SLURM_WAIT  seconds `up` waits for the node to become idle (default 60)
 #
 # What `up` does:
-#   * apt-get install -y slurmctld slurmd slurm-client munge when sbatch/slurmctld/slurmd/
-#     munged are missing (about 11 s; noninteractive; services are kept from auto-starting
-#     with a temporary /usr/sbin/policy-rc.d when none exists).
-#   * creates /etc/munge/munge.key if missing; starts munged unless one already answers.
+#   * apt-get install -y slurmctld slurmd slurm-client munge (--no-install-recommends)
+#     when a command is missing: 8-11 s with apt-get update; noninteractive, no stdin.
+#     Packaged services are kept from auto-starting by a temporary /usr/sbin/policy-rc.d
+#     (only when none exists; removed afterwards).
+#   * creates /etc/munge/munge.key if missing; starts munged (as user munge) unless a
+#     munged already answers.
 #   * writes /etc/slurm/slurm.conf (where sbatch/srun/sinfo look by default) for one node
-#     named `hostname -s` with CPUs=nproc and RealMemory a bit under MemTotal, one
-#     partition `debug` (Default=YES, MaxTime=INFINITE). An existing slurm.conf that this
-#     script did not write is saved once as slurm.conf.ftdist-orig.
-#   * starts slurmctld (with a clean job state) and slurmd in the foreground (-D) under
-#     nohup with logs in the state dir, records their pids, waits for `idle`.
-#   * running `up` again is a no-op when the daemons are alive and the config is unchanged.
+#     named `hostname -s` with CPUs=nproc, RealMemory = 95% of MemTotal, one partition
+#     `debug` (Default=YES, MaxTime=INFINITE). A slurm.conf that this script did not
+#     write is saved once as slurm.conf.ftdist-orig. No cgroup.conf is needed.
+#   * starts slurmctld (-c: clean job state) and slurmd in the foreground (-D) under
+#     nohup/setsid with logs in the state dir, records their pids, waits (bounded) until
+#     sinfo shows the node idle: ~1 s when the packages are installed.
+#   * `up` again: no-op (~0.05 s) while the daemons run and the config is unchanged;
+#     restarts them when the generated slurm.conf changed.
 #
-# Facts measured on a 2-core Debian bookworm box (Slurm 22.05) that the config relies on:
-#   * ProctrackType=proctrack/pgid, TaskPlugin=task/none, SelectType=select/cons_tres,
-#     no accounting: the daemons run without systemd or cgroups.
+# Facts measured on a 2-core Debian bookworm box (Slurm 22.05.8) that the config uses:
+#   * TaskPlugin=task/none, SelectType=select/cons_tres (CR_CPU), no accounting and a
+#     non-cgroup proctrack: the daemons run without systemd or cgroups.
+#   * ProctrackType=proctrack/pgid, not proctrack/linuxproc: with linuxproc, children
+#     that a batch script started in the background (`train.py & wait`) and that outlive
+#     the script (its USR1 trap requeues and exits) are reparented to pid 1, escape the
+#     job and keep running next to the restarted job. pgid kills them (they share the
+#     batch shell's process group); it costs ~2-4 s more per requeue. Processes that
+#     call setsid (e.g. `ray start`) escape either way (only cgroups would catch them).
 #   * AuthInfo=cred_expire=5 and SchedulerParameters=bf_interval=1,sched_interval=2 make a
-#     requeued job start again within seconds instead of ~145 s.
+#     requeued job start again within seconds (~6 s BeginTime hold) instead of ~145 s.
 #   * MinJobAge=5 lets `sbatch --wait` notice the end of a job within ~2 s.
 #   * Only `--signal=B:USR1@N` (B: = deliver to the batch shell) reaches a `trap ... USR1`
 #     in the batch script; without B: the signal goes to the job steps only. By hand:
 #     `scancel --signal=USR1 --batch JOBID`.
-#   * OverSubscribe=YES on the partition: jobs may share CPUs when asked (--oversubscribe);
-#     `sbatch -n 2` + `srun -n 2` inside it fits a 2-core node (the batch step does not
-#     take a CPU away from its srun steps).
+#   * `sbatch -n 2` with `srun -n 2` inside fits a 2-core node: the batch step does not
+#     take a CPU from its steps. Two concurrent 1-task steps (`srun -n 1 ... &` twice)
+#     need `srun --exact` (or --overlap), else the second waits: "Step creation
+#     temporarily disabled". OverSubscribe=YES lets jobs that ask (--oversubscribe)
+#     share CPUs with other jobs.
+#   * The "mpi/pmix ... can not load PMIx library" errors in the logs are harmless
+#     (libpmix2 is only a Recommends; MpiDefault=none).
 set -euo pipefail
 
 STATE_DIR="${FTDIST_SLURM_DIR:-/tmp/ftdist-slurm}"
@@ -178,7 +192,7 @@ probe_node() {
   NCPUS="$(nproc)"
   mem_kb="$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)"
   # "a bit under": slurmd drains a node that reports less memory than configured.
-  REAL_MB=$((mem_kb / 1024 * 95 / 100))
+  REAL_MB=$((mem_kb * 95 / 100 / 1024))
   ((REAL_MB > 0)) || REAL_MB=1
 }
 

@@ -127,13 +127,18 @@ def _fsync_dir(path: Path) -> None:
 
 
 def prune(ckpt_root: Path, keep_last: int) -> None:
-    if keep_last <= 0:
-        return
-    complete = [(s, p) for s, p in list_checkpoints(ckpt_root) if is_complete(p)]
-    for _, p in complete[:-keep_last]:
-        shutil.rmtree(p, ignore_errors=True)
+    """Called right after a complete save: leftovers of interrupted saves go, then all but the newest keep_last."""
     for p in ckpt_root.glob(".tmp-step-*"):
         shutil.rmtree(p, ignore_errors=True)
+    complete = []
+    for _, p in list_checkpoints(ckpt_root):
+        if is_complete(p):
+            complete.append(p)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+    if keep_last > 0:
+        for p in complete[:-keep_last]:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def load_checkpoint(engine, path: Path, rank: int) -> dict:

@@ -167,6 +167,20 @@ def test_activations_hand_computed_and_checkpointing():
     assert eager == no_ckpt + t * layers * (32 * t * (4 + 2) - 4 * 32)  # (B, heads, T, T) probabilities
 
 
+def test_lora_activations_hand_computed():
+    h, i, v, layers, t, r = 4096, 11008, 32000, 32, 2048, 16
+    # frozen norms keep only the fp32 input copy + rsqrt; frozen linears save no inputs;
+    # each adapter keeps its lora_A output (r) and a dropout copy of its input + 1-byte mask
+    ins = 4 * h + h + 2 * h + i  # q, k, v, o, gate, up: h each; down: i
+    layer = 2 * (4 * h + 4) + 2 * (2 * h + 2 * h) + 4 * 32 + 3 * 2 * i + 7 * 2 * r + (2 + 1) * ins
+    head = 4 * h + 4 + v * (2 + 4)
+    lora = estimate(SEVEN_B, "lora", seq_len=t, lora_r=r, lora_dropout=0.05).activations
+    assert lora == t * (layers * layer + head + 8 * v)
+    no_dropout = estimate(SEVEN_B, "lora", seq_len=t, lora_r=r, lora_dropout=0.0).activations
+    # without dropout the adapters share the norm outputs and the gate*up product
+    assert no_dropout == t * (layers * (layer - 3 * ins + 2 * h + 2 * h + 2 * i) + head + 8 * v)
+
+
 def test_recommend_plenty_of_memory_picks_stage_0():
     rec = recommend(ONE_B, nodes=1, gpus_per_node=8, gpu_memory_gb=80, seq_len=2048)
     c = rec.choice.estimate

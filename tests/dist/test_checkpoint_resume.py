@@ -1,0 +1,115 @@
+"""Checkpoints: SIGKILL after the step-4 checkpoint, resume, and end where an uninterrupted run ends;
+half-written checkpoints are skipped; final/ is a Hugging Face model that reproduces the engine's logits."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from tests.helpers import ROOT, ftdist_cmd, load_weights, max_abs_diff, read_metrics, run_ftdist, write_recipe
+
+pytestmark = pytest.mark.dist
+
+RECIPE = dict(
+    stage="sft",
+    model={"name_or_path": "ftdist/tiny", "dtype": "fp32"},
+    data={"train": "ftdist/tiny-task", "eval": "ftdist/tiny-task/eval", "max_length": 64},
+    train={"global_batch_size": 8, "micro_batch_size": 2, "max_steps": 8, "lr": 2e-3, "warmup_ratio": 0.25,
+           "progress_bar": False, "eval_every": 0},
+    deepspeed={"zero_stage": 2},
+    checkpoint={"every_steps": 4, "keep_last": 2},
+    logging={"tensorboard": True},
+)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    base = tmp_path_factory.mktemp("straight")
+    recipe = write_recipe(base / "r.yaml", **RECIPE)
+    run_ftdist(2, str(recipe), [f"output_dir={base / 'run'}", "data.eval=null"])
+    return base / "run"
+
+
+def test_killed_then_resumed_matches_straight_run(straight, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", **RECIPE)
+    run_dir = tmp_path / "run"
+    cmd = ftdist_cmd(2, str(recipe), [f"output_dir={run_dir}", "data.eval=null"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "FTDIST_HANG_AFTER_CHECKPOINT": "4"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    manifest = run_dir / "checkpoints" / "step-4" / "manifest.json"
+    deadline = time.time() + 240
+    while not manifest.exists():
+        assert proc.poll() is None, "run ended before its step-4 checkpoint"
+        assert time.time() < deadline, "no step-4 checkpoint in time"
+        time.sleep(0.2)
+    time.sleep(1.0)  # ranks are now past the checkpoint, waiting
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (run_dir / "final").exists()
+
+    # a half-written later checkpoint (no manifest) must be skipped, not loaded
+    fake = run_dir / "checkpoints" / "step-6"
+    (fake / "engine").mkdir(parents=True)
+    (fake / "trainer_state.json").write_text(json.dumps({"step": 6}))
+
+    out = run_ftdist(2, str(recipe), [f"output_dir={run_dir}", "data.eval=null"])
+    assert "skipping incomplete checkpoint" in out.stderr
+    assert "resumed from" in out.stderr and "step-4" in out.stderr
+    assert max_abs_diff(load_weights(run_dir / "final"), load_weights(straight / "final")) < 1e-6
+    steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
+    assert steps[-4:] == [5, 6, 7, 8]
+    # keep_last=2: step-4 and step-8 remain (the final step is always saved)
+    kept = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert kept == ["step-4", "step-8"]
+
+
+def test_run_directory_contract(straight):
+    assert (straight / "config.yaml").exists()
+    assert any((straight / "tensorboard").iterdir())
+    records = read_metrics(straight)
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 9))
+    for key in ("step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s"):
+        assert all(r[key] is not None for r in train), key
+    assert train[-1]["tokens"] > train[0]["tokens"] > 0
+    assert 0 < train[0]["lr"] < train[1]["lr"]  # warmup
+    assert train[-1]["loss"] < train[0]["loss"]
+    assert (straight / "final" / "config.json").exists()
+    assert list((straight / "final").glob("*.safetensors"))
+    assert (straight / "final" / "tokenizer_config.json").exists()
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_final_reproduces_engine_logits(tmp_path, zero):
+    """final/ (gathered from partitions under ZeRO-3) equals the weights rebuilt from the engine's own shards."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    recipe = write_recipe(tmp_path / "r.yaml", **RECIPE)
+    run_dir = tmp_path / "run"
+    run_ftdist(2, str(recipe), [f"output_dir={run_dir}", "train.max_steps=3", "checkpoint.every_steps=0",
+                                f"deepspeed.zero_stage={zero}"])
+    final = AutoModelForCausalLM.from_pretrained(run_dir / "final").eval()
+    engine_sd = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints" / "step-3"), tag="engine")
+    rebuilt = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(run_dir / "final"))
+    missing, unexpected = rebuilt.load_state_dict(engine_sd, strict=False)
+    assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
+    rebuilt.eval()
+    ids = torch.randint(0, final.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = final(input_ids=ids).logits, rebuilt(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
+    from ftdist.models.tiny import resolve_model_path
+
+    init = AutoModelForCausalLM.from_pretrained(resolve_model_path("ftdist/tiny")).eval()
+    with torch.no_grad():
+        assert (init(input_ids=ids).logits - a).abs().max() > 1e-3  # it really trained
+    metrics = read_metrics(run_dir)
+    evals = [r for r in metrics if "eval/loss" in r]
+    assert len(evals) == 2 and evals[-1]["eval/loss"] < evals[0]["eval/loss"]
+    assert evals[-1]["eval/perplexity"] == pytest.approx(torch.tensor(evals[-1]["eval/loss"]).exp().item(), rel=1e-6)
