@@ -274,6 +274,10 @@ def estimate(shape: ModelShape, method: str = "full", zero_stage: int = 0, offlo
         raise ValueError("offload_params needs zero_stage=3")
     if offload_optimizer and optimizer not in CPU_ADAM_OPTIMIZERS:
         raise ValueError(f"optimizer {optimizer!r} cannot be offloaded; allowed: {', '.join(CPU_ADAM_OPTIMIZERS)}")
+    for name, value in (("world_size", world_size), ("seq_len", seq_len), ("micro_batch", micro_batch),
+                        ("lora_r", lora_r if method != "full" else 1)):
+        if value < 1:
+            raise ValueError(f"{name}: got {value}, allowed: >= 1")
     if method == "qlora" and dtype == "fp32":
         raise ValueError("qlora computes in bf16 or fp16, not fp32")
     e, n = DTYPE_BYTES[dtype], world_size
@@ -384,13 +388,15 @@ def describe(c: Candidate) -> str:
             f"{'on' if e.gradient_checkpointing else 'off'}: {e.total / GB:.1f} GB per GPU")
 
 
-def emit_recipe(choice: Candidate, base_recipe_fields: dict | None = None, path: str = "recipe.yaml") -> str:
-    """YAML recipe for the chosen setup; base_recipe_fields override it by dotted key
-    (e.g. {"model.name_or_path": "...", "data.train": "data.jsonl", "output_dir": "runs/x"})."""
+def emit_recipe(choice: Candidate, base_recipe_fields: dict, path: str = "recipe.yaml") -> str:
+    """YAML recipe for the chosen setup. base_recipe_fields set or override keys by dotted
+    name and must name the model: {"model.name_or_path": ..., "data.train": ..., ...}."""
     import yaml
 
+    if "model.name_or_path" not in base_recipe_fields:
+        raise ValueError("emit_recipe: base_recipe_fields needs 'model.name_or_path'")
     e = choice.estimate
-    model = {"name_or_path": "ftdist/tiny", "dtype": e.dtype, "gradient_checkpointing": e.gradient_checkpointing}
+    model = {"name_or_path": None, "dtype": e.dtype, "gradient_checkpointing": e.gradient_checkpointing}
     if e.method != "full":
         model["lora"] = {"r": e.lora_r, "alpha": float(2 * e.lora_r), "dropout": 0.05,
                          "target_modules": list(LINEAR_TARGETS)}
@@ -407,13 +413,14 @@ def emit_recipe(choice: Candidate, base_recipe_fields: dict | None = None, path:
         "deepspeed": {"zero_stage": e.zero_stage, "offload_optimizer": e.offload_optimizer,
                       "offload_params": e.offload_params},
     }
-    for key, value in (base_recipe_fields or {}).items():
+    for key, value in base_recipe_fields.items():
         node, *parents = recipe, *key.split(".")[:-1]
         for p in parents:
             node = node.setdefault(p, {})
         node[key.split(".")[-1]] = value
-    header = (f"# ftdist train {path}\n# written by `ftdist plan`: {describe(choice)} "
-              f"on {e.world_size} GPU(s)\n")
+    header = f"# ftdist train {path}\n# written by `ftdist plan`: {describe(choice)} on {e.world_size} GPU(s)\n"
+    if "train" not in recipe["data"]:
+        header += "# set data.train (a JSONL/Parquet file or datasets directory), or pass data.train=PATH\n"
     return header + yaml.safe_dump(recipe, sort_keys=False)
 
 
@@ -443,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args) -> int:
     """Print the table and recommendation; write the recipe when asked. 0 = something fits."""
     try:
+        for flag, value in (("--nodes", args.nodes), ("--gpus-per-node", args.gpus_per_node)):
+            if value < 1:
+                raise ValueError(f"{flag}: got {value}, allowed: >= 1")
         shape = ModelShape.resolve(args.model)
         r = args.lora_r if args.lora_r is not None else (64 if args.method == "qlora" else 16)
         rec = recommend(shape, args.nodes, args.gpus_per_node, args.gpu_memory_gb, args.seq_len, args.micro_batch,

@@ -171,7 +171,7 @@ def test_lora_activations_hand_computed():
     h, i, v, layers, t, r = 4096, 11008, 32000, 32, 2048, 16
     # frozen norms keep only the fp32 input copy + rsqrt; frozen linears save no inputs;
     # each adapter keeps its lora_A output (r) and a dropout copy of its input + 1-byte mask
-    ins = 4 * h + h + 2 * h + i  # q, k, v, o, gate, up: h each; down: i
+    ins = 6 * h + i  # in_features: q, k, v, o, gate, up: h each; down: i
     layer = 2 * (4 * h + 4) + 2 * (2 * h + 2 * h) + 4 * 32 + 3 * 2 * i + 7 * 2 * r + (2 + 1) * ins
     head = 4 * h + 4 + v * (2 + 4)
     lora = estimate(SEVEN_B, "lora", seq_len=t, lora_r=r, lora_dropout=0.05).activations
@@ -226,6 +226,12 @@ def test_emit_recipe_parses(method):
         assert r["model"]["lora"]["r"] == 64 and r["model"]["quantization"]["load_in_4bit"] is True
     else:
         assert "lora" not in r["model"] and "quantization" not in r["model"]
+    from ftdist.config import load_config  # the recipe is valid for `ftdist train`
+
+    cfg = load_config(data=r)
+    assert (cfg.deepspeed.zero_stage, cfg.model.gradient_checkpointing) == (c.zero_stage, c.gradient_checkpointing)
+    with pytest.raises(ValueError, match="name_or_path"):
+        plan.emit_recipe(rec.choice, {})
 
 
 def test_cli_run(tmp_path, capsys):

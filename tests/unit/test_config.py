@@ -1,0 +1,79 @@
+import pytest
+
+from ftdist.config import ConfigError, builtin_recipes, config_help, load_config
+
+pytestmark = pytest.mark.unit
+
+BASE = ["data.train=x.jsonl"]
+
+
+def test_overrides_and_types():
+    cfg = load_config("sft_tiny", ["train.lr=1e-4", "deepspeed.zero_stage=3", "model.lora.r=8",
+                                   "data.columns={messages: conversations}", "train.epochs=2"])
+    assert cfg.train.lr == 1e-4 and isinstance(cfg.train.lr, float)
+    assert cfg.deepspeed.zero_stage == 3 and cfg.model.lora.r == 8 and cfg.model.lora.alpha == 16.0
+    assert cfg.data.columns == {"messages": "conversations"} and cfg.train.epochs == 2.0
+
+
+@pytest.mark.parametrize("overrides,words", [
+    (["train.lrr=1"], ["train.lrr", "did you mean 'train.lr'"]),
+    (["trian.lr=1"], ["trian", "did you mean 'train'"]),
+    (["train.lr=fast"], ["train.lr", "'fast'", "float"]),
+    (["train.scheduler=cosin"], ["train.scheduler", "'cosin'", "'cosine'"]),
+    (["train.micro_batch_size=3", "train.global_batch_size=16"], ["global_batch_size=16", "micro_batch_size=3"]),
+    (["deepspeed.zero_stage=5"], ["deepspeed.zero_stage", "0, 1, 2, 3"]),
+    (["deepspeed.offload_params=true"], ["offload_params", "zero_stage=3"]),
+    (["model.gradient_checkpointing=maybe"], ["model.gradient_checkpointing", "bool"]),
+    (["model.quantization.load_in_4bit=true"], ["model.lora", "QLoRA"]),
+    (["train.lr"], ["key=value"]),
+    (["data.format=xml"], ["data.format", "'messages'"]),
+])
+def test_bad_config_names_key_value_and_allowed(overrides, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, BASE + overrides)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_unknown_recipe_suggests():
+    with pytest.raises(ConfigError, match="did you mean 'sft_tiny'"):
+        load_config("sft_tin")
+
+
+def test_builtin_recipes_load_and_start_with_launch_command():
+    from ftdist.config import RECIPES_DIR
+
+    names = builtin_recipes()
+    assert {"sft_tiny", "sft_7b"} <= set(names)
+    for name in names:
+        load_config(name)
+        assert (RECIPES_DIR / f"{name}.yaml").read_text().startswith("# ")
+
+
+def test_help_lists_every_public_key():
+    text = config_help()
+    for key in ["stage", "output_dir", "seed", "model.name_or_path", "model.dtype", "model.attn_implementation",
+                "model.gradient_checkpointing", "model.trust_remote_code", "data.train", "data.eval", "data.format",
+                "data.columns", "data.max_length", "data.packing", "data.train_on_prompt", "train.micro_batch_size",
+                "train.global_batch_size", "train.epochs", "train.max_steps", "train.lr", "train.scheduler",
+                "train.warmup_ratio", "train.weight_decay", "train.max_grad_norm", "train.optimizer",
+                "train.label_smoothing", "train.neftune_alpha", "train.log_every", "train.eval_every",
+                "deepspeed.config", "deepspeed.zero_stage", "deepspeed.offload_optimizer",
+                "deepspeed.offload_params", "checkpoint.every_steps", "checkpoint.keep_last", "checkpoint.resume"]:
+        assert f"  {key} (" in text or f"  {key}:" in text, key
+
+
+def test_ds_config_auto_fields_filled():
+    from ftdist.engine.engine import build_ds_config
+
+    cfg = load_config("sft_tiny", ["deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true",
+                                   "model.dtype=bf16", "train.max_grad_norm=0.5"])
+    ds = build_ds_config(cfg, world_size=2, grad_accum=1)
+    assert ds["train_batch_size"] == cfg.train.global_batch_size
+    assert ds["train_micro_batch_size_per_gpu"] == cfg.train.micro_batch_size
+    assert ds["gradient_accumulation_steps"] == 1 and ds["gradient_clipping"] == 0.5
+    assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert "offload_param" not in ds["zero_optimization"]
+    assert "auto" not in str(ds)

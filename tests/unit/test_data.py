@@ -1,0 +1,122 @@
+import json
+
+import pytest
+
+from ftdist.config import load_config
+from ftdist.data.loading import DataError, RowError
+from ftdist.data.tokenize import IGNORE_INDEX, encode_messages, tokenize_sft
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from ftdist.models.loading import load_tokenizer
+    from ftdist.config import ModelConfig
+
+    return load_tokenizer(ModelConfig())
+
+
+def _cfg(train, **data):
+    return load_config(data={"data": {"train": str(train), **data}})
+
+
+def _write_jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+CONV = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "Sort the digits: 3 1 2"},
+        {"role": "assistant", "content": "1 2 3"}, {"role": "user", "content": "again: 9 8"},
+        {"role": "assistant", "content": "8 9"}]
+
+
+def test_labels_cover_assistant_turns_and_their_eos(tok):
+    ids, labels, truncated = encode_messages(tok, CONV, max_length=512)
+    assert not truncated and len(ids) == len(labels)
+    trained = [t for t, l in zip(ids, labels) if l != IGNORE_INDEX]
+    text = tok.decode(trained)
+    assert text.replace(" ", "").replace(tok.eos_token, "|") == "123|89|"
+    assert sum(1 for l in labels if l == tok.eos_token_id) == 2
+    # everything before the first assistant token is masked
+    first = labels.index(next(l for l in labels if l != IGNORE_INDEX))
+    assert "Sort the digits" in tok.decode(ids[:first])
+
+
+def test_train_on_prompt_trains_everything(tok):
+    ids, labels, _ = encode_messages(tok, CONV, max_length=512, train_on_prompt=True)
+    assert labels == ids
+
+
+def test_truncation_counted(tok, tmp_path):
+    f = _write_jsonl(tmp_path / "d.jsonl", [{"messages": CONV}] * 3)
+    full = len(encode_messages(tok, CONV, max_length=512)[0])
+    ds, stats = tokenize_sft(str(f), tok, _cfg(f, max_length=full - 3).data, None)
+    assert stats.truncated == 3 and max(len(x) for x in ds["input_ids"]) == full - 3
+
+
+@pytest.mark.parametrize("ext", ["jsonl", "json", "csv", "parquet", "dir"])
+def test_file_types_and_alpaca_with_column_mapping(tok, tmp_path, ext):
+    import datasets
+
+    rows = [{"q": f"Sort the digits: {i} 1", "extra": "", "a": f"1 {i}"} for i in range(2, 6)]
+    ds = datasets.Dataset.from_list(rows)
+    path = tmp_path / f"d.{ext}"
+    {"jsonl": lambda: ds.to_json(str(path)), "json": lambda: path.write_text(json.dumps(rows)),
+     "csv": lambda: ds.to_csv(str(path)), "parquet": lambda: ds.to_parquet(str(path)),
+     "dir": lambda: ds.save_to_disk(str(path))}[ext]()
+    cfg = _cfg(path, format="alpaca", columns={"instruction": "q", "input": "extra", "output": "a"})
+    out, stats = tokenize_sft(str(path), tok, cfg.data, None)
+    assert stats.rows == 4
+    trained = [t for t, l in zip(out[0]["input_ids"], out[0]["labels"]) if l != IGNORE_INDEX]
+    assert tok.decode(trained, skip_special_tokens=True).replace(" ", "") == "12"
+
+
+def test_text_format_trains_on_all_tokens_with_eos(tok, tmp_path):
+    f = _write_jsonl(tmp_path / "t.jsonl", [{"text": "hello world 42"}])
+    ds, _ = tokenize_sft(str(f), tok, _cfg(f).data, None)
+    assert ds[0]["labels"] == ds[0]["input_ids"] and ds[0]["input_ids"][-1] == tok.eos_token_id
+
+
+@pytest.mark.parametrize("row,problem", [
+    ({"messages": []}, "empty conversation"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "unknown role 'wizard'"),
+    ({"messages": [{"role": "user", "content": 3}]}, "must be a string"),
+    ({"messages": "hi"}, "must be a list"),
+    ({"other": 1}, "missing field 'messages'"),
+    ({"messages": [{"role": "user", "content": "only a question"}]}, "no assistant turn"),
+])
+def test_malformed_row_names_file_and_row(tok, tmp_path, row, problem):
+    good = {"messages": CONV[1:3]}
+    f = _write_jsonl(tmp_path / "bad.jsonl", [good, good, row, good])
+    with pytest.raises(RowError) as e:
+        tokenize_sft(str(f), tok, _cfg(f, format="messages").data, None)
+    assert str(f) in str(e.value) and "row 3" in str(e.value) and problem in str(e.value)
+    ds, stats = tokenize_sft(str(f), tok, _cfg(f, format="messages", on_error="skip").data, None)
+    assert stats.skipped == 1 and stats.rows == 3 and len(ds) == 3
+
+
+def test_missing_file_and_undetectable_format(tok, tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        tokenize_sft(str(tmp_path / "nope.jsonl"), tok, _cfg("x").data, None)
+    f = _write_jsonl(tmp_path / "odd.jsonl", [{"foo": "bar"}])
+    with pytest.raises(DataError, match="cannot detect the data format"):
+        tokenize_sft(str(f), tok, _cfg(f).data, None)
+
+
+def test_tokenised_data_is_cached_and_reused(tok, tmp_path):
+    f = _write_jsonl(tmp_path / "d.jsonl", [{"messages": CONV}] * 5)
+    cfg = _cfg(f)
+    ds1, _ = tokenize_sft(str(f), tok, cfg.data, str(tmp_path / "cache"))
+    entries = list((tmp_path / "cache").iterdir())
+    assert len(entries) == 1
+    f.write_text("garbage that would fail to parse\n")  # a different mtime/size invalidates the cache...
+    with pytest.raises(DataError):
+        tokenize_sft(str(f), tok, cfg.data, str(tmp_path / "cache"))
+    _write_jsonl(tmp_path / "d2.jsonl", [{"messages": CONV}] * 5)
+    (tmp_path / "d2.jsonl").rename(f)
+    import os
+    st = entries[0]
+    ds2, _ = tokenize_sft(str(f), tok, cfg.data, str(tmp_path / "cache"))
+    assert ds2["input_ids"] == ds1["input_ids"]
+    assert st.exists()
