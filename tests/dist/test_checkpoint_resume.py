@@ -26,6 +26,33 @@ RECIPE = dict(
 )
 
 
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for task in os.listdir(f"/proc/{p}/task") if os.path.exists(f"/proc/{p}/task") else []:
+            try:
+                kids = [int(x) for x in open(f"/proc/{p}/task/{task}/children").read().split()]
+            except OSError:
+                kids = []
+            out += kids
+            todo += kids
+    return out
+
+
+def _wait_gone(pid: int, timeout: float = 20) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            state = open(f"/proc/{pid}/stat").read().split()[2]
+        except OSError:
+            return
+        if state == "Z":
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"process {pid} survived SIGKILL")
+
+
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     base = tmp_path_factory.mktemp("straight")
@@ -48,8 +75,16 @@ def test_killed_then_resumed_matches_straight_run(straight, tmp_path):
         assert time.time() < deadline, "no step-4 checkpoint in time"
         time.sleep(0.2)
     time.sleep(1.0)  # ranks are now past the checkpoint, waiting
-    os.killpg(proc.pid, signal.SIGKILL)
+    victims = _descendants(proc.pid)
+    assert len(victims) >= 2  # the two ranks
+    for pid in [proc.pid, *victims]:  # the launcher and every rank at once, as a node failure would
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     proc.wait(timeout=30)
+    for pid in victims:
+        _wait_gone(pid)
     assert not (run_dir / "final").exists()
 
     # a half-written later checkpoint (no manifest) must be skipped, not loaded

@@ -213,11 +213,13 @@ def test_format_table_marks_choice():
 @pytest.mark.parametrize("method", ["full", "qlora"])
 def test_emit_recipe_parses(method):
     rec = recommend(SEVEN_B, 1, 8, 24, method=method, lora_r=64)
-    text = plan.emit_recipe(rec.choice, {"model.name_or_path": "meta-llama/Llama-2-7b-hf"}, path="r.yaml")
+    base = {"model.name_or_path": "meta-llama/Llama-2-7b-hf", "data.train": "train.jsonl"}
+    text = plan.emit_recipe(rec.choice, base, path="r.yaml")
     assert text.splitlines()[0] == "# ftdist train r.yaml"
     r = yaml.safe_load(text)
     c = rec.choice.estimate
     assert r["stage"] == "sft" and r["model"]["name_or_path"] == "meta-llama/Llama-2-7b-hf"
+    assert r["data"] == {"max_length": 2048, "train": "train.jsonl"}
     assert r["deepspeed"] == {"zero_stage": c.zero_stage, "offload_optimizer": c.offload_optimizer,
                               "offload_params": c.offload_params}
     assert r["model"]["gradient_checkpointing"] == c.gradient_checkpointing
