@@ -376,10 +376,13 @@ def format_table(rec: Recommendation) -> str:
         rows.append(("*" if c is rec.choice else "", str(e.zero_stage), e.offload,
                      "on" if e.gradient_checkpointing else "off", *gb, "yes" if c.fits else "no"))
     widths = [max(len(r[k]) for r in [cols, *rows]) for k in range(len(cols))]
-    line = lambda r: "  ".join(s.rjust(w) if k > 3 else s.ljust(w) for k, (s, w) in enumerate(zip(r, widths)))
+
+    def line(r):  # text columns left, numbers right
+        return "  ".join(s.rjust(w) if k > 3 else s.ljust(w) for k, (s, w) in enumerate(zip(r, widths))).rstrip()
+
     head = (f"per-GPU memory in GB (1e9 bytes); budget {rec.budget / GB:.1f} GB = {rec.gpu_memory_gb:g} GB "
             f"minus headroom; cpu/node = host memory for offload on one node")
-    return "\n".join([head, line(cols).rstrip(), *(line(r).rstrip() for r in rows)])
+    return "\n".join([head, line(cols), *map(line, rows)])
 
 
 def describe(c: Candidate) -> str:
