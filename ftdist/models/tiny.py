@@ -221,5 +221,15 @@ def _build_tiny_dir(out_dir: str) -> None:
         eos_token_id=config.eos_token_id,
         pad_token_id=config.pad_token_id,
     )
-    model.save_pretrained(out_dir, safe_serialization=True)
+    # written by hand: under an initialised process group save_pretrained writes only on rank 0,
+    # and any rank may be the one whose build wins the rename
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(out_dir)
+    model.generation_config.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    for name in ("config.json", "model.safetensors", "tokenizer_config.json"):
+        if not os.path.exists(os.path.join(out_dir, name)):
+            raise RuntimeError(f"tiny model build did not write {name}")

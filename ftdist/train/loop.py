@@ -52,6 +52,11 @@ class StopRequest:
 
 
 def setup_logging(is_main: bool) -> None:
+    import warnings
+
+    # library deprecation chatter on every rank drowns the progress bar
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
                         format="%(asctime)s %(levelname)s ftdist: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("ftdist").setLevel(logging.INFO if is_main else logging.WARNING)

@@ -73,7 +73,7 @@ class Progress:
     def update(self, n: int = 1, **postfix) -> None:
         if self.bar is not None:
             self.bar.update(n)
-            self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()},
+            self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else str(v)) for k, v in postfix.items()},
                                  refresh=False)
 
     def write(self, msg: str) -> None:

@@ -1,0 +1,62 @@
+"""bitsandbytes quantisation for QLoRA: the BitsAndBytesConfig of a recipe and k-bit preparation.
+
+Under ZeRO-3 the packed 4-bit weights are ordinary parameters to DeepSpeed, so
+their storage dtype must equal the dtype ZeRO partitions in (the training
+dtype); `quant_storage_dtype` picks it and config.validate() rejects a mismatch.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger("ftdist")
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "uint8": torch.uint8}
+
+
+def wants_quantization(model_cfg) -> bool:
+    q = model_cfg.quantization
+    return q is not None and (q.load_in_4bit or q.load_in_8bit)
+
+
+def quant_storage_dtype(model_cfg, zero_stage: int) -> torch.dtype:
+    """uint8 is bitsandbytes' own default; ZeRO-3 needs the packed bytes viewed as the training dtype."""
+    q = model_cfg.quantization
+    if q.quant_storage is not None:
+        return DTYPES[q.quant_storage]
+    return DTYPES[model_cfg.dtype] if zero_stage == 3 else torch.uint8
+
+
+def bnb_config(model_cfg, zero_stage: int = 0):
+    """transformers' BitsAndBytesConfig for `model.quantization`, or None when the recipe loads full weights."""
+    if not wants_quantization(model_cfg):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    q = model_cfg.quantization
+    if q.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[q.compute_dtype],
+        bnb_4bit_quant_storage=quant_storage_dtype(model_cfg, zero_stage),
+    )
+
+
+def is_quantized(model) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
+def prepare_kbit(model, model_cfg):
+    """Norms and non-quantised weights to fp32, input grads on, checkpointing without reentrancy."""
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=model_cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
