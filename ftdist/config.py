@@ -408,25 +408,36 @@ def ds_config_path(cfg: Config) -> Path:
                       f"{', '.join(sorted(p.stem for p in DS_CONFIGS_DIR.glob('*.json')))}")
 
 
+def _walk_keys(cls=Config, prefix: str = ""):
+    """(key, type name, default or None for sections, help, is_section) for every recipe key."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        sub = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)] or ([tp] if dataclasses.is_dataclass(tp) else [])
+        key = prefix + f.name
+        if sub:
+            yield key, "mapping", None, f.metadata.get("help", ""), True
+            yield from _walk_keys(sub[0], key + ".")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        yield key, _type_name(tp), default, f.metadata.get("help", ""), False
+
+
 def config_help() -> str:
     """Every recipe key with its type, default and meaning, for `ftdist train --help`."""
     lines = []
-
-    def walk(cls, prefix):
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            tp = hints[f.name]
-            sub = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)] or ([tp] if dataclasses.is_dataclass(tp) else [])
-            key = prefix + f.name
-            if sub:
-                lines.append(f"  {key}: {f.metadata.get('help', '')}")
-                walk(sub[0], key + ".")
-                continue
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"  {key} ({_type_name(tp)}, default {default!r})\n      {f.metadata.get('help', '')}")
-
-    walk(Config, "")
+    for key, tp, default, help, section in _walk_keys():
+        lines.append(f"  {key}: {help}" if section else f"  {key} ({tp}, default {default!r})\n      {help}")
     return "\n".join(lines)
+
+
+def config_markdown() -> str:
+    """The README's table of recipe keys (tests keep the README equal to this)."""
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, tp, default, help, section in _walk_keys():
+        shown = "section" if section else f"`{default!r}`"
+        rows.append(f"| `{key}` | {tp.replace('|', chr(92) + '|')} | {shown} | {help} |")
+    return "\n".join(rows)
 
 
 def dump_config(cfg: Config, path: str | os.PathLike) -> None:

@@ -44,7 +44,7 @@ def apply_lora(model, model_cfg, task_type: str = "CAUSAL_LM"):
     grads for checkpointing). `task_type` is "SEQ_CLS" for reward/value models,
     whose scalar head must then be listed in model.lora.modules_to_save.
     """
-    if model_cfg.lora is None:
+    if model_cfg.lora is None or is_peft_model(model):
         return model
     from peft import get_peft_model
 

@@ -59,13 +59,21 @@ def attn_implementation(model_cfg) -> str:
     return impl
 
 
-def load_causal_lm(model_cfg, dtype: torch.dtype | None = None, **kwargs):
+def load_causal_lm(model_cfg, dtype: torch.dtype | None = None, auto_class=None, **kwargs):
+    """A Hugging Face model in the recipe's dtype, quantised when `model.quantization` asks for it.
+
+    LoRA is not applied here: callers wrap the result with models.adapters.apply_lora,
+    so that reward/value models can pick their own peft task type.
+    """
     from transformers import AutoModelForCausalLM
+
+    from ftdist.models.quant import quantization_kwargs
 
     path = resolve_model_path(model_cfg.name_or_path)
     _check_source(path, "model")
+    kwargs = {**quantization_kwargs(model_cfg), **kwargs}
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = (auto_class or AutoModelForCausalLM).from_pretrained(
             path,
             dtype=dtype or DTYPES[model_cfg.dtype],
             attn_implementation=attn_implementation(model_cfg),
@@ -111,10 +119,18 @@ def decay_param_groups(model, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def _numel(p) -> int:
+    qs = getattr(p, "quant_state", None)
+    if qs is not None and getattr(qs, "shape", None) is not None:
+        # bitsandbytes packs two 4-bit values per byte; count the weights, not the bytes
+        return int(torch.Size(qs.shape).numel())
+    return getattr(p, "ds_numel", p.numel())
+
+
 def count_parameters(model) -> tuple[int, int]:
     total = trainable = 0
     for p in model.parameters():
-        n = getattr(p, "ds_numel", p.numel())
+        n = _numel(p)
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total

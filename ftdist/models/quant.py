@@ -47,14 +47,51 @@ def bnb_config(model_cfg, zero_stage: int = 0):
     )
 
 
+def zero3_enabled() -> bool:
+    """True inside the engine's model-init context under ZeRO-3 (transformers holds the DeepSpeed config)."""
+    try:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+    except ImportError:
+        return False
+    return bool(is_deepspeed_zero3_enabled())
+
+
+def quantization_kwargs(model_cfg) -> dict:
+    """Extra from_pretrained arguments for `model.quantization` ({} for full-precision loads)."""
+    qc = bnb_config(model_cfg, zero_stage=3 if zero3_enabled() else 0)
+    if qc is None:
+        return {}
+    kw = {"quantization_config": qc}
+    if torch.cuda.is_available():
+        # bitsandbytes quantises while moving weights to their device: each rank loads onto its own GPU
+        kw["device_map"] = {"": torch.cuda.current_device()}
+    return kw
+
+
 def is_quantized(model) -> bool:
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
+def keep_trainable_layout(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference.
+
+    On AVX512-BF16 CPUs, Linear4bit rewrites its weight into a CPU-only layout
+    the first time it runs in eval mode without grad (our eval passes, the DPO
+    reference pass). From then on the training forward takes a kernel without
+    autograd, so no gradient reaches the layer's input and every LoRA below it
+    trains on a wrong gradient; under ZeRO-3 the rewrite would also replace a
+    partitioned parameter's storage behind DeepSpeed's back.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def prepare_kbit(model, model_cfg):
     """Norms and non-quantised weights to fp32, input grads on, checkpointing without reentrancy."""
     from peft import prepare_model_for_kbit_training
 
+    keep_trainable_layout(model)
     return prepare_model_for_kbit_training(
         model,
         use_gradient_checkpointing=model_cfg.gradient_checkpointing,

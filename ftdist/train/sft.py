@@ -9,6 +9,7 @@ import torch
 from ftdist.algos.sft import sft_loss_sum
 from ftdist.data.batching import TokenData, collate_rows
 from ftdist.data.tokenize import tokenize_sft
+from ftdist.models.adapters import apply_lora
 from ftdist.models.forward import causal_logits
 from ftdist.models.loading import DTYPES, attn_implementation, enable_neftune, load_causal_lm
 from ftdist.train.generation import exact_match_accuracy, load_eval_conversations
@@ -57,7 +58,7 @@ class SFTTask:
         return batch.n_tokens, batch.n_padded
 
     def build_model(self):
-        model = load_causal_lm(self.cfg.model)
+        model = apply_lora(load_causal_lm(self.cfg.model), self.cfg.model)
         enable_neftune(model, self.cfg.train.neftune_alpha)
         return model
 

@@ -15,9 +15,8 @@ def test_demo_learns_the_task(tmp_path):
     out = subprocess.run([sys.executable, "launch/demo.py", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
-    rows = dict(re.findall(r"^(before|after)\s+([\d.]+)\s+([\d.]+)%", out.stdout, re.M) and
-                [(m[0], (float(m[1]), float(m[2]))) for m in
-                 re.findall(r"^(before|after)\s+([\d.]+)\s+([\d.]+)%", out.stdout, re.M)])
+    rows = {m[0]: (float(m[1]), float(m[2]))
+            for m in re.findall(r"^(before|after)\s+([\d.]+)\s+([\d.]+)%", out.stdout, re.M)}
     assert rows["before"][1] < 10 and rows["after"][1] >= 90, out.stdout
     assert rows["after"][0] < rows["before"][0] / 10
     metrics = read_metrics(tmp_path / "sft")

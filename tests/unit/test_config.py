@@ -77,3 +77,13 @@ def test_ds_config_auto_fields_filled():
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert "offload_param" not in ds["zero_optimization"]
     assert "auto" not in str(ds)
+
+
+def test_readme_documents_every_key():
+    from pathlib import Path
+
+    from ftdist.config import config_markdown
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    table = readme.split("<!-- keys:start -->")[1].split("<!-- keys:end -->")[0].strip()
+    assert table == config_markdown(), "README key table is stale: run python launch/readme_keys.py"
