@@ -48,7 +48,10 @@ def cmd_train(args) -> int:
 
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             return 0
-        from ftdist.train.loop import train
+        if cfg.stage == "ppo":  # one controller process; its ranks are Ray actors
+            from ftdist.train.ppo import train
+        else:
+            from ftdist.train.loop import train
 
         result = train(cfg)
     except errors as e:
@@ -119,7 +122,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _take_local_rank(argv: list[str]) -> list[str]:
+    """The deepspeed launcher passes --local_rank=N before the verb; LOCAL_RANK carries it from here on."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("--local_rank=") or a.startswith("--local-rank="):
+            os.environ.setdefault("LOCAL_RANK", a.split("=", 1)[1])
+        elif a in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+            i += 1
+        else:
+            out.append(a)
+        i += 1
+    return out
+
+
 def main(argv=None) -> int:
+    argv = _take_local_rank(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -80,6 +80,10 @@ class DataConfig:
     packing: bool = _f(False, "Pack several samples per row (best fit) with attention kept within each sample.")
     train_on_prompt: bool = _f(False, "Also compute the loss on system/user tokens (default: assistant turns only).")
     on_error: Literal["raise", "skip"] = _f("raise", "Malformed rows: stop with file and row number, or count and skip them.")
+    max_prompt_length: int = _f(
+        512, "Preference stages: prompt tokens kept (the end of the prompt) before the response; below data.max_length.")
+    drop_ties: bool = _f(False, "Preference data: drop pairs whose scores are equal or whose responses are identical.")
+    min_chosen_score: Optional[float] = _f(None, "Preference data: drop pairs whose chosen score is below this.")
     num_workers: int = _f(0, "DataLoader worker processes.")
     cache_dir: Optional[str] = _f(None, "Where tokenised data is cached (default: output_dir/cache).")
 
@@ -140,6 +144,94 @@ class DistConfig:
 
 
 @dataclass
+class RewardModelConfig:
+    head: Literal["sequence_classification", "causal_lm"] = _f(
+        "sequence_classification", "Scalar head: 'sequence_classification' = AutoModelForSequenceClassification "
+        "(num_labels=1) on the model's body; 'causal_lm' = the causal LM with its output layer replaced by one "
+        "scalar (full fine-tuning only). final/ loads with AutoModelForSequenceClassification either way.")
+    margin: Literal["none", "column", "score_diff"] = _f(
+        "none", "Target margin m in -log sigmoid(r_chosen - r_rejected - m): none, the data's 'margin' column, "
+        "or score_chosen - score_rejected.")
+    margin_scale: float = _f(1.0, "Multiplies the margin from rm.margin.")
+    score_diff_weighting: bool = _f(
+        False, "Weight each pair by (score_chosen - score_rejected)^2, normalised to mean 1 over the micro-batch.")
+
+
+@dataclass
+class DPOConfig:
+    beta: float = _f(0.1, "KL strength: implicit reward = beta * (log pi - log pi_ref).")
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = _f(
+        "sigmoid", "sigmoid = DPO, ipo = IPO (length-normalised as in TRL), hinge = SLiC.")
+    label_smoothing: float = _f(0.0, "cDPO: assumed probability that a pair's label is flipped, in [0, 0.5); sigmoid only.")
+    reference: Literal["auto", "model", "adapter_disabled", "precomputed"] = _f(
+        "auto", "Reference log-probs: a separate frozen model, the policy with its LoRA adapter disabled, or "
+        "computed once before training and cached; auto = adapter_disabled with model.lora, else model.")
+    reference_model: Optional[str] = _f(None, "Reference model directory (default: model.name_or_path).")
+
+
+@dataclass
+class ORPOConfig:
+    beta: float = _f(0.1, "Weight of the odds-ratio term added to the SFT loss on the chosen responses.")
+
+
+@dataclass
+class PPOConfig:
+    algorithm: Literal["ppo", "grpo", "rloo", "reinforce_pp"] = _f(
+        "ppo", "Advantage estimator: ppo (critic + GAE); grpo (scores normalised within each prompt's group), rloo "
+        "(leave-one-out baseline) and reinforce_pp (whitened returns) start no critic.")
+    iterations: int = _f(100, "Rollout-and-update iterations; each draws ppo.rollout_batch_size prompts.")
+    rollout_batch_size: int = _f(16, "Prompts drawn per iteration.")
+    samples_per_prompt: int = _f(1, "Responses sampled per prompt (the group of grpo/rloo, which need >= 2).")
+    max_new_tokens: int = _f(
+        128, "Longest response; prompts keep their last data.max_length - max_new_tokens tokens.")
+    temperature: float = _f(1.0, "Sampling temperature of the rollouts.")
+    top_p: float = _f(1.0, "Nucleus sampling threshold of the rollouts (1 = off).")
+    missing_eos_penalty: Optional[float] = _f(
+        None, "Subtracted from the score of a response that reached max_new_tokens without EOS; null = none "
+        "(such responses are always counted in the metric no_eos).")
+    ppo_epochs: int = _f(1, "Passes of the update over each rollout batch.")
+    mini_batch_size: int = _f(
+        8, "Samples per optimizer step over all ranks of a group (replaces train.global_batch_size); each rank "
+        "runs micro-batches of train.micro_batch_size.")
+    clip_eps: float = _f(0.2, "Policy ratio clip: ratios outside [1 - eps, 1 + eps] carry no gradient.")
+    value_clip_eps: float = _f(0.2, "Critic clip: a value moves at most this far from its rollout estimate.")
+    gamma: float = _f(1.0, "Discount of later token rewards (GAE and reinforce_pp).")
+    lam: float = _f(0.95, "GAE lambda (bias-variance trade-off of the advantage).")
+    whiten_advantages: bool = _f(True, "Whiten ppo advantages over all response tokens of the batch.")
+    kl_coef: float = _f(0.05, "KL(policy || reference) coefficient; the starting value when ppo.kl_target is set. "
+                        "A per-token reward penalty, except for grpo where it is a loss term.")
+    kl_estimator: Literal["k1", "k2", "k3"] = _f(
+        "k1", "Per-token KL estimator: k1 = log r (unbiased), k2 = (log r)^2 / 2, k3 = r - 1 - log r (unbiased, >= 0).")
+    kl_target: Optional[float] = _f(
+        None, "Adaptive KL controller: per-sequence KL to aim for; null = fixed ppo.kl_coef.")
+    kl_horizon: int = _f(10000, "Adaptive KL controller horizon in samples (how fast kl_coef moves).")
+    entropy_coef: float = _f(0.0, "Weight of the entropy bonus in the policy loss.")
+    reward_fn: Optional[str] = _f(
+        None, "Python reward 'module:function', called as fn(prompts, responses, **columns) -> one float per "
+        "response, e.g. 'ftdist.data.tiny_task:sort_reward'.")
+    reward_model: Optional[str] = _f(
+        None, "Learned reward model directory (AutoModelForSequenceClassification with one label, the policy's "
+        "tokenizer); scored at the last real token.")
+    critic_init: Literal["auto", "reward_model", "policy"] = _f(
+        "auto", "Weights of the critic's body and head: the reward model or the policy (with a new value head); "
+        "auto = reward_model when ppo.reward_model is set.")
+    critic_lr: float = _f(1e-5, "Critic learning rate (the policy uses train.lr).")
+    policy_ranks: int = _f(1, "Actors (DeepSpeed ranks) of the policy group.")
+    critic_ranks: int = _f(1, "Actors of the critic group (ppo only).")
+    ref_ranks: int = _f(1, "Actors of the reference group (none with model.lora: the policy with its adapter off).")
+    reward_ranks: int = _f(1, "Actors of the reward group.")
+    colocation: Literal["none", "policy_ref", "critic_reward", "ref_reward", "all"] = _f(
+        "none", "Groups that share devices (fractional GPU bundles of one placement group): none, policy+reference, "
+        "critic+reward, reference+reward, or all groups; shared groups need equal ranks.")
+    cpus_per_actor: float = _f(1.0, "CPUs in each actor's bundle; fractions let several actors share a core.")
+    device: Literal["auto", "gpu", "cpu"] = _f("auto", "Actor bundles: a GPU each (auto: when the Ray cluster has GPUs) "
+                                               "or CPU only.")
+    eval_every: int = _f(
+        0, "Greedy evaluation on data.eval every N iterations (reward mean; exact-match accuracy when the rows have "
+        "an 'answer' column); 0 = before and after training only.")
+
+
+@dataclass
 class Config:
     stage: Literal["sft", "rm", "dpo", "orpo", "ppo"] = _f("sft", "Training stage.")
     output_dir: str = _f("runs/ftdist", "Run directory: config.yaml, metrics.jsonl, checkpoints/, final/.")
@@ -151,6 +243,10 @@ class Config:
     checkpoint: CheckpointConfig = _f(CheckpointConfig(), "Checkpoint section.")
     logging: LoggingConfig = _f(LoggingConfig(), "Logging section.")
     dist: DistConfig = _f(DistConfig(), "Distributed section.")
+    rm: RewardModelConfig = _f(RewardModelConfig(), "Reward-model section (stage: rm).")
+    dpo: DPOConfig = _f(DPOConfig(), "DPO section (stage: dpo).")
+    orpo: ORPOConfig = _f(ORPOConfig(), "ORPO section (stage: orpo).")
+    ppo: PPOConfig = _f(PPOConfig(), "PPO section (stage: ppo).")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -389,8 +485,139 @@ def validate(cfg: Config) -> None:
             raise ConfigError("model.quantization: load_in_4bit and load_in_8bit are exclusive")
         if m.lora is None:
             raise ConfigError("model.quantization: quantised weights cannot be trained; add a model.lora section (QLoRA)")
+        _validate_quantization(m, ds.zero_stage)
+    if m.lora is not None:
+        lc = m.lora
+        if lc.r <= 0 or lc.alpha <= 0 or not 0 <= lc.dropout < 1:
+            raise ConfigError(f"model.lora: got r={lc.r}, alpha={lc.alpha}, dropout={lc.dropout}; "
+                              "allowed: r > 0, alpha > 0, 0 <= dropout < 1")
+        if not lc.target_modules:
+            raise ConfigError("model.lora.target_modules: empty; give module names or 'all-linear'")
+    if ds.offload_optimizer and t.optimizer not in ("adamw_torch", "paged_adamw_32bit"):
+        raise ConfigError(f"train.optimizer={t.optimizer!r} cannot be combined with deepspeed.offload_optimizer=true "
+                          "(use adamw_torch, which becomes DeepSpeed's CPU Adam)")
+    if cfg.stage in PREFERENCE_STAGES:
+        _validate_preference(cfg)
+    if cfg.stage == "ppo":
+        _validate_ppo(cfg)
     if cfg.data.train is None and cfg.stage != "ppo":
         raise ConfigError("data.train: no training data given (a file path, a datasets directory, or 'ftdist/tiny-task')")
+
+
+PREFERENCE_STAGES = ("rm", "dpo", "orpo")
+
+
+def _validate_preference(cfg: Config) -> None:
+    d, dpo = cfg.data, cfg.dpo
+    if d.format not in ("auto", "preference"):
+        raise ConfigError(f"data.format: got {d.format!r} for stage={cfg.stage}, allowed: 'preference' or 'auto'")
+    if d.packing:
+        raise ConfigError(f"data.packing=true is not supported for stage={cfg.stage} (pairs are batched, not packed)")
+    if not 0 < d.max_prompt_length < d.max_length:
+        raise ConfigError(f"data.max_prompt_length: got {d.max_prompt_length}, allowed: 0 < x < data.max_length "
+                          f"({d.max_length}), so every response keeps at least one token")
+    if cfg.stage == "rm" and cfg.rm.head == "causal_lm" and cfg.model.lora is not None:
+        raise ConfigError("rm.head=causal_lm trains the full model; use rm.head=sequence_classification with model.lora")
+    if cfg.stage == "dpo":
+        if dpo.beta <= 0:
+            raise ConfigError(f"dpo.beta: got {dpo.beta}, must be > 0")
+        if not 0 <= dpo.label_smoothing < 0.5:
+            raise ConfigError(f"dpo.label_smoothing: got {dpo.label_smoothing}, allowed: 0 <= x < 0.5")
+        if dpo.label_smoothing and dpo.loss_type != "sigmoid":
+            raise ConfigError(f"dpo.label_smoothing={dpo.label_smoothing} needs dpo.loss_type='sigmoid' "
+                              f"(got {dpo.loss_type!r})")
+        if dpo.reference == "adapter_disabled" and cfg.model.lora is None:
+            raise ConfigError("dpo.reference=adapter_disabled needs a model.lora section (there is no adapter to disable)")
+        if dpo.reference == "adapter_disabled" and dpo.reference_model is not None:
+            raise ConfigError("dpo.reference_model is set but dpo.reference=adapter_disabled uses the policy's own "
+                              "base weights; use dpo.reference=model")
+    if cfg.stage == "orpo" and cfg.orpo.beta <= 0:
+        raise ConfigError(f"orpo.beta: got {cfg.orpo.beta}, must be > 0")
+
+
+def _validate_ppo(cfg: Config) -> None:
+    p = cfg.ppo
+    positive = {"ppo.iterations": p.iterations, "ppo.rollout_batch_size": p.rollout_batch_size,
+                "ppo.samples_per_prompt": p.samples_per_prompt, "ppo.max_new_tokens": p.max_new_tokens,
+                "ppo.ppo_epochs": p.ppo_epochs, "ppo.mini_batch_size": p.mini_batch_size,
+                "ppo.policy_ranks": p.policy_ranks, "ppo.critic_ranks": p.critic_ranks, "ppo.ref_ranks": p.ref_ranks,
+                "ppo.reward_ranks": p.reward_ranks, "ppo.kl_horizon": p.kl_horizon, "ppo.temperature": p.temperature,
+                "ppo.clip_eps": p.clip_eps, "ppo.critic_lr": p.critic_lr, "ppo.cpus_per_actor": p.cpus_per_actor}
+    for k, v in positive.items():
+        if v <= 0:
+            raise ConfigError(f"{k}: got {v}, must be > 0")
+    if not 0 < p.top_p <= 1:
+        raise ConfigError(f"ppo.top_p: got {p.top_p}, allowed: 0 < x <= 1")
+    if p.kl_coef < 0 or p.entropy_coef < 0 or p.value_clip_eps < 0:
+        raise ConfigError("ppo.kl_coef, ppo.entropy_coef and ppo.value_clip_eps must be >= 0")
+    if p.kl_target is not None and p.kl_target <= 0:
+        raise ConfigError(f"ppo.kl_target: got {p.kl_target}, must be > 0 (or null for a fixed ppo.kl_coef)")
+    if cfg.data.train is None:
+        raise ConfigError("data.train: stage=ppo needs prompts: a file with a 'prompt' column (text or a message "
+                          "list), e.g. 'ftdist/tiny-task/prompts'")
+    if p.max_new_tokens >= cfg.data.max_length:
+        raise ConfigError(f"ppo.max_new_tokens={p.max_new_tokens} leaves no room for the prompt within "
+                          f"data.max_length={cfg.data.max_length}")
+    if (p.reward_fn is None) == (p.reward_model is None):
+        raise ConfigError("ppo.reward_fn / ppo.reward_model: set exactly one (a 'module:function' or a reward model "
+                          "directory)")
+    if p.reward_fn is not None and (p.reward_fn.count(":") != 1 or not all(p.reward_fn.split(":"))):
+        raise ConfigError(f"ppo.reward_fn: got {p.reward_fn!r}, expected 'module:function' "
+                          f"(e.g. 'ftdist.data.tiny_task:sort_reward')")
+    if p.algorithm in ("grpo", "rloo") and p.samples_per_prompt < 2:
+        raise ConfigError(f"ppo.samples_per_prompt={p.samples_per_prompt}: ppo.algorithm={p.algorithm} compares the "
+                          f"samples of one prompt and needs >= 2")
+    if p.critic_init == "reward_model" and p.reward_model is None:
+        raise ConfigError("ppo.critic_init=reward_model needs ppo.reward_model")
+    critic = p.algorithm == "ppo"
+    reference = cfg.model.lora is None
+    n = p.rollout_batch_size * p.samples_per_prompt
+    if n % p.mini_batch_size:
+        raise ConfigError(f"ppo.mini_batch_size={p.mini_batch_size} must divide the samples of an iteration "
+                          f"(ppo.rollout_batch_size x ppo.samples_per_prompt = {n})")
+    groups = {"policy": p.policy_ranks, "reward": p.reward_ranks}
+    if critic:
+        groups["critic"] = p.critic_ranks
+    if reference:
+        groups["ref"] = p.ref_ranks
+    for name, ranks in groups.items():
+        if n % ranks:
+            raise ConfigError(f"ppo.{name}_ranks={ranks} must divide the samples of an iteration ({n})")
+    micro = cfg.train.micro_batch_size
+    for name in ("policy", "critic") if critic else ("policy",):
+        per_step = micro * groups[name]
+        if p.mini_batch_size % per_step:
+            raise ConfigError(f"ppo.mini_batch_size={p.mini_batch_size} is not a multiple of train.micro_batch_size "
+                              f"({micro}) x ppo.{name}_ranks ({groups[name]}) = {per_step}")
+    shared = {"policy_ref": ("policy", "ref"), "critic_reward": ("critic", "reward"), "ref_reward": ("ref", "reward"),
+              "all": tuple(groups)}.get(p.colocation, ())
+    missing = [g for g in shared if g not in groups]
+    if missing:
+        why = "ppo.algorithm=" + p.algorithm if "critic" in missing else "model.lora (the reference is the policy)"
+        raise ConfigError(f"ppo.colocation={p.colocation!r}: there is no {missing[0]} group with {why}")
+    if len({groups[g] for g in shared}) > 1:
+        raise ConfigError(f"ppo.colocation={p.colocation!r} shares devices between "
+                          f"{', '.join(f'ppo.{g}_ranks={groups[g]}' for g in shared)}; they must be equal")
+
+
+def _validate_quantization(m: ModelConfig, zero_stage: int) -> None:
+    q = m.quantization
+    # DeepSpeed's bf16/fp16 modes cast every floating-point parameter to the training dtype; packed 4-bit
+    # bytes stored as another float dtype get converted as numbers: fp32 storage under bf16 fails with a
+    # shape error, fp16 storage under bf16 silently corrupts the weights (both measured)
+    if q.load_in_4bit and q.quant_storage not in (None, "uint8", m.dtype):
+        raise ConfigError(f"model.quantization.quant_storage={q.quant_storage!r} differs from model.dtype={m.dtype!r}; "
+                          f"DeepSpeed would cast the packed 4-bit bytes as numbers. Use {m.dtype!r} (or leave it unset)")
+    if zero_stage == 3 and q.load_in_4bit and q.quant_storage == "uint8":
+        raise ConfigError(f"model.quantization.quant_storage='uint8' with deepspeed.zero_stage=3: ZeRO-3 shards the packed "
+                          f"4-bit weights as parameters of the training dtype; use quant_storage={m.dtype!r} (or leave it unset)")
+    if zero_stage == 3 and q.load_in_8bit:
+        raise ConfigError("model.quantization.load_in_8bit=true with deepspeed.zero_stage=3: bitsandbytes keeps the whole "
+                          "int8 matrix beside the parameter, so ZeRO-3 cannot shard it; use load_in_4bit (QLoRA) "
+                          "or deepspeed.zero_stage <= 2")
+    if q.load_in_4bit and q.compute_dtype == "fp16" and "bf16" in (m.dtype, q.quant_storage):
+        raise ConfigError("model.quantization.compute_dtype='fp16' with bf16 activations/storage: bf16 values overflow "
+                          "fp16 (max 65504) in the 4-bit matmuls; use compute_dtype='bf16' (or model.dtype='fp16')")
 
 
 def ds_config_path(cfg: Config) -> Path:

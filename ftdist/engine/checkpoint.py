@@ -4,6 +4,7 @@ Layout of output_dir/checkpoints/step-N/:
   engine/            DeepSpeed model, optimizer and scheduler states (sharded by rank under ZeRO)
   rng/rank{r}.pt     torch, CUDA, Python and NumPy RNG states of each rank
   trainer_state.json counters and data position
+  adapter/           LoRA runs only: the adapter in PEFT format with the tokenizer (for users; resume reads engine/)
   manifest.json      written last: files with sizes; a directory without it is incomplete
 """
 
@@ -17,7 +18,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -90,8 +91,8 @@ def find_latest(ckpt_root: Path, warn: bool = True) -> Optional[Path]:
 
 
 def save_checkpoint(engine, ckpt_root: Path, step: int, trainer_state: dict, rank: int, is_main: bool,
-                    keep_last: int) -> Path:
-    """Collective: every rank calls it."""
+                    keep_last: int, extra_save: Optional[Callable[[Path], None]] = None) -> Path:
+    """Collective: every rank calls it, and `extra_save(tmp_dir)` runs on every rank before the manifest."""
     final = ckpt_root / f"step-{step}"
     tmp = ckpt_root / f".tmp-step-{step}"
     if is_main:
@@ -102,16 +103,24 @@ def save_checkpoint(engine, ckpt_root: Path, step: int, trainer_state: dict, ran
     barrier()
     engine.save_state(str(tmp), client_state={"ftdist": trainer_state})
     torch.save(rng_state(), tmp / "rng" / f"rank{rank}.pt")
+    if extra_save is not None:
+        extra_save(tmp)
     barrier()
     if is_main:
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
-        (tmp / "manifest.json").write_text(json.dumps(_manifest(tmp), indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(ckpt_root)
-        prune(ckpt_root, keep_last)
+        commit_checkpoint(tmp, final, ckpt_root, keep_last)
     barrier()
+    return final
+
+
+def commit_checkpoint(tmp: Path, final: Path, ckpt_root: Path, keep_last: int) -> Path:
+    """One process, after every writer has finished: manifest last, rename into place, prune old ones."""
+    (tmp / "manifest.json").write_text(json.dumps(_manifest(tmp), indent=1))
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(ckpt_root)
+    prune(ckpt_root, keep_last)
     return final
 
 

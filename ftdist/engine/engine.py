@@ -170,13 +170,40 @@ class Engine:
             return sd if self.info.is_main else None
         return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
 
+    @property
+    def is_peft(self) -> bool:
+        from ftdist.models.adapters import is_peft_model
+
+        return is_peft_model(self.module)
+
+    def trainable_state_dict(self) -> Optional[dict]:
+        """Whole tensors of the trainable parameters (the LoRA adapter and modules_to_save) on rank 0.
+
+        Under ZeRO-3 only these are gathered: the frozen, possibly 4-bit base never
+        leaves its shards, so saving an adapter costs the adapter's size.
+        """
+        named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+        with self.gathered([p for _, p in named]):
+            if not self.info.is_main:
+                return None
+            return {n: p.detach().cpu().clone() for n, p in named}
+
     def export_hf(self, out_dir: str, tokenizer=None) -> None:
-        """Hugging Face format (safetensors) with the tokenizer; collective under ZeRO-3."""
-        sd = self.full_state_dict()
+        """Hugging Face format (safetensors) with the tokenizer; collective under ZeRO-3.
+
+        A peft model is written as its adapter only (adapter_model.safetensors +
+        adapter_config.json); `ftdist merge` turns it into a full model.
+        """
+        sd = self.trainable_state_dict() if self.is_peft else self.full_state_dict()
         if self.info.is_main:
             os.makedirs(out_dir, exist_ok=True)
             sd = {k: v.contiguous().cpu() for k, v in sd.items()}
-            self.module.save_pretrained(out_dir, state_dict=sd, safe_serialization=True)
+            if self.is_peft:
+                # embeddings are never resized here; `auto` would look the base model up on the hub
+                self.module.save_pretrained(out_dir, state_dict=sd, safe_serialization=True,
+                                            save_embedding_layers=False)
+            else:
+                self.module.save_pretrained(out_dir, state_dict=sd, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(out_dir)
 
@@ -190,3 +217,44 @@ class Engine:
         if path is None:
             raise RuntimeError(f"{ckpt_dir}: DeepSpeed could not load the engine state")
         return client_state or {}
+
+
+class FrozenEngine:
+    """A model used for inference only (the DPO reference), partitioned like the policy.
+
+    Under ZeRO-3 it gets its own DeepSpeed engine with no optimizer, so its
+    parameters stay sharded and are gathered layer by layer in each forward,
+    exactly as the policy's are; every rank must then run the same number of
+    forwards. Below ZeRO-3 a frozen copy simply sits on the device.
+    `build()` is called inside the ZeRO-3 model-init context.
+    """
+
+    def __init__(self, build, cfg: Config, info: DistInfo, grad_accum: int):
+        from ftdist.engine.dist import device_for
+
+        with model_init_context(cfg, info.world_size, grad_accum):
+            model = build()
+        model.requires_grad_(False)
+        model.eval()
+        self.engine = None
+        if cfg.deepspeed.zero_stage == 3:
+            import deepspeed
+
+            _init_deepspeed_comm(info.backend)
+            ds = build_ds_config(cfg, info.world_size, grad_accum)
+            ds["zero_optimization"].pop("offload_optimizer", None)
+            self.engine, *_ = deepspeed.initialize(model=model, config=ds, dist_init_required=False)
+            self.engine.eval()
+            self.module = self.engine.module
+        else:
+            self.module = model.to(device_for(info))
+
+    @torch.no_grad()
+    def forward(self, *args, **kwargs):
+        return (self.engine or self.module)(*args, **kwargs)
+
+    def close(self) -> None:
+        """Free the weights (e.g. after reference log-probs were precomputed)."""
+        if self.engine is not None:
+            self.engine.destroy()
+        self.engine = self.module = None

@@ -1,10 +1,38 @@
-"""Optimizers by recipe name. Only trainable parameters arrive here (the caller filters them)."""
+"""Optimizers by recipe name. Only trainable parameters arrive here (the caller filters them).
+
+The k-bit and paged optimizers come from bitsandbytes. Paging moves optimizer
+state between GPU and host memory through CUDA unified memory, so on a machine
+without CUDA the paged names run their non-paged twin (same update rule).
+"""
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
 from ftdist.config import ConfigError
+
+log = logging.getLogger("ftdist")
+
+# recipe name -> (bitsandbytes class, its non-paged twin)
+BNB_OPTIMIZERS = {
+    "adamw_8bit": ("AdamW8bit", "AdamW8bit"),
+    "paged_adamw_32bit": ("PagedAdamW32bit", "AdamW32bit"),
+    "paged_adamw_8bit": ("PagedAdamW8bit", "AdamW8bit"),
+    "lion": ("Lion", "Lion"),
+}
+
+
+def bnb_optimizer_class(name: str, cuda: bool | None = None):
+    import bitsandbytes as bnb
+
+    paged, plain = BNB_OPTIMIZERS[name]
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if paged != plain and not cuda:
+        log.warning("train.optimizer=%s: paged optimizers need CUDA; using bitsandbytes %s on this machine", name, plain)
+        return getattr(bnb.optim, plain)
+    return getattr(bnb.optim, paged)
 
 
 def build_optimizer(train_cfg, param_groups: list[dict], offload: bool = False):
@@ -26,14 +54,10 @@ def build_optimizer(train_cfg, param_groups: list[dict], offload: bool = False):
         from transformers.optimization import Adafactor
 
         return Adafactor(param_groups, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False)
-    import bitsandbytes as bnb
-
-    bnb_optimizers = {
-        "adamw_8bit": lambda: bnb.optim.AdamW8bit(param_groups, lr=lr, betas=betas, eps=train_cfg.adam_eps),
-        "paged_adamw_32bit": lambda: bnb.optim.PagedAdamW32bit(param_groups, lr=lr, betas=betas, eps=train_cfg.adam_eps),
-        "paged_adamw_8bit": lambda: bnb.optim.PagedAdamW8bit(param_groups, lr=lr, betas=betas, eps=train_cfg.adam_eps),
-        "lion": lambda: bnb.optim.Lion(param_groups, lr=lr, betas=(0.9, 0.99)),
-    }
-    if name not in bnb_optimizers:
+    if name not in BNB_OPTIMIZERS:
         raise ConfigError(f"train.optimizer: unknown {name!r}")
-    return bnb_optimizers[name]()
+    cls = bnb_optimizer_class(name)
+    if name == "lion":
+        # Lion's usual betas; its update is a sign, so Adam's betas/eps do not carry over
+        return cls(param_groups, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    return cls(param_groups, lr=lr, betas=betas, eps=train_cfg.adam_eps, weight_decay=0.0)

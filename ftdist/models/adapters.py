@@ -48,6 +48,7 @@ def apply_lora(model, model_cfg, task_type: str = "CAUSAL_LM"):
         return model
     from peft import get_peft_model
 
+    from ftdist.models.loading import count_parameters
     from ftdist.models.quant import is_quantized, prepare_kbit
 
     if is_quantized(model):
@@ -61,7 +62,19 @@ def apply_lora(model, model_cfg, task_type: str = "CAUSAL_LM"):
         from ftdist.models.loading import ModelError
 
         raise ModelError(f"model.lora: {e}") from None
+    # the recipe's name, not this machine's cache path, so the adapter names its base portably
+    for pc in peft_model.peft_config.values():
+        pc.base_model_name_or_path = model_cfg.name_or_path
+    n_trainable, n_total = count_parameters(peft_model)
+    log.info("LoRA r=%d alpha=%g on %s: %s trainable of %s parameters (%.3f%%)", model_cfg.lora.r,
+             model_cfg.lora.alpha, _targets(peft_model), f"{n_trainable:,}", f"{n_total:,}",
+             100 * n_trainable / max(n_total, 1))
     return peft_model
+
+
+def _targets(peft_model) -> str:
+    targets = next(iter(peft_model.peft_config.values())).target_modules
+    return ",".join(sorted(targets)) if not isinstance(targets, str) else targets
 
 
 @contextlib.contextmanager

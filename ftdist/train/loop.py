@@ -127,6 +127,8 @@ def train(cfg: Config) -> dict:
     from ftdist.engine.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 
     ckpt_root = out / "checkpoints"
+    # LoRA checkpoints also carry the adapter in PEFT format, usable without DeepSpeed
+    extra_save = (lambda d: engine.export_hf(str(d / "adapter"), tokenizer)) if engine.is_peft else None
     state = TrainState()
     resume = resolve_resume(cfg.checkpoint.resume, ckpt_root)
     if resume is not None:
@@ -156,6 +158,7 @@ def train(cfg: Config) -> dict:
             local = [sum(task.units(b) for b in micro), *map(sum, zip(*(task.tokens(b) for b in micro)))]
             units, real, padded = all_reduce_sum(local, engine.device)
             sums: dict[str, float] = {}
+            lr = engine.lr  # the rate this step uses; the scheduler advances inside step()
             for b in micro:
                 loss, m = task.loss(engine, b, max(units, 1.0))
                 engine.backward(loss)
@@ -173,7 +176,7 @@ def train(cfg: Config) -> dict:
             if state.step % cfg.train.log_every == 0 or state.step == total_steps:
                 now = time.time()
                 record = {"step": state.step, "epoch": round(state.epoch + state.step_in_epoch / len(plan), 4),
-                          **metrics, "lr": engine.lr, "grad_norm": engine.grad_norm(), "tokens": state.tokens,
+                          **metrics, "lr": lr, "grad_norm": engine.grad_norm(), "tokens": state.tokens,
                           "tokens_per_s": tok_window / max(now - t_window, 1e-9),
                           "padding_fraction": 1 - real / max(padded, 1), "elapsed_s": round(state.elapsed_s, 3)}
                 writer.log(record)
@@ -188,7 +191,7 @@ def train(cfg: Config) -> dict:
             want_stop = all_reduce_sum([float(stop.requested)], engine.device)[0] > 0
             if (cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0) or want_stop:
                 save_checkpoint(engine, ckpt_root, state.step, asdict(state), info.rank, info.is_main,
-                                cfg.checkpoint.keep_last)
+                                cfg.checkpoint.keep_last, extra_save=extra_save)
                 last_saved = state.step
                 _fault_point(state.step)
             if want_stop:
@@ -202,7 +205,8 @@ def train(cfg: Config) -> dict:
     progress.close()
 
     if last_saved != state.step:
-        save_checkpoint(engine, ckpt_root, state.step, asdict(state), info.rank, info.is_main, cfg.checkpoint.keep_last)
+        save_checkpoint(engine, ckpt_root, state.step, asdict(state), info.rank, info.is_main, cfg.checkpoint.keep_last,
+                        extra_save=extra_save)
     ev = evaluate(engine, task, cfg)
     if ev:
         writer.log({"step": state.step, "epoch": state.epoch, **ev})

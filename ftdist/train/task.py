@@ -51,6 +51,14 @@ def make_task(cfg, tokenizer, info) -> Task:
         from ftdist.train.sft import SFTTask
 
         return SFTTask(cfg, tokenizer, info)
+    if cfg.stage == "rm":
+        from ftdist.train.rm import RewardTask
+
+        return RewardTask(cfg, tokenizer, info)
+    if cfg.stage in ("dpo", "orpo"):
+        from ftdist.train.dpo import DPOTask, ORPOTask
+
+        return (DPOTask if cfg.stage == "dpo" else ORPOTask)(cfg, tokenizer, info)
     raise NotImplementedError(f"stage={cfg.stage!r} is not available in this version")
 
 

@@ -64,6 +64,10 @@ def runs(tmp_path_factory):
         **{f"2rank_micro2_acc2_zero{z}": (2, ["train.micro_batch_size=2", f"deepspeed.zero_stage={z}"])
            for z in (0, 1, 2, 3)},
         "2rank_micro4_acc1_zero2": (2, ["train.micro_batch_size=4", "deepspeed.zero_stage=2"]),
+        "1rank_micro8_gradckpt": (1, ["train.micro_batch_size=8", "deepspeed.zero_stage=0",
+                                      "model.gradient_checkpointing=true"]),
+        "2rank_micro2_zero2_offload": (2, ["train.micro_batch_size=2", "deepspeed.zero_stage=2",
+                                           "deepspeed.offload_optimizer=true"]),
     }
     out = {}
     for name, (nproc, overrides) in cases.items():
@@ -93,3 +97,12 @@ def test_rank_split_does_not_change_update(runs):
 @pytest.mark.parametrize("zero", [0, 1, 2, 3])
 def test_zero_stages_match_plain_pytorch(runs, zero):
     assert max_abs_diff(runs[f"2rank_micro2_acc2_zero{zero}"], runs["reference"]) < 1e-5
+
+
+def test_gradient_checkpointing_does_not_change_update(runs):
+    assert max_abs_diff(runs["1rank_micro8_gradckpt"], runs["reference"]) < 1e-5
+
+
+def test_optimizer_offload_matches_plain_pytorch(runs):
+    """DeepSpeed's CPU Adam on offloaded fp32 state computes the same AdamW update."""
+    assert max_abs_diff(runs["2rank_micro2_zero2_offload"], runs["reference"]) < 1e-5

@@ -1,0 +1,440 @@
+"""SFT throughput side by side: ftdist, TRL SFTTrainer (defaults, and with packing), and a bare PyTorch loop.
+
+    python benchmarks/sft_throughput.py                 # the full comparison (~30 min on 2 CPU cores)
+    python benchmarks/sft_throughput.py --repeats 1     # one round
+    python benchmarks/sft_throughput.py --tiny          # seconds: a smoke test of every arm (CI)
+
+Every arm trains the same randomly initialised Llama (weights written once and loaded by each
+arm), on the same JSONL of chat samples, with the same tokenizer and chat template, in fp32,
+without gradient checkpointing, with AdamW at the same learning rate, for the same number of
+optimizer steps of the same effective batch in samples:
+
+  ftdist       ftdist.train.loop.train(cfg): the real loop and DeepSpeed engine (ZeRO-0, one process),
+               data.packing=true (best-fit rows of max_length tokens)
+  trl          trl.SFTTrainer with its defaults (padded batches in random order), except fp32 and no
+               gradient checkpointing, which every arm shares
+  trl_packing  the same with packing=True (TRL's best-fit packing, padding-free rows)
+  bare         a plain PyTorch loop over ftdist's own packed batches: no DeepSpeed, no Trainer; the floor
+
+A packed row holds several samples, so packed arms take `rows per step` rows chosen to hold the
+same number of samples per step on average as the unpacked arm's batch.
+
+Data: generated text from a Zipf-distributed made-up vocabulary, with a BPE tokenizer trained on
+it (no network needed); conversation lengths are lognormal, clipped to 32..max_length tokens.
+
+Measured per arm, each in its own process (so the peak RSS is its own): real (non-pad) tokens/s over
+the optimizer steps after the first `--warmup` ones (every arm drops the same number), the padding
+fraction of the tokens the model processed, and the peak RSS. With --repeats N the arms run in
+rotating order N times and the table shows medians. Timings are wall clock on a shared machine:
+compare arms within one run, not across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+ARMS = ("ftdist", "trl", "trl_packing", "bare")
+SETTINGS = {
+    # model shape, data and schedule of the full run and of the smoke test
+    "full": dict(hidden=512, intermediate=1536, layers=6, heads=8, kv_heads=4, vocab=8192, samples=3000,
+                 max_length=1024, min_length=32, median_length=170, sigma=0.85, batch=8, micro=4, steps=8, warmup=2),
+    "tiny": dict(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=512, samples=200,
+                 max_length=128, min_length=16, median_length=40, sigma=0.7, batch=4, micro=2, steps=3, warmup=1),
+}
+LR = 1e-4
+
+
+# -- data, tokenizer and model, written once into the work directory ---------------------------------
+def _make_words(rng: random.Random, n: int) -> list[str]:
+    onsets = ["", "b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "st", "tr", "pl", "kr", "sh"]
+    vowels = ["a", "e", "i", "o", "u", "ai", "ou", "ea"]
+    codas = ["", "", "n", "r", "s", "l", "t", "m"]
+    words = set()
+    while len(words) < n:
+        words.add("".join(rng.choice(onsets) + rng.choice(vowels) + rng.choice(codas)
+                          for _ in range(rng.choice((1, 1, 2, 2, 2, 3, 3, 4)))))
+    return sorted(words)
+
+
+class TextSource:
+    """Sentences of Zipf-distributed made-up words: enough structure for BPE, no real corpus needed."""
+
+    def __init__(self, seed: int, n_words: int):
+        self.rng = random.Random(seed)
+        self.words = _make_words(self.rng, n_words)
+        self.rng.shuffle(self.words)
+        self.weights = [1.0 / (r + 1) ** 1.1 for r in range(len(self.words))]
+
+    def sentence(self) -> str:
+        ws = self.rng.choices(self.words, self.weights, k=self.rng.randint(4, 18))
+        return ws[0].capitalize() + " " + " ".join(ws[1:]) + self.rng.choice((".", ".", ".", "?", "!"))
+
+    def text(self, n_tokens: int, tokens_of) -> str:
+        """About n_tokens tokens of sentences (tokens_of counts a sentence's tokens)."""
+        out, n = [], 0
+        while n < n_tokens:
+            s = self.sentence()
+            out.append(s)
+            n += tokens_of(" " + s)
+        return " ".join(out)
+
+
+def build_tokenizer(src: TextSource, vocab: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from ftdist.models.tiny import BOS_TOKEN, CHAT_TEMPLATE, EOS_TOKEN, PAD_TOKEN, ROLE_TOKENS, SPECIAL_TOKENS
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator((src.sentence() for _ in range(20000)), trainer=trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
+                                 extra_special_tokens=list(ROLE_TOKENS), model_max_length=1 << 16,
+                                 padding_side="right", clean_up_tokenization_spaces=False)
+    hf.chat_template = CHAT_TEMPLATE
+    return hf
+
+
+def conversation(src: TextSource, rng: random.Random, total: int, tokens_of) -> list[dict]:
+    """A chat of roughly `total` tokens: optional system prompt, 1-3 turns, answers longer than questions."""
+    messages = []
+    if rng.random() < 0.3:
+        messages.append({"role": "system", "content": src.text(rng.randint(8, 24), tokens_of)})
+    turns = 1 if total < 128 else rng.choice((1, 1, 2, 3))
+    # each message costs 4 template tokens: <|role|>, newline, <|end|>, newline
+    budget = max(total - sum(tokens_of(m["content"]) + 4 for m in messages) - 8 * turns, 2 * turns)
+    for _ in range(turns):
+        share = budget / turns
+        q = max(1, int(share * rng.uniform(0.15, 0.4)))
+        messages.append({"role": "user", "content": src.text(q, tokens_of)})
+        messages.append({"role": "assistant", "content": src.text(max(1, int(share) - q), tokens_of)})
+    return messages
+
+
+def prepare_workdir(work: Path, s: dict, seed: int = 0) -> dict:
+    """Tokenizer, model weights and data.jsonl under `work`; reused when already there."""
+    meta_path = work / "meta.json"
+    if meta_path.exists():
+        return json.loads(meta_path.read_text())
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    work.mkdir(parents=True, exist_ok=True)
+    src = TextSource(seed, n_words=max(200, s["vocab"] // 2))
+    tok = build_tokenizer(src, s["vocab"])
+    cache: dict[str, int] = {}
+
+    def tokens_of(text: str) -> int:
+        if text not in cache:
+            cache[text] = len(tok(text, add_special_tokens=False)["input_ids"])
+        return cache[text]
+
+    rng = random.Random(seed + 1)
+    lengths, rows = [], []
+    for _ in range(s["samples"]):
+        # lognormal: most conversations short, a long tail up to (and clipped at) max_length
+        total = int(min(s["max_length"], max(s["min_length"], rng.lognormvariate(math.log(s["median_length"]),
+                                                                               s["sigma"]))))
+        messages = conversation(src, rng, total, tokens_of)
+        rows.append({"messages": messages})
+        lengths.append(min(s["max_length"], len(tok.apply_chat_template(messages, tokenize=True,
+                                                                        return_dict=True)["input_ids"])))
+    with open(work / "data.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    tok.save_pretrained(work / "model")
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=s["hidden"], intermediate_size=s["intermediate"],
+                         num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+                         num_key_value_heads=s["kv_heads"], max_position_embeddings=s["max_length"],
+                         tie_word_embeddings=False, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, use_cache=False)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(work / "model", safe_serialization=True)
+    n_params = sum(p.numel() for p in model.parameters())
+    lengths.sort()
+    meta = {"n_params": n_params, "samples": len(rows), "tokens": sum(lengths),
+            "length_p50": lengths[len(lengths) // 2], "length_p90": lengths[int(0.9 * len(lengths))],
+            "length_max": lengths[-1], "length_mean": sum(lengths) / len(lengths),
+            "clipped": sum(n >= s["max_length"] for n in lengths)}
+    meta_path.write_text(json.dumps(meta))
+    return meta
+
+
+def rows_per_step(work: Path, s: dict, seed: int) -> tuple[int, float]:
+    """Packed rows per step holding on average `batch` samples, and the samples per packed row."""
+    from ftdist.data.batching import epoch_rows
+
+    lengths = json.loads((work / "lengths.json").read_text())
+    rows = epoch_rows(lengths, seed, 0, True, s["max_length"])
+    per_row = len(lengths) / len(rows)
+    return max(1, round(s["batch"] / per_row)), per_row
+
+
+# -- the arms: each runs in its own process and returns one JSON record --------------------------------
+def _window(marks: list[tuple[float, int, int]], warmup: int) -> dict:
+    """marks[i] = (time, cumulative real tokens, cumulative processed tokens) at the end of step i+1."""
+    (t0, r0, p0), (t1, r1, p1) = marks[warmup - 1], marks[-1]
+    real, processed = r1 - r0, p1 - p0
+    return {"seconds": t1 - t0, "real_tokens": real, "processed_tokens": processed, "timed_steps": len(marks) - warmup,
+            "tokens_per_s": real / max(t1 - t0, 1e-9), "padding_fraction": 1 - real / max(processed, 1)}
+
+
+def arm_ftdist(work: Path, s: dict, a) -> dict:
+    from ftdist.config import load_config
+    from ftdist.train.loop import train
+
+    rows, _ = rows_per_step(work, s, a.seed)
+    out = work / "runs" / f"ftdist-{os.getpid()}"
+    cfg = load_config(data=dict(
+        stage="sft", output_dir=str(out), seed=a.seed,
+        model={"name_or_path": str(work / "model"), "dtype": "fp32", "attn_implementation": "sdpa"},
+        data={"train": str(work / "data.jsonl"), "max_length": s["max_length"], "packing": True,
+              "cache_dir": str(work / "cache")},
+        train={"micro_batch_size": 1, "global_batch_size": rows, "max_steps": s["steps"], "lr": LR,
+               "scheduler": "linear", "warmup_ratio": 0.0, "weight_decay": 0.0, "max_grad_norm": 1.0,
+               "log_every": 1, "progress_bar": False},
+        deepspeed={"zero_stage": 0}, checkpoint={"every_steps": 0, "keep_last": 1, "resume": "never"},
+        logging={"tensorboard": False}))
+    train(cfg)
+    marks = []
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "tokens" not in r:
+            continue
+        prev_real = marks[-1][1] if marks else 0
+        step_real = r["tokens"] - prev_real
+        step_processed = step_real / max(1 - r["padding_fraction"], 1e-9)
+        marks.append((r["elapsed_s"], r["tokens"], (marks[-1][2] if marks else 0) + round(step_processed)))
+    return {**_window(marks, s["warmup"]), "rows_per_step": rows}
+
+
+def arm_trl(work: Path, s: dict, a, packing: bool) -> dict:
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    rows, _ = rows_per_step(work, s, a.seed)
+    counts = {"real": 0, "processed": 0}
+    marks: list[tuple[float, int, int]] = []
+
+    class CountingTrainer(SFTTrainer):
+        def training_step(self, model, inputs, *args, **kwargs):
+            ids = inputs["input_ids"]
+            real = int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else ids.numel()
+            counts["real"] += real
+            counts["processed"] += ids.numel()
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            marks.append((time.perf_counter(), counts["real"], counts["processed"]))
+
+    tok = AutoTokenizer.from_pretrained(work / "model")
+    model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32, attn_implementation="sdpa")
+    ds = datasets.load_dataset("json", data_files=str(work / "data.jsonl"), split="train")
+    micro = 1 if packing else s["micro"]
+    per_step = rows if packing else s["batch"]
+    args = SFTConfig(output_dir=str(work / "runs" / f"trl-{os.getpid()}"), max_length=s["max_length"],
+                     packing=packing, per_device_train_batch_size=micro, gradient_accumulation_steps=per_step // micro,
+                     max_steps=s["steps"], learning_rate=LR, bf16=False, gradient_checkpointing=False,
+                     use_cpu=True, report_to="none", save_strategy="no", dataloader_num_workers=0,
+                     seed=a.seed, disable_tqdm=True)
+    trainer = CountingTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
+                              callbacks=[StepClock()])
+    trainer.train()
+    return {**_window(marks, s["warmup"]), "rows_per_step": per_step}
+
+
+def arm_bare(work: Path, s: dict, a) -> dict:
+    import torch
+    from transformers import get_scheduler
+
+    from ftdist.algos.sft import sft_loss_sum
+    from ftdist.config import load_config
+    from ftdist.data.batching import TokenData, collate_rows, plan_epoch
+    from ftdist.data.tokenize import tokenize_sft
+    from ftdist.models.forward import causal_logits
+    from ftdist.models.loading import load_causal_lm, load_tokenizer
+
+    rows, _ = rows_per_step(work, s, a.seed)
+    cfg = load_config(data=dict(model={"name_or_path": str(work / "model"), "dtype": "fp32",
+                                       "attn_implementation": "sdpa"},
+                                data={"train": str(work / "data.jsonl"), "max_length": s["max_length"],
+                                      "packing": True}))
+    torch.manual_seed(a.seed)
+    tok = load_tokenizer(cfg.model)
+    ds, _ = tokenize_sft(cfg.data.train, tok, cfg.data, str(work / "cache"))
+    data = TokenData(ds)
+    model = load_causal_lm(cfg.model).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+    sched = get_scheduler("linear", opt, num_warmup_steps=0, num_training_steps=s["steps"])
+    plan = plan_epoch(data.lengths, seed=a.seed, epoch=0, micro_batch_size=1, grad_accum=rows, world_size=1,
+                      rank=0, packing=True, capacity=s["max_length"])
+    marks, real, processed = [], 0, 0
+    for step in range(s["steps"]):
+        micro = [collate_rows(r, data, tok.pad_token_id, s["max_length"], True) for r in plan.steps[step]]
+        units = sum(b.n_target_tokens for b in micro)
+        for b in micro:
+            loss_sum, _ = sft_loss_sum(causal_logits(model, b, "sdpa", torch.float32), b.labels)
+            (loss_sum / units).backward()
+            real += b.n_tokens
+            processed += b.n_padded
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        marks.append((time.perf_counter(), real, processed))
+    return {**_window(marks, s["warmup"]), "rows_per_step": rows}
+
+
+def run_arm(name: str, work: Path, s: dict, a) -> dict:
+    t0 = time.perf_counter()
+    if name == "ftdist":
+        r = arm_ftdist(work, s, a)
+    elif name == "bare":
+        r = arm_bare(work, s, a)
+    else:
+        r = arm_trl(work, s, a, packing=name == "trl_packing")
+    # ru_maxrss is in KiB on Linux
+    return {"arm": name, **r, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "total_s": time.perf_counter() - t0}
+
+
+# -- driver ---------------------------------------------------------------------------------------
+def write_lengths(work: Path, s: dict) -> None:
+    """Token lengths as ftdist tokenises the data: the packed arms size their steps from them."""
+    if (work / "lengths.json").exists():
+        return
+    from ftdist.config import load_config
+    from ftdist.data.tokenize import tokenize_sft
+    from ftdist.models.loading import load_tokenizer
+
+    cfg = load_config(data=dict(model={"name_or_path": str(work / "model")},
+                                data={"train": str(work / "data.jsonl"), "max_length": s["max_length"]}))
+    ds, _ = tokenize_sft(cfg.data.train, load_tokenizer(cfg.model), cfg.data, str(work / "cache"))
+    (work / "lengths.json").write_text(json.dumps([len(x) for x in ds["input_ids"]]))
+
+
+def spawn_arm(name: str, work: Path, a) -> dict:
+    cmd = [sys.executable, __file__, "--arm", name, "--work", str(work), "--seed", str(a.seed)]
+    if a.tiny:
+        cmd.append("--tiny")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": str(a.threads), "TQDM_DISABLE": "1",
+           "ACCELERATE_DISABLE_RICH": "1"}
+    # the ftdist arm starts a one-process gloo group; a stale launcher environment must not leak in
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"arm {name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    last = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")][-1]
+    return json.loads(last[len("RESULT "):])
+
+
+def table(results: dict[str, list[dict]], meta: dict, s: dict, a) -> str:
+    med = {n: {k: statistics.median(r[k] for r in rs) for k in ("tokens_per_s", "padding_fraction", "peak_rss_mb")}
+           for n, rs in results.items()}
+    lines = [f"model: Llama {meta['n_params'] / 1e6:.1f}M parameters (random init), fp32, sdpa, CPU "
+             f"{a.threads} threads; data: {meta['samples']} chat samples, {meta['tokens']} tokens, length "
+             f"p50 {meta['length_p50']} / p90 {meta['length_p90']} / max {meta['length_max']} "
+             f"({meta['clipped']} clipped at {s['max_length']})",
+             f"{s['steps']} optimizer steps of {s['batch']} samples (packed arms: rows of {s['max_length']} tokens "
+             f"holding as many on average), first {s['warmup']} steps not timed; median of {a.repeats} run(s)",
+             "",
+             "| arm | real tokens/s | padding | peak RSS MB | ftdist / arm | runs (tokens/s) |",
+             "|---|---:|---:|---:|---:|---|"]
+    base = med.get("ftdist", {}).get("tokens_per_s")
+    for n in ARMS:
+        if n not in med:
+            continue
+        m = med[n]
+        ratio = f"{base / m['tokens_per_s']:.2f}x" if base else "-"
+        runs = ", ".join(f"{r['tokens_per_s']:.0f}" for r in results[n])
+        lines.append(f"| {n} | {m['tokens_per_s']:.1f} | {m['padding_fraction']:.1%} | {m['peak_rss_mb']:.0f} | "
+                     f"{ratio} | {runs} |")
+    if base and "bare" in med:
+        lines.append("")
+        paired = ", ".join(f"{f['tokens_per_s'] / b['tokens_per_s'] - 1:+.1%}"
+                           for f, b in zip(results["ftdist"], results["bare"]))
+        lines.append(f"ftdist vs the bare loop: {base / med['bare']['tokens_per_s'] - 1:+.1%} (per round: {paired})")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="a tiny model and a few steps: checks every arm runs")
+    p.add_argument("--repeats", type=int, default=3, help="rounds over all arms, in rotating order (default 3)")
+    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per arm (default: 8, tiny 3)")
+    p.add_argument("--warmup", type=int, default=None, help="first steps not timed (default: 2, tiny 1)")
+    p.add_argument("--work", default=None, help="work directory (default: a temporary one)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads per arm (default 2)")
+    p.add_argument("--seed", type=int, default=0, help="data order seed of the first round (default 0)")
+    p.add_argument("--json", default=None, help="also write every run's record to this JSON file")
+    p.add_argument("--arm", default=None, help=argparse.SUPPRESS)  # internal: run one arm in this process
+    a = p.parse_args(argv)
+    s = dict(SETTINGS["tiny" if a.tiny else "full"])
+    s["steps"] = a.steps or s["steps"]
+    s["warmup"] = a.warmup or s["warmup"]
+    if not 1 <= s["warmup"] < s["steps"]:
+        p.error("--warmup must be at least 1 and below --steps")
+    if a.arm:
+        import torch
+
+        torch.set_num_threads(a.threads)
+        print("RESULT " + json.dumps(run_arm(a.arm, Path(a.work), s, a)), flush=True)
+        return 0
+    arms = [n for n in a.arms.split(",") if n]
+    unknown = set(arms) - set(ARMS)
+    if unknown:
+        p.error(f"--arms: unknown {sorted(unknown)}; allowed: {', '.join(ARMS)}")
+    tmp = None if a.work else tempfile.TemporaryDirectory(prefix="sft-throughput-")
+    work = Path(a.work or tmp.name) / ("tiny" if a.tiny else "full")
+    t0 = time.time()
+    meta = prepare_workdir(work, s)
+    write_lengths(work, s)
+    print(f"work directory {work} ready in {time.time() - t0:.0f}s: {meta}", flush=True)
+    results: dict[str, list[dict]] = {n: [] for n in arms}
+    seed0 = a.seed
+    for k in range(a.repeats):
+        a.seed = seed0 + k
+        order = arms[k % len(arms):] + arms[:k % len(arms)]
+        for name in order:
+            r = spawn_arm(name, work, a)
+            r["seed"] = a.seed
+            results[name].append(r)
+            print(f"round {k + 1} {name}: {r['tokens_per_s']:.1f} real tokens/s, padding {r['padding_fraction']:.1%}, "
+                  f"peak RSS {r['peak_rss_mb']:.0f} MB, {r['real_tokens']} tokens in {r['seconds']:.1f}s "
+                  f"({r['total_s']:.0f}s with start-up)", flush=True)
+    a.seed = seed0
+    print()
+    print(table(results, meta, s, a))
+    if a.json:
+        Path(a.json).write_text(json.dumps({"meta": meta, "settings": s, "results": results}, indent=1))
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""Preference pairs: tokenisation (as TRL's DPOTrainer does it), caching, and the padded pair batch.
+
+A pair is stored as prompt_ids, chosen_ids and rejected_ids, where the
+responses are what follows the prompt in the tokenised prompt+response. For
+chats the prompt is rendered with the generation prompt and each full
+conversation separately, and the response starts where the two token lists
+diverge (TRL's `common_prefix_length`), so templates that render a prompt
+differently on its own still give the sequence the model actually sees. A
+reward model scores prompt+chosen and prompt+rejected; DPO trains on the
+response tokens only.
+
+Truncation: the prompt keeps its last `data.max_prompt_length` tokens (the
+question usually sits at the end), then prompt+response keeps its first
+`data.max_length` tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ftdist.data.formats import RowProblem, detect_format
+from ftdist.data.loading import DataError, RowError, load_rows, resolve_data_path
+from ftdist.data.preference_rows import PreferencePair, filter_reason, normalize_preference
+from ftdist.data.tokenize import IGNORE_INDEX, _fingerprint, _save_atomically
+
+
+@dataclass
+class PreferenceStats:
+    rows: int = 0
+    skipped: int = 0
+    truncated: int = 0
+    ties: int = 0
+    low_score: int = 0
+    tokens: int = 0
+    skipped_examples: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        s = f"{self.rows} pairs, {self.tokens} tokens"
+        if self.truncated:
+            s += f"; {self.truncated} truncated to data.max_prompt_length/data.max_length"
+        if self.ties:
+            s += f"; {self.ties} ties dropped (data.drop_ties)"
+        if self.low_score:
+            s += f"; {self.low_score} dropped below data.min_chosen_score"
+        if self.skipped:
+            s += f"; {self.skipped} malformed rows skipped"
+        if self.skipped_examples:
+            s += " (e.g. " + "; ".join(self.skipped_examples[:3]) + ")"
+        return s
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _ids(tokenizer, value, **kw) -> list[int]:
+    if isinstance(value, list):
+        return list(tokenizer.apply_chat_template(value, tokenize=True, return_dict=True, **kw)["input_ids"])
+    return list(tokenizer(value)["input_ids"])
+
+
+def encode_pair(tokenizer, pair: PreferencePair, max_prompt_length: int, max_length: int):
+    """-> (prompt_ids, chosen_ids, rejected_ids, truncated)."""
+    if pair.conversational:
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise DataError("the tokenizer has no chat template; preference data with message lists needs one")
+        prompt = _ids(tokenizer, pair.prompt, add_generation_prompt=True)
+        full = [_ids(tokenizer, pair.prompt + r) for r in (pair.chosen, pair.rejected)]
+    else:
+        eos = tokenizer.eos_token or ""
+        prompt = _ids(tokenizer, pair.prompt)
+        full = [_ids(tokenizer, pair.prompt + (r if r.endswith(eos) else r + eos)) for r in (pair.chosen, pair.rejected)]
+    n = min(_common_prefix(prompt, f) for f in full)
+    prompt, responses = prompt[:n], [f[n:] for f in full]
+    if not all(responses):
+        raise RowProblem("a response has no tokens of its own after tokenisation")
+    truncated = len(prompt) > max_prompt_length
+    prompt = prompt[-max_prompt_length:]
+    room = max_length - len(prompt)
+    truncated = truncated or any(len(r) > room for r in responses)
+    return prompt, responses[0][:room], responses[1][:room], truncated
+
+
+def load_preference_pairs(spec: str, data_cfg, on_row=None):
+    """Yield (row number, PreferencePair) for every usable row; on_row(kind, row, message) sees the others."""
+    path = resolve_data_path(spec)
+    rows = load_rows(spec)
+    mapping = data_cfg.columns
+    fmt = data_cfg.format
+    if fmt == "auto":
+        try:
+            fmt = detect_format(rows.column_names, mapping)
+        except RowProblem as e:
+            raise DataError(f"{path}: {e}") from None
+    if fmt != "preference":
+        raise DataError(f"{path}: preference stages need data.format=preference (chosen/rejected columns), "
+                        f"the file looks like {fmt!r}; map its columns with data.columns")
+    for i, row in enumerate(rows):
+        try:
+            pair = normalize_preference(row, mapping)
+            reason = filter_reason(pair, data_cfg.drop_ties, data_cfg.min_chosen_score)
+        except RowProblem as e:
+            if data_cfg.on_error == "skip" and on_row is not None:
+                on_row("skipped", i + 1, str(e))
+                continue
+            raise RowError(path, i + 1, str(e)) from None
+        if reason is not None:
+            if on_row is not None:
+                on_row(reason, i + 1, "")
+            continue
+        yield i + 1, pair
+
+
+def tokenize_preference(spec: str, tokenizer, data_cfg, cache_dir: Optional[str], show_progress: bool = False):
+    """Tokenise a preference file once (cached like SFT data). -> (datasets.Dataset, PreferenceStats, cache key)."""
+    import datasets
+
+    path = resolve_data_path(spec)
+    settings = {k: getattr(data_cfg, k) for k in ("max_length", "max_prompt_length", "format", "columns",
+                                                     "on_error", "drop_ties", "min_chosen_score")}
+    key = f"pref-{Path(path).stem}-{_fingerprint(path, tokenizer, {**settings, 'v': 1})}"
+    cache_path = Path(cache_dir) / key if cache_dir else None
+    if cache_path is not None and (cache_path / "stats.json").exists():
+        stats = PreferenceStats(**json.loads((cache_path / "stats.json").read_text()))
+        return datasets.load_from_disk(str(cache_path / "data")), stats, key
+
+    stats = PreferenceStats()
+
+    def on_row(kind: str, row: int, message: str) -> None:
+        if kind == "skipped":
+            stats.skipped += 1
+            if len(stats.skipped_examples) < 5:
+                stats.skipped_examples.append(f"row {row}: {message}")
+        else:
+            setattr(stats, kind, getattr(stats, kind) + 1)
+
+    cols: dict[str, list] = {k: [] for k in ("prompt_ids", "chosen_ids", "rejected_ids", "score_chosen",
+                                             "score_rejected", "margin")}
+    pairs = load_preference_pairs(spec, data_cfg, on_row)
+    if show_progress:
+        from tqdm import tqdm
+
+        pairs = tqdm(pairs, desc=f"tokenising {Path(path).name}", unit="pair")
+    for row, pair in pairs:
+        try:
+            prompt, chosen, rejected, truncated = encode_pair(tokenizer, pair, data_cfg.max_prompt_length,
+                                                              data_cfg.max_length)
+        except RowProblem as e:
+            if data_cfg.on_error == "skip":
+                on_row("skipped", row, str(e))
+                continue
+            raise RowError(path, row, str(e)) from None
+        stats.rows += 1
+        stats.truncated += int(truncated)
+        stats.tokens += 2 * len(prompt) + len(chosen) + len(rejected)
+        for k, v in (("prompt_ids", prompt), ("chosen_ids", chosen), ("rejected_ids", rejected)):
+            cols[k].append(v)
+        for k in ("score_chosen", "score_rejected", "margin"):
+            v = getattr(pair, k)
+            cols[k].append(math.nan if v is None else v)
+    if not cols["prompt_ids"]:
+        raise DataError(f"{path}: no usable preference pairs ({stats.summary()})")
+    ds = datasets.Dataset.from_dict(cols)
+    if cache_path is not None:
+        _save_atomically(ds, stats, cache_path)
+    return ds, stats, key
+
+
+class PreferenceData:
+    """Random access to tokenised pairs; `lengths` (prompt + longer response) drive the step planner."""
+
+    def __init__(self, ds, key: str = ""):
+        self.key = key
+        self.prompt = [list(x) for x in ds["prompt_ids"]]
+        self.chosen = [list(x) for x in ds["chosen_ids"]]
+        self.rejected = [list(x) for x in ds["rejected_ids"]]
+        self.scores = torch.tensor([ds["score_chosen"], ds["score_rejected"], ds["margin"]],
+                                   dtype=torch.float32).T  # (N, 3)
+        self.lengths = [len(p) + max(len(c), len(r)) for p, c, r in zip(self.prompt, self.chosen, self.rejected)]
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def has(self, column: str) -> bool:
+        """True when every pair has a value for score_chosen, score_rejected or margin."""
+        col = ("score_chosen", "score_rejected", "margin").index(column)
+        return not bool(self.scores[:, col].isnan().any())
+
+
+@dataclass
+class PreferenceBatch:
+    """B pairs as one padded batch of 2B rows: chosen rows first, then the rejected rows in the same order.
+
+    Row b and row B + b are the two responses to the same prompt, so one forward
+    scores both and `.chunk(2)` splits any (2B, ...) result into chosen and rejected.
+    """
+
+    input_ids: torch.Tensor  # (2B, T) long, prompt + response, padded with pad_id
+    labels: torch.Tensor  # (2B, T) long, the response tokens; IGNORE_INDEX on prompt and padding
+    attention_mask: torch.Tensor  # (2B, T) long, 1 = real token
+    position_ids: torch.Tensor  # (2B, T) long, 0 at each row's first real token
+    score_chosen: torch.Tensor  # (B,) float32, NaN where the data has no score
+    score_rejected: torch.Tensor  # (B,) float32, NaN where the data has no score
+    margin: torch.Tensor  # (B,) float32, NaN where the data has no margin column
+    index: torch.Tensor  # (B,) long, pair numbers in their split (for precomputed reference log-probs)
+    split: str = "train"
+    seq_ids: Optional[torch.Tensor] = None  # never packed; keeps models.forward.model_inputs working
+
+    @property
+    def n_pairs(self) -> int:
+        return self.index.numel()
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+    @property
+    def n_padded(self) -> int:
+        return self.input_ids.numel()
+
+    @property
+    def response_lengths(self) -> torch.Tensor:
+        """(2B,) long: target tokens per row (the causal shift drops column 0)."""
+        return (self.labels[:, 1:] != IGNORE_INDEX).sum(-1)
+
+    def to(self, device) -> "PreferenceBatch":
+        return PreferenceBatch(**{k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+                                  for k, v in self.__dict__.items()})
+
+
+def collate_pairs(indices: list[int], data: PreferenceData, pad_id: int, split: str = "train",
+                  padding_side: str = "right") -> PreferenceBatch:
+    seqs = [(data.prompt[i], data.chosen[i]) for i in indices] + [(data.prompt[i], data.rejected[i]) for i in indices]
+    T = max(len(p) + len(r) for p, r in seqs)
+    rows = len(seqs)
+    input_ids = torch.full((rows, T), pad_id, dtype=torch.long)
+    labels = torch.full((rows, T), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((rows, T), dtype=torch.long)
+    position_ids = torch.zeros((rows, T), dtype=torch.long)
+    for b, (prompt, response) in enumerate(seqs):
+        n = len(prompt) + len(response)
+        start = 0 if padding_side == "right" else T - n
+        input_ids[b, start:start + n] = torch.tensor(prompt + response)
+        labels[b, start + len(prompt):start + n] = torch.tensor(response)
+        attention_mask[b, start:start + n] = 1
+        position_ids[b, start:start + n] = torch.arange(n)
+    scores = data.scores[indices]  # (B, 3)
+    return PreferenceBatch(input_ids, labels, attention_mask, position_ids, scores[:, 0].clone(),
+                           scores[:, 1].clone(), scores[:, 2].clone(), torch.tensor(indices, dtype=torch.long), split)

@@ -1,0 +1,198 @@
+"""The PPO controller: one process that drives the actor groups through the phases of an iteration.
+
+    1. draw       rollout_batch_size prompts (seeded order, resumable position)
+    2. generate   samples_per_prompt responses each, on the policy ranks (their shard each)
+    3. score      in parallel: reference log-probs, rewards, critic values, old policy log-probs
+    4. advantages per-token KL penalty and the score at the last real token; GAE (or GRPO/RLOO/REINFORCE++)
+    5. update     PPO epochs over mini-batches, policy and critic groups in parallel
+    6. record     metrics.jsonl, progress bar, KL controller, evaluation and checkpoints
+
+The weights stay where they are trained: the policy generates the next rollout
+with the weights its own update just wrote. Only CPU tensors travel, as Ray object refs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from ftdist.algos.ppo import AdaptiveKLController, FixedKLController
+from ftdist.rl import ray_shells as rs
+from ftdist.rl.advantages import compute_advantages
+from ftdist.rl.experience import Experience, merge_rollouts
+from ftdist.rl.prompts import PromptSampler, PromptSet
+from ftdist.rl.workers import derive_seed
+from ftdist.train.generation import normalise_answer
+from ftdist.train.metrics import MetricsWriter, Progress
+
+log = logging.getLogger("ftdist")
+
+
+class PPODriver:
+    def __init__(self, cfg, groups: dict[str, "rs.ActorGroup"], prompts: PromptSet, eval_prompts, pad_token_id: int):
+        self.cfg, self.p, self.groups = cfg, cfg.ppo, groups
+        self.eval_prompts, self.pad = eval_prompts, pad_token_id
+        self.sampler = PromptSampler(prompts, cfg.seed)
+        p = self.p
+        self.kl_ctl = (FixedKLController(p.kl_coef) if p.kl_target is None
+                       else AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon))
+        self.iteration, self.samples, self.elapsed = 0, 0, 0.0
+        self.out = Path(cfg.output_dir)
+        self.ckpt_root = self.out / "checkpoints"
+
+    # ---------------------------------------------------------------------------------- phases
+    def generate(self, batch: PromptSet, iteration: int) -> Experience:
+        g = self.p.samples_per_prompt
+        texts = [t for t in batch.texts for _ in range(g)]  # the G samples of a prompt stay contiguous
+        extras = {k: [v for v in col for _ in range(g)] for k, col in batch.extras.items()}
+        policy = self.groups["policy"]
+        per_rank = len(texts) // policy.size
+        shards = [texts[i * per_rank:(i + 1) * per_rank] for i in range(policy.size)]
+        seeds = [derive_seed(self.cfg.seed, iteration, rank) for rank in range(policy.size)]
+        rollouts = rs.get(policy.starmap("generate", list(zip(shards, seeds))))
+        return Experience.from_rollout(merge_rollouts(rollouts, self.pad), extras)
+
+    def score(self, exp: Experience) -> Experience:
+        """Reference, reward, critic and old-policy passes run at the same time on their own groups."""
+        tensors = exp.without_text()
+        shards = {role: rs.put_shards(tensors, g.size) for role, g in self.groups.items() if role != "reward"}
+        pending = {"old_logp": self.groups["policy"].map("logprobs", shards["policy"])}
+        if "ref" in self.groups:
+            pending["ref_logp"] = self.groups["ref"].map("logprobs", shards["ref"])
+        else:  # model.lora: the reference is the policy with its adapter switched off
+            pending["ref_logp"] = self.groups["policy"].map("logprobs", shards["policy"], reference=True)
+        if "critic" in self.groups:
+            pending["values"] = self.groups["critic"].map("values", shards["critic"])
+        reward = self.groups["reward"]
+        pending["scores"] = reward.map("score", rs.put_shards(exp if self.p.reward_fn else tensors, reward.size))
+        for name, refs in pending.items():
+            setattr(exp, name, torch.cat(rs.get(refs)))
+        return exp
+
+    def update(self, exp: Experience, iteration: int, kl_coef: float) -> dict[str, float]:
+        """Policy and critic train at the same time, each on its own shards of the batch."""
+        tensors = exp.without_text()
+        policy = self.groups["policy"]
+        pending = {"policy": policy.map("train", rs.put_shards(tensors, policy.size), iteration, kl_coef)}
+        if "critic" in self.groups:
+            critic = self.groups["critic"]
+            pending["critic"] = critic.map("train", rs.put_shards(tensors, critic.size), iteration)
+        out = rs.get(pending["policy"])[0]  # every rank returns the group's all-reduced statistics
+        if "critic" in pending:
+            critic_stats = rs.get(pending["critic"])[0]
+            out.update({f"critic/{k}" if k in ("lr", "grad_norm") else k: v for k, v in critic_stats.items()})
+        return out
+
+    # ------------------------------------------------------------------------------------- loop
+    def run(self, writer: MetricsWriter) -> dict:
+        p, cfg = self.p, self.cfg
+        n_samples = p.rollout_batch_size * p.samples_per_prompt
+        if self.iteration == 0 and self.eval_prompts is not None:
+            self._log_eval(writer, 0)
+        progress = Progress(p.iterations, self.iteration, cfg.train.progress_bar, desc="ppo")
+        record: dict = {}
+        while self.iteration < p.iterations:
+            it = self.iteration
+            t0 = time.time()
+            batch = self.sampler.next_batch(p.rollout_batch_size)
+            exp = self.generate(batch, it)
+            t1 = time.time()
+            exp = self.score(exp)
+            t2 = time.time()
+            kl_coef = self.kl_ctl.value
+            exp, stats = compute_advantages(exp, p, kl_coef)
+            train_stats = self.update(exp, it, kl_coef)
+            t3 = time.time()
+            self.kl_ctl.update(stats["kl"], n_samples)
+            self.iteration, self.samples = it + 1, self.samples + n_samples
+            self.elapsed += t3 - t0
+            tokens = int(exp.attention_mask.sum())
+            record = {"step": self.iteration, "epoch": round(self.sampler.epoch + self.sampler.position
+                                                            / len(self.sampler.prompts), 4),
+                      **stats, **train_stats, "loss": train_stats.get("policy_loss"), "tokens": tokens,
+                      "tokens_per_s": tokens / max(t3 - t0, 1e-9), "samples": self.samples,
+                      "samples_per_s": n_samples / max(t3 - t0, 1e-9), "time/generate": t1 - t0,
+                      "time/score": t2 - t1, "time/train": t3 - t2, "elapsed_s": round(self.elapsed, 3)}
+            writer.log(record)
+            progress.update(1, reward=stats["reward_mean"], kl=stats["kl"], len=stats["response_len"])
+            if p.eval_every and self.iteration % p.eval_every == 0 and self.iteration < p.iterations:
+                self._log_eval(writer, self.iteration, progress)
+            every = cfg.checkpoint.every_steps
+            if (every and self.iteration % every == 0) or self.iteration == p.iterations:
+                self.save_checkpoint()
+        progress.close()
+        final_eval = self._log_eval(writer, self.iteration) if self.eval_prompts is not None else {}
+        return {"step": self.iteration, **{k: record.get(k) for k in ("reward_mean", "kl")}, **final_eval}
+
+    # ------------------------------------------------------------------------------------- eval
+    def evaluate(self) -> dict[str, float]:
+        """Greedy responses to data.eval prompts: mean reward, and exact match against an 'answer' column."""
+        prompts: PromptSet = self.eval_prompts
+        policy, reward = self.groups["policy"], self.groups["reward"]
+        n = len(prompts)
+        # pad the list so every rank of both groups gets an equal share (ZeRO-3 forwards are collective)
+        unit = policy.size * reward.size
+        index = [i % n for i in range(-(-n // unit) * unit)]
+        texts = [prompts.texts[i] for i in index]
+        per_rank = len(texts) // policy.size
+        rollouts = rs.get(policy.starmap("generate", [(texts[r * per_rank:(r + 1) * per_rank], None)
+                                                      for r in range(policy.size)]))
+        exp = Experience.from_rollout(merge_rollouts(rollouts, self.pad),
+                                      {k: [v[i] for i in index] for k, v in prompts.extras.items()})
+        scores = torch.cat(rs.get(reward.map("score", rs.put_shards(exp if self.p.reward_fn else exp.without_text(),
+                                                                     reward.size))))[:n]
+        out = {"eval/reward_mean": float(scores.mean()),
+               "eval/response_len": float(exp.response_lengths()[:n].float().mean())}
+        answers = prompts.extras.get("answer")
+        if answers is not None:
+            hits = [normalise_answer(r) == normalise_answer(str(a)) for r, a in zip(exp.responses[:n], answers)]
+            out["eval/accuracy"] = sum(hits) / n
+        return out
+
+    def _log_eval(self, writer, step: int, progress=None) -> dict:
+        ev = self.evaluate()
+        writer.log({"step": step, **ev})
+        msg = f"eval at iteration {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in ev.items())
+        progress.write(msg) if progress is not None else log.info(msg)
+        return ev
+
+    # ------------------------------------------------------------------------------- checkpoints
+    def state(self) -> dict:
+        return {"iteration": self.iteration, "samples": self.samples, "elapsed_s": self.elapsed,
+                "kl_coef": self.kl_ctl.value, "prompts": self.sampler.state()}
+
+    def save_checkpoint(self) -> Path:
+        """checkpoints/step-N/{policy,critic}/ (each group's DeepSpeed state) + trainer_state.json, atomically."""
+        from ftdist.engine.checkpoint import commit_checkpoint
+
+        tmp = self.ckpt_root / f".tmp-step-{self.iteration}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        trained = [r for r in ("policy", "critic") if r in self.groups]
+        rs.get([ref for r in trained for ref in self.groups[r].run("save", str(tmp / r))])
+        (tmp / "trainer_state.json").write_text(json.dumps(self.state(), indent=1))
+        return commit_checkpoint(tmp, self.ckpt_root / f"step-{self.iteration}", self.ckpt_root,
+                                 self.cfg.checkpoint.keep_last)
+
+    def load_checkpoint(self, path: Path) -> None:
+        trained = [r for r in ("policy", "critic") if r in self.groups]
+        missing = [r for r in trained if not (path / r).is_dir()]
+        if missing:
+            raise RuntimeError(f"{path} has no {missing[0]}/ state (was it written with another ppo.algorithm?)")
+        rs.get([ref for r in trained for ref in self.groups[r].run("load", str(path / r))])
+        state = json.loads((path / "trainer_state.json").read_text())
+        self.iteration, self.samples, self.elapsed = state["iteration"], state["samples"], state["elapsed_s"]
+        self.kl_ctl.value = state["kl_coef"]
+        self.sampler.epoch, self.sampler.position = state["prompts"]["epoch"], state["prompts"]["position"]
+
+    def export(self, out_dir: str) -> None:
+        rs.get(self.groups["policy"].run("export", out_dir))
+        if os.path.isdir(out_dir):
+            log.info("policy in %s", out_dir)

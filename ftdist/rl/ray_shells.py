@@ -1,0 +1,222 @@
+"""Ray: thin actor shells around the in-process workers, actor groups in placement groups, connecting.
+
+The only module of ftdist.rl that imports ray. An actor holds one worker
+(workers.py) and forwards method calls to it; it knows nothing about PPO.
+
+An ActorGroup is N such actors, one per bundle of a placement group, forming one
+process group: rank 0 picks an address and a free port on its node, every member
+gets MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE before its worker calls
+init_distributed, so each group is its own DeepSpeed world. Groups that share
+devices (colocation) take fractions of the same bundles: on GPUs each member of
+k colocated groups asks for 1/k of its bundle's GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+log = logging.getLogger("ftdist")
+
+# driver environment the workers need as well (cache of the tiny model, offline hub, thread counts)
+_PASS_ENV = ("FTDIST_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE",
+             "TOKENIZERS_PARALLELISM", "PYTHONPATH", "NCCL_DEBUG", "NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME")
+PG_TIMEOUT_S = 300
+
+
+@ray.remote
+class WorkerActor:
+    """One rank of a group: builds its worker once the group's rendezvous address is known."""
+
+    def __init__(self):
+        self.worker = None
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def start(self, env: dict, role: str, cfg) -> bool:
+        os.environ.update(env)
+        from ftdist.rl.workers import WORKERS
+
+        self.worker = WORKERS[role](cfg)
+        return True
+
+    def call(self, method: str, *args, **kwargs) -> Any:
+        return getattr(self.worker, method)(*args, **kwargs)
+
+
+@dataclass
+class Placement:
+    """Where a group's actors go: bundle i of `pg` for rank i, with these resources per actor."""
+
+    pg: Any
+    num_cpus: float
+    num_gpus: float
+
+
+class ActorGroup:
+    """N actors of one role; `run` calls a method on all of them (one shard each, or the same arguments)."""
+
+    def __init__(self, role: str, n: int, placement: Placement):
+        self.role, self.size = role, n
+        strategy = [PlacementGroupSchedulingStrategy(placement_group=placement.pg, placement_group_bundle_index=i)
+                    for i in range(n)]
+        self.actors = [WorkerActor.options(num_cpus=placement.num_cpus, num_gpus=placement.num_gpus,
+                                           scheduling_strategy=strategy[i], name=None).remote() for i in range(n)]
+        self._ready: list = []
+
+    def start(self, cfg) -> list:
+        """Start the workers (returns refs: they finish together once the process group has formed)."""
+        addr, port = ray.get(self.actors[0].rendezvous_address.remote())
+        base = {k: os.environ[k] for k in _PASS_ENV if k in os.environ}
+        self._ready = [a.start.remote({**base, "MASTER_ADDR": addr, "MASTER_PORT": str(port), "RANK": str(i),
+                                       "WORLD_SIZE": str(self.size), "LOCAL_RANK": "0"}, self.role, cfg)
+                       for i, a in enumerate(self.actors)]
+        return self._ready
+
+    def run(self, method: str, *args, **kwargs) -> list:
+        """The same call on every member; returns refs in rank order."""
+        return [a.call.remote(method, *args, **kwargs) for a in self.actors]
+
+    def map(self, method: str, shards: list, *args, **kwargs) -> list:
+        """Member i gets shards[i] as first argument; returns refs in rank order."""
+        assert len(shards) == self.size, (self.role, len(shards), self.size)
+        return [a.call.remote(method, shard, *args, **kwargs) for a, shard in zip(self.actors, shards)]
+
+    def starmap(self, method: str, args: list[tuple]) -> list:
+        """Member i is called with *args[i]; returns refs in rank order."""
+        assert len(args) == self.size, (self.role, len(args), self.size)
+        return [a.call.remote(method, *a_args) for a, a_args in zip(self.actors, args)]
+
+    def kill(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+
+
+def get(refs):
+    return ray.get(refs)
+
+
+def put_shards(exp, n: int) -> list:
+    """n equal row shards of an Experience, each stored once in the object store."""
+    return [ray.put(shard) for shard in exp.split(n)]
+
+
+# ----------------------------------------------------------------------------------- placement
+
+COLOCATED = {"policy_ref": ("policy", "ref"), "critic_reward": ("critic", "reward"), "ref_reward": ("ref", "reward")}
+
+
+def sharing(colocation: str, roles: list[str]) -> list[tuple[str, ...]]:
+    """Partition the roles into sets that share bundles, e.g. policy_ref -> [(policy, ref), (critic,), (reward,)]."""
+    if colocation == "all":
+        return [tuple(roles)]
+    shared = tuple(r for r in COLOCATED.get(colocation, ()) if r in roles)
+    sets = [shared] if len(shared) > 1 else []
+    return sets + [(r,) for r in roles if not any(r in s for s in sets)]
+
+
+def use_gpus(device: str) -> bool:
+    if device != "auto":
+        return device == "gpu"
+    return ray.cluster_resources().get("GPU", 0) >= 1
+
+
+def make_placements(ranks: dict[str, int], colocation: str, cpus_per_actor: float, gpu: bool,
+                    needs_gpu: dict[str, bool]) -> tuple[dict[str, Placement], list]:
+    """One placement group per set of roles that share devices; returns {role: Placement} and the groups."""
+    placements, pgs = {}, []
+    for roles in sharing(colocation, list(ranks)):
+        k = len(roles)
+        bundle = {"CPU": cpus_per_actor * k}
+        if gpu:
+            bundle["GPU"] = 1
+        pg = placement_group([dict(bundle) for _ in range(ranks[roles[0]])], strategy="PACK")
+        try:
+            ray.get(pg.ready(), timeout=PG_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(pg)
+            raise RuntimeError(
+                f"Ray could not place {ranks[roles[0]]} bundles of {bundle} for {'+'.join(roles)} within "
+                f"{PG_TIMEOUT_S}s; the cluster has {ray.cluster_resources()} (lower ppo.*_ranks or "
+                f"ppo.cpus_per_actor, or colocate groups with ppo.colocation)") from None
+        pgs.append(pg)
+        for r in roles:
+            placements[r] = Placement(pg, cpus_per_actor, (1.0 / k) if gpu and needs_gpu[r] else 0.0)
+    return placements, pgs
+
+
+def connect(num_cpus: float) -> bool:
+    """Join RAY_ADDRESS when set, else start a local Ray (loopback, no dashboard). True if we started it."""
+    if ray.is_initialized():
+        return False
+    quiet = {"log_to_driver": os.environ.get("FTDIST_RAY_LOGS", "1") != "0"}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], **quiet)
+        return False
+    ray.init(address="local", include_dashboard=False, num_cpus=max(os.cpu_count() or 1, int(-(-num_cpus // 1))),
+             _node_ip_address="127.0.0.1", **quiet)
+    return True
+
+
+def shutdown(groups: list[ActorGroup], pgs: list, started: bool) -> None:
+    for g in groups:
+        try:
+            g.kill()
+        except Exception:  # an actor that already died must not hide the error that killed it
+            pass
+    for pg in pgs:
+        try:
+            remove_placement_group(pg)
+        except Exception:
+            pass
+    if started:
+        ray.shutdown()
+
+
+def role_requirements(cfg) -> tuple[dict[str, int], dict[str, bool]]:
+    """Which groups this recipe starts, with their sizes, and which of them hold a model on a device."""
+    p = cfg.ppo
+    ranks = {"policy": p.policy_ranks}
+    if p.algorithm == "ppo":
+        ranks["critic"] = p.critic_ranks
+    if cfg.model.lora is None:
+        ranks["ref"] = p.ref_ranks
+    ranks["reward"] = p.reward_ranks
+    needs_gpu = {r: not (r == "reward" and p.reward_fn is not None) for r in ranks}
+    return ranks, needs_gpu
+
+
+def logical_cpus(ranks: dict[str, int], cpus_per_actor: float) -> float:
+    return sum(ranks.values()) * cpus_per_actor
+
+
+def started_groups(cfg) -> tuple[dict[str, ActorGroup], list]:
+    """Placement groups and actor groups for the recipe, every worker built and every process group formed."""
+    ranks, needs_gpu = role_requirements(cfg)
+    gpu = use_gpus(cfg.ppo.device)
+    placements, pgs = make_placements(ranks, cfg.ppo.colocation, cfg.ppo.cpus_per_actor, gpu, needs_gpu)
+    groups = {role: ActorGroup(role, n, placements[role]) for role, n in ranks.items()}
+    log.info("actor groups: %s on %s", ", ".join(f"{r} x{n}" for r, n in ranks.items()), "GPUs" if gpu else "CPUs")
+    try:
+        ray.get([ref for g in groups.values() for ref in g.start(cfg)])
+    except Exception:
+        shutdown(list(groups.values()), pgs, started=False)
+        raise
+    return groups, pgs
+
+
+def unwrap_error(e: BaseException) -> Optional[BaseException]:
+    """The user-facing error (ConfigError, DataError, ...) inside a RayTaskError, if any."""
+    cause = getattr(e, "cause", None)
+    return cause if isinstance(cause, BaseException) else None

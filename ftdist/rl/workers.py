@@ -1,0 +1,370 @@
+"""The logic of each PPO actor group, as plain in-process classes (no Ray here).
+
+Every worker is one rank of its own group: `init_distributed` reads the RANK,
+WORLD_SIZE, MASTER_ADDR and MASTER_PORT that the actor group set for it, so the
+policy, critic, reference and reward groups are separate process groups and
+separate DeepSpeed worlds. Methods take and return CPU tensors (Experience shards
+and plain dicts), which is what Ray ships between groups as object refs; the same
+classes run in one process in tests.
+
+The critic is the reward-model architecture (models/heads.py: the model's body
+with a one-output `score` layer on every position), started from the reward
+model or from the policy with a new head; its value of the prefix before each
+response token is read at the same columns as the log-probs (experience.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import inspect
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from ftdist.algos.ppo import entropy_from_logits, kl_penalty, policy_loss, value_loss
+from ftdist.algos.reward import gather_last
+from ftdist.algos.sft import masked_mean
+from ftdist.config import ConfigError
+from ftdist.engine.dist import all_reduce_sum, barrier, device_for, init_distributed
+from ftdist.rl.experience import (Experience, Rollout, action_logprobs, action_values, ends_with_eos,
+                                  position_ids, response_mask)
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from (run seed, iteration, rank, ...): resumed runs sample exactly what a straight run does."""
+    digest = hashlib.sha256(",".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def update_steps(cfg) -> int:
+    """Optimizer steps of a whole run (the learning-rate schedule's length)."""
+    p = cfg.ppo
+    return p.iterations * p.ppo_epochs * (p.rollout_batch_size * p.samples_per_prompt // p.mini_batch_size)
+
+
+def engine_config(cfg, lr: float):
+    """The recipe as the Engine reads it: a mini-batch is one optimizer step, at this group's learning rate."""
+    train = dataclasses.replace(cfg.train, global_batch_size=cfg.ppo.mini_batch_size, lr=lr)
+    return dataclasses.replace(cfg, train=train)
+
+
+def load_reward_fn(spec: str):
+    module_name, _, name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"ppo.reward_fn: cannot load {spec!r}: {e}") from None
+    if not callable(fn):
+        raise ConfigError(f"ppo.reward_fn: {spec!r} is not a function")
+    return fn
+
+
+def call_reward_fn(fn, prompts: list[str], responses: list[str], extras: dict[str, list]) -> torch.Tensor:
+    """fn(prompts, responses, **columns) -> (B,) float32; only the columns its signature names are passed."""
+    params = inspect.signature(fn).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    kwargs = {k: v for k, v in extras.items() if takes_any or k in params}
+    scores = list(fn(prompts, responses, **kwargs))
+    name = f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__name__', '?')}"
+    if len(scores) != len(responses):
+        raise ValueError(f"reward function {name} returned {len(scores)} scores for {len(responses)} responses")
+    bad = [s for s in scores if not isinstance(s, (int, float)) or not math.isfinite(float(s))]
+    if bad:
+        raise ValueError(f"reward function {name} returned {bad[0]!r}; every score must be a finite number")
+    return torch.tensor([float(s) for s in scores], dtype=torch.float32)
+
+
+def _inputs(exp: Experience, device) -> dict:
+    am = exp.attention_mask.to(device)
+    return {"input_ids": exp.sequences.to(device), "attention_mask": am, "position_ids": position_ids(am)}
+
+
+class _Worker:
+    """One rank of a group: its process group, logging and seeds."""
+
+    def __init__(self, cfg, distributed: bool = True):
+        from ftdist.train.loop import seed_everything, setup_logging
+
+        self.cfg, self.p = cfg, cfg.ppo
+        self.info = init_distributed(cfg.dist.backend, cfg.dist.timeout_s) if distributed else None
+        setup_logging(self.info is None or self.info.is_main)
+        seed_everything(cfg.seed)
+        self.device = device_for(self.info) if distributed else torch.device("cpu")
+        self.micro = cfg.train.micro_batch_size
+
+    def ready(self) -> bool:
+        return True
+
+    def _per_chunk(self, exp: Experience, fn) -> torch.Tensor:
+        """fn over micro-batches of rows; results concatenated on the CPU."""
+        return torch.cat([fn(chunk).float().cpu() for chunk in exp.chunks(self.micro)])
+
+
+class _TrainedWorker(_Worker):
+    """A worker around a trainable Engine: checkpoint save/load of the group's shard."""
+
+    def _build_engine(self, build, lr: float):
+        from ftdist.engine.engine import Engine, model_init_context
+
+        ecfg = engine_config(self.cfg, lr)
+        self.grad_accum = self.p.mini_batch_size // (self.micro * self.info.world_size)
+        with model_init_context(ecfg, self.info.world_size, self.grad_accum):
+            model = build()
+        return Engine(model, ecfg, self.info, grad_accum=self.grad_accum, total_steps=update_steps(self.cfg))
+
+    def save(self, ckpt_dir: str) -> None:
+        """Collective over the group: DeepSpeed model/optimizer/scheduler shards and each rank's RNG."""
+        from ftdist.engine.checkpoint import rng_state
+
+        (Path(ckpt_dir) / "rng").mkdir(parents=True, exist_ok=True)
+        self.engine.save_state(ckpt_dir, client_state={})
+        torch.save(rng_state(), Path(ckpt_dir) / "rng" / f"rank{self.info.rank}.pt")
+        barrier()
+
+    def load(self, ckpt_dir: str) -> None:
+        from ftdist.engine.checkpoint import set_rng_state
+
+        self.engine.load_state(ckpt_dir)
+        rng = Path(ckpt_dir) / "rng" / f"rank{self.info.rank}.pt"
+        if rng.exists():
+            set_rng_state(torch.load(rng, weights_only=True))
+
+    def _update(self, exp: Experience, iteration: int, loss_fn) -> dict[str, float]:
+        """ppo_epochs passes over this rank's shard in seeded mini-batches; one optimizer step per mini-batch.
+
+        The loss of a micro-batch is its token mean times its share of the mini-batch's
+        response tokens over all ranks, so a step is the token mean of the whole
+        mini-batch however it is split (the Engine's normalisation contract).
+        """
+        per_rank = self.p.mini_batch_size // self.info.world_size
+        sums: dict[str, float] = defaultdict(float)
+        tokens = 0.0
+        grad_norms = []
+        self.engine.train()
+        for epoch in range(self.p.ppo_epochs):
+            gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, iteration, epoch))
+            order = torch.randperm(exp.batch_size, generator=gen)
+            for start in range(0, exp.batch_size, per_rank):
+                mini = exp.select(order[start:start + per_rank])
+                step_tokens = all_reduce_sum([float(mini.action_mask.sum())], self.device)[0]
+                for micro in mini.chunks(self.micro):
+                    micro = micro.to(self.device)
+                    n = float(micro.action_mask.sum())
+                    loss, metrics = loss_fn(micro)
+                    self.engine.backward(loss * n / max(step_tokens, 1.0))
+                    self.engine.step()
+                    for k, v in metrics.items():
+                        sums[k] += float(v) * n
+                    tokens += n
+                norm = self.engine.grad_norm()
+                if norm is not None:
+                    grad_norms.append(norm)
+        keys = sorted(sums)
+        totals = all_reduce_sum([tokens] + [sums[k] for k in keys], self.device)
+        out = {k: v / max(totals[0], 1.0) for k, v in zip(keys, totals[1:])}
+        out["lr"] = self.engine.lr
+        if grad_norms:
+            out["grad_norm"] = sum(grad_norms) / len(grad_norms)
+        return out
+
+
+class PolicyWorker(_TrainedWorker):
+    """Generates rollouts, gives log-probs, runs the clipped PPO update. Weights never leave the group."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        from ftdist.models.adapters import apply_lora
+        from ftdist.models.loading import load_causal_lm, load_tokenizer
+
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.engine = self._build_engine(lambda: apply_lora(load_causal_lm(cfg.model), cfg.model), cfg.train.lr)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], seed) -> Rollout:
+        """Sample (seed given) or greedy-decode (seed None) one response per prompt; stops at EOS."""
+        tok, p = self.tokenizer, self.p
+        side = (tok.padding_side, tok.truncation_side)
+        tok.padding_side = tok.truncation_side = "left"  # keep the end of a long prompt, next to the response
+        try:
+            enc = tok(prompts, return_tensors="pt", padding=True, truncation=True, add_special_tokens=False,
+                      max_length=self.cfg.data.max_length - p.max_new_tokens)
+        finally:
+            tok.padding_side, tok.truncation_side = side
+        sampling = {"do_sample": False}
+        if seed is not None:
+            torch.manual_seed(seed)
+            sampling = {"do_sample": True, "temperature": p.temperature, "top_p": p.top_p, "top_k": 0}
+        module = self.engine.module
+        was_training = module.training
+        module.eval()
+        try:
+            out = module.generate(input_ids=enc["input_ids"].to(self.device),
+                                  attention_mask=enc["attention_mask"].to(self.device),
+                                  max_new_tokens=p.max_new_tokens, eos_token_id=tok.eos_token_id,
+                                  pad_token_id=tok.pad_token_id,
+                                  synced_gpus=self.engine.zero_stage == 3 and self.info.world_size > 1, **sampling)
+        finally:
+            module.train(was_training)
+        prompt_width = enc["input_ids"].size(1)
+        response = out[:, prompt_width:].cpu()  # (b, R)
+        mask = response_mask(response, tok.eos_token_id)  # (b, R)
+        response = response.masked_fill(~mask, tok.pad_token_id)
+        texts = tok.batch_decode([r[m].tolist() for r, m in zip(response, mask)], skip_special_tokens=True)
+        return Rollout(prompt_ids=enc["input_ids"], prompt_mask=enc["attention_mask"], response_ids=response,
+                       action_mask=mask, finished=ends_with_eos(response, mask, tok.eos_token_id),
+                       prompts=list(prompts), responses=texts)
+
+    def _logits(self, exp: Experience) -> torch.Tensor:
+        # log-probs of the tempered distribution that sampled the tokens, for policy and reference alike
+        logits = self.engine.forward(**_inputs(exp, self.device), use_cache=False).logits  # (b, S, V)
+        return logits.float() / self.p.temperature
+
+    @torch.no_grad()
+    def logprobs(self, exp: Experience, reference: bool = False) -> torch.Tensor:
+        """(B, R) log-probs of the response tokens; reference=True: with the LoRA adapter off (no reference group)."""
+        was_training = self.engine.module.training
+        self.engine.train(False)
+        try:
+            if reference:
+                from ftdist.models.adapters import adapter_disabled
+
+                with adapter_disabled(self.engine.module):
+                    return self._per_chunk(exp, lambda c: action_logprobs(self._logits(c), c.sequences.to(self.device),
+                                                                          c.num_actions))
+            return self._per_chunk(exp, lambda c: action_logprobs(self._logits(c), c.sequences.to(self.device),
+                                                                  c.num_actions))
+        finally:
+            self.engine.train(was_training)
+
+    def train(self, exp: Experience, iteration: int, kl_coef: float) -> dict[str, float]:
+        p = self.p
+
+        def loss_fn(micro: Experience):
+            logits = self._logits(micro)  # (b, S, V)
+            R, mask = micro.num_actions, micro.action_mask
+            logp = action_logprobs(logits, micro.sequences, R)  # (b, R)
+            loss, m = policy_loss(logp, micro.old_logp, micro.advantages, mask, p.clip_eps)
+            metrics = {"policy_loss": loss.detach(), **m}
+            response_logits = logits[:, -R - 1:-1]  # (b, R, V)
+            if p.entropy_coef > 0:
+                entropy = masked_mean(entropy_from_logits(response_logits), mask)
+                loss = loss - p.entropy_coef * entropy
+            else:
+                with torch.no_grad():
+                    entropy = masked_mean(entropy_from_logits(response_logits), mask)
+            metrics["entropy"] = entropy.detach()
+            if p.algorithm == "grpo" and kl_coef > 0:
+                kl = masked_mean(kl_penalty(logp, micro.ref_logp, p.kl_estimator), mask)
+                loss = loss + kl_coef * kl
+                metrics["kl_loss"] = kl.detach()
+            return loss, metrics
+
+        return self._update(exp, iteration, loss_fn)
+
+    def export(self, out_dir: str) -> None:
+        """final/ in Hugging Face format with the tokenizer (collective under ZeRO-3)."""
+        self.engine.export_hf(out_dir, self.tokenizer)
+
+
+def critic_source(cfg) -> str:
+    p = cfg.ppo
+    use_rm = p.critic_init == "reward_model" or (p.critic_init == "auto" and p.reward_model is not None)
+    return p.reward_model if use_rm else cfg.model.name_or_path
+
+
+class CriticWorker(_TrainedWorker):
+    """Values of every response prefix, and the clipped value update."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        from ftdist.models.heads import load_reward_model
+        from ftdist.models.loading import load_tokenizer
+
+        model_cfg = dataclasses.replace(cfg.model, name_or_path=critic_source(cfg), lora=None, quantization=None)
+        pad = load_tokenizer(cfg.model).pad_token_id
+        self.engine = self._build_engine(
+            lambda: load_reward_model(model_cfg, "sequence_classification", pad, seed=cfg.seed), cfg.ppo.critic_lr)
+
+    def _values(self, exp: Experience) -> torch.Tensor:
+        from ftdist.models.heads import token_values
+
+        values = token_values(self.engine.forward, self.engine.module, _inputs(exp, self.device))  # (b, S)
+        return action_values(values, exp.num_actions)  # (b, R)
+
+    @torch.no_grad()
+    def values(self, exp: Experience) -> torch.Tensor:
+        self.engine.train(False)
+        try:
+            return self._per_chunk(exp, self._values)
+        finally:
+            self.engine.train(True)
+
+    def train(self, exp: Experience, iteration: int) -> dict[str, float]:
+        def loss_fn(micro: Experience):
+            values = self._values(micro)  # (b, R)
+            loss, m = value_loss(values, micro.values, micro.returns, micro.action_mask, self.p.value_clip_eps)
+            return loss, {"value_loss": loss.detach(), **m}
+
+        return self._update(exp, iteration, loss_fn)
+
+
+class ReferenceWorker(_Worker):
+    """Frozen log-probs of the starting policy (partitioned like the policy under ZeRO-3)."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        from ftdist.engine.engine import FrozenEngine
+        from ftdist.models.loading import load_causal_lm
+
+        model_cfg = dataclasses.replace(cfg.model, lora=None, quantization=None, gradient_checkpointing=False)
+        self.frozen = FrozenEngine(lambda: load_causal_lm(model_cfg), cfg, self.info, grad_accum=1)
+
+    @torch.no_grad()
+    def logprobs(self, exp: Experience) -> torch.Tensor:
+        def one(c: Experience):
+            logits = self.frozen.forward(**_inputs(c, self.device), use_cache=False).logits  # (b, S, V)
+            return action_logprobs(logits.float() / self.p.temperature, c.sequences.to(self.device), c.num_actions)
+
+        return self._per_chunk(exp, one)
+
+
+class RewardWorker(_Worker):
+    """Scores: a learned reward model at the last real token, or a Python function of the texts."""
+
+    def __init__(self, cfg):
+        learned = cfg.ppo.reward_fn is None
+        super().__init__(cfg, distributed=learned)  # a reward function needs no process group
+        self.fn = self.frozen = None
+        if not learned:
+            self.fn = load_reward_fn(cfg.ppo.reward_fn)
+            return
+        from ftdist.engine.engine import FrozenEngine
+        from ftdist.models.heads import load_reward_model
+        from ftdist.models.loading import load_tokenizer
+
+        model_cfg = dataclasses.replace(cfg.model, name_or_path=cfg.ppo.reward_model, lora=None, quantization=None,
+                                        gradient_checkpointing=False)
+        pad = load_tokenizer(cfg.model).pad_token_id
+        self.frozen = FrozenEngine(lambda: load_reward_model(model_cfg, "sequence_classification", pad), cfg,
+                                   self.info, grad_accum=1)
+
+    @torch.no_grad()
+    def score(self, exp: Experience) -> torch.Tensor:
+        """(B,) float32."""
+        if self.fn is not None:
+            return call_reward_fn(self.fn, exp.prompts, exp.responses, exp.extras)
+        from ftdist.models.heads import token_values
+
+        def one(c: Experience):
+            inputs = _inputs(c, self.device)
+            values = token_values(self.frozen.forward, self.frozen.module, inputs)  # (b, S)
+            return gather_last(values, inputs["attention_mask"])  # (b,)
+
+        return self._per_chunk(exp, one)
+
+
+WORKERS = {"policy": PolicyWorker, "critic": CriticWorker, "ref": ReferenceWorker, "reward": RewardWorker}

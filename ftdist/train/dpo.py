@@ -1,0 +1,66 @@
+"""DPO and ORPO as Tasks: one forward over chosen and rejected rows, log-probs of the response tokens."""
+
+from __future__ import annotations
+
+from ftdist.algos.dpo import dpo_loss, orpo_loss
+from ftdist.algos.sft import sequence_logprobs
+from ftdist.models.adapters import apply_lora
+from ftdist.models.forward import causal_logits
+from ftdist.models.loading import load_causal_lm
+from ftdist.train.pairs import PairTask, per_pair_sums
+from ftdist.train.reference import Reference
+
+
+class PolicyPairTask(PairTask):
+    def build_model(self):
+        return apply_lora(load_causal_lm(self.cfg.model), self.cfg.model)
+
+    def policy_logps(self, engine, batch, average: bool = False):
+        """(2B,) float32 summed (or per-token mean) response log-probs of the policy, with gradient."""
+        logits = causal_logits(engine.forward, batch, self.attn_impl, self.dtype)  # (2B, T, V)
+        return sequence_logprobs(logits, batch.labels, average=average)
+
+    def extra_eval(self, engine) -> dict:
+        return self.task_accuracy(engine)
+
+
+class DPOTask(PolicyPairTask):
+    name = "dpo"
+
+    def __init__(self, cfg, tokenizer, info):
+        super().__init__(cfg, tokenizer, info)
+        self.reference = Reference(self)
+
+    def prepare_data(self, cache_dir: str, show_progress: bool) -> str:
+        return super().prepare_data(cache_dir, show_progress) + f"\nreference: {self.reference.describe()}"
+
+    def loss(self, engine, batch, denom: float):
+        batch = batch.to(engine.device)
+        # the reference first: its activations are freed before the policy's are kept for backward
+        ref_chosen, ref_rejected = self.reference.logps(engine, batch).chunk(2)  # (B,), (B,)
+        chosen, rejected = self.policy_logps(engine, batch).chunk(2)
+        chosen_len, rejected_len = batch.response_lengths.chunk(2)
+        d = self.cfg.dpo
+        loss, metrics = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=d.beta, loss_type=d.loss_type,
+                                 label_smoothing=d.label_smoothing, chosen_lengths=chosen_len,
+                                 rejected_lengths=rejected_len)
+        n = batch.n_pairs
+        return loss * n / denom, per_pair_sums(loss, metrics, n)
+
+
+class ORPOTask(PolicyPairTask):
+    """SFT on the chosen responses plus an odds-ratio preference term; no reference model.
+
+    TRL averages the NLL over all chosen tokens of a batch; here each pair's NLL
+    is its own per-token mean, so a pair weighs the same whatever batch it lands
+    in (the loop normalises by pairs).
+    """
+
+    name = "orpo"
+
+    def loss(self, engine, batch, denom: float):
+        batch = batch.to(engine.device)
+        chosen, rejected = self.policy_logps(engine, batch, average=True).chunk(2)  # (B,), (B,)
+        loss, metrics = orpo_loss(chosen, rejected, -chosen.mean(), beta=self.cfg.orpo.beta)
+        n = batch.n_pairs
+        return loss * n / denom, per_pair_sums(loss, metrics, n)

@@ -1,0 +1,93 @@
+"""What the preference Tasks (reward model, DPO, ORPO) share: pair data, batches, units, task accuracy.
+
+Units are pairs: `train.micro_batch_size` and `train.global_batch_size` count
+pairs, a micro-batch of B pairs is one forward over 2B rows, and every loss and
+metric is returned as a sum over the micro-batch's pairs for the loop to divide
+by the pairs in the whole step.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ftdist.data.loading import DataError
+from ftdist.data.preference import PreferenceData, collate_pairs, load_preference_pairs, tokenize_preference
+from ftdist.models.loading import DTYPES, attn_implementation
+
+log = logging.getLogger("ftdist")
+
+
+def per_pair_sums(loss, metrics: dict, n_pairs: int) -> dict[str, float]:
+    """Batch means -> sums over the batch's pairs, the form the loop averages over a whole step."""
+    return {"loss": float(loss.detach()) * n_pairs, **{k: float(v) * n_pairs for k, v in metrics.items()}}
+
+
+class PairTask:
+    name = "pairs"
+    packing = False
+
+    def __init__(self, cfg, tokenizer, info):
+        self.cfg, self.tokenizer, self.info = cfg, tokenizer, info
+        self.capacity = cfg.data.max_length
+        self.attn_impl = attn_implementation(cfg.model)
+        self.dtype = DTYPES[cfg.model.dtype]
+        self.train = self.eval = None
+        self.cache_dir = None
+
+    def prepare_data(self, cache_dir: str, show_progress: bool) -> str:
+        self.cache_dir = cache_dir
+        d = self.cfg.data
+        ds, stats, key = tokenize_preference(d.train, self.tokenizer, d, cache_dir, show_progress)
+        self.train = PreferenceData(ds, key)
+        summary = f"train: {stats.summary()}"
+        if d.eval:
+            eds, estats, ekey = tokenize_preference(d.eval, self.tokenizer, d, cache_dir, show_progress)
+            self.eval = PreferenceData(eds, ekey)
+            summary += f"\neval: {estats.summary()}"
+        return summary
+
+    def require_column(self, column: str, why: str) -> None:
+        for split, data in (("data.train", self.train), ("data.eval", self.eval)):
+            if data is not None and not data.has(column):
+                raise DataError(f"{why} needs a '{column}' value on every pair, and {split} has pairs without one "
+                                f"(map the column with data.columns, e.g. {{{column}: your_column}})")
+
+    def train_lengths(self):
+        return self.train.lengths
+
+    def eval_rows(self):
+        return [] if self.eval is None else [[i] for i in range(len(self.eval))]
+
+    def collate(self, rows, split: str):
+        data = self.train if split == "train" else self.eval
+        return collate_pairs([row[0] for row in rows], data, self.tokenizer.pad_token_id, split)
+
+    def units(self, batch) -> int:
+        return batch.n_pairs
+
+    def tokens(self, batch) -> tuple[int, int]:
+        return batch.n_tokens, batch.n_padded
+
+    def extra_eval(self, engine) -> dict:
+        return {}
+
+    def export(self, engine, out_dir: str) -> None:
+        engine.export_hf(out_dir, self.tokenizer)
+
+    def task_accuracy(self, engine) -> dict:
+        """Exact match of greedy answers against the chosen responses of the eval pairs (chats with one reply)."""
+        if not (self.cfg.train.eval_accuracy and self.cfg.data.eval):
+            return {}
+        from ftdist.train.generation import exact_match_accuracy
+
+        convs = []
+        for _, pair in load_preference_pairs(self.cfg.data.eval, self.cfg.data):
+            if pair.conversational and len(pair.chosen) == 1:
+                convs.append((pair.prompt, pair.chosen[0]["content"]))
+            if len(convs) >= self.cfg.train.eval_max_samples:
+                break
+        if not convs:
+            return {}
+        acc = exact_match_accuracy(engine, self.tokenizer, convs, self.cfg.train.eval_max_new_tokens,
+                                   self.cfg.train.micro_batch_size * 4)
+        return {"eval/accuracy": acc}

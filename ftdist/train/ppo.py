@@ -1,0 +1,90 @@
+"""`ftdist train RECIPE` with `stage: ppo`: connect to Ray, start the actor groups, run the driver.
+
+The command is one plain process (the controller); the ranks are Ray actors.
+With RAY_ADDRESS set it joins that cluster (e.g. `ray job submit -- ftdist train
+ppo_7b`); otherwise it starts a local Ray on 127.0.0.1 without a dashboard.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from ftdist.config import Config, ConfigError, dump_config
+
+log = logging.getLogger("ftdist")
+
+
+def _absolute(path):
+    """Actors may start in another working directory: local paths are made absolute here."""
+    return str(Path(path).resolve()) if path is not None and os.path.exists(path) else path
+
+
+def _resolved(cfg: Config) -> Config:
+    import dataclasses
+
+    model = dataclasses.replace(cfg.model, name_or_path=_absolute(cfg.model.name_or_path))
+    ppo = dataclasses.replace(cfg.ppo, reward_model=_absolute(cfg.ppo.reward_model))
+    return dataclasses.replace(cfg, output_dir=str(Path(cfg.output_dir).resolve()), model=model, ppo=ppo)
+
+
+def train(cfg: Config) -> dict:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("stage=ppo runs as one controller process that starts its own Ray actor groups; "
+                          "launch it without torchrun/srun/deepspeed (set the ranks with ppo.policy_ranks etc.)")
+    from ftdist.engine.checkpoint import resolve_resume
+    from ftdist.models.loading import load_tokenizer
+    from ftdist.rl.prompts import load_prompts
+    from ftdist.rl.workers import load_reward_fn
+    from ftdist.train.loop import seed_everything, setup_logging
+    from ftdist.train.metrics import MetricsWriter
+
+    setup_logging(True)
+    seed_everything(cfg.seed)
+    cfg = _resolved(cfg)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out / "config.yaml")
+    # everything a user can get wrong is checked here, before any actor starts
+    if cfg.ppo.reward_fn is not None:
+        load_reward_fn(cfg.ppo.reward_fn)
+    tokenizer = load_tokenizer(cfg.model)
+    prompts = load_prompts(cfg.data.train, cfg.data, tokenizer)
+    eval_prompts = (load_prompts(cfg.data.eval, cfg.data, tokenizer, max_rows=cfg.train.eval_max_samples)
+                    if cfg.data.eval else None)
+    if len(prompts) < cfg.ppo.rollout_batch_size:
+        log.warning("data.train has %d prompts, fewer than ppo.rollout_batch_size=%d: prompts repeat within an "
+                    "iteration", len(prompts), cfg.ppo.rollout_batch_size)
+    resume = resolve_resume(cfg.checkpoint.resume, out / "checkpoints")
+    log.info("ppo: %s, %d prompts, %d iterations of %d prompts x %d samples", cfg.ppo.algorithm, len(prompts),
+             cfg.ppo.iterations, cfg.ppo.rollout_batch_size, cfg.ppo.samples_per_prompt)
+
+    from ftdist.rl import ray_shells as rs
+    from ftdist.rl.driver import PPODriver
+
+    ranks, _ = rs.role_requirements(cfg)
+    started = rs.connect(rs.logical_cpus(ranks, cfg.ppo.cpus_per_actor))
+    groups, pgs = {}, []
+    writer = None
+    try:
+        groups, pgs = rs.started_groups(cfg)
+        driver = PPODriver(cfg, groups, prompts, eval_prompts, tokenizer.pad_token_id)
+        if resume is not None:
+            driver.load_checkpoint(resume)
+            log.info("resumed from %s at iteration %d", resume, driver.iteration)
+        writer = MetricsWriter(str(out), True, cfg.logging, cfg.to_dict())
+        result = driver.run(writer)
+        driver.export(str(out / "final"))
+        log.info("done: %d iterations, %d samples in %.1fs; policy in %s", driver.iteration, driver.samples,
+                 driver.elapsed, out / "final")
+        return result
+    except Exception as e:
+        cause = rs.unwrap_error(e)
+        if cause is not None and isinstance(cause, ValueError):
+            raise cause from None  # a ConfigError/DataError/ModelError raised inside an actor
+        raise
+    finally:
+        if writer is not None:
+            writer.close()
+        rs.shutdown(list(groups.values()), pgs, started)

@@ -1,0 +1,138 @@
+"""Reference log-probs for DPO: a frozen model, the policy with its adapter off, or a precomputed table.
+
+Everything here is collective: every rank asks for the same number of batches
+in the same order (the loop and evaluation guarantee it), because a ZeRO-3
+reference gathers its weights in each forward. The reference is built on
+first use, after the policy engine exists and any checkpoint was restored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ftdist.algos.sft import sequence_logprobs
+from ftdist.engine.dist import all_reduce_sum, barrier
+from ftdist.models.forward import causal_logits
+
+log = logging.getLogger("ftdist")
+
+
+def reference_mode(cfg) -> str:
+    mode = cfg.dpo.reference
+    if mode == "auto":
+        return "adapter_disabled" if cfg.model.lora is not None and cfg.dpo.reference_model is None else "model"
+    return mode
+
+
+class Reference:
+    """`logps(engine, batch)` -> (2B,) float32 summed response log-probs under the reference, no gradient."""
+
+    def __init__(self, task):
+        self.task, self.cfg = task, task.cfg
+        self.mode = reference_mode(self.cfg)
+        self.frozen = None
+        self.table: dict[str, torch.Tensor] = {}  # split -> (N, 2) [chosen, rejected] for "precomputed"
+
+    def _uses_adapter(self) -> bool:
+        return self.cfg.model.lora is not None and self.cfg.dpo.reference_model is None
+
+    def _source(self) -> str:
+        if self._uses_adapter():
+            return "the policy with its LoRA adapter disabled"
+        return f"frozen {self.cfg.dpo.reference_model or self.cfg.model.name_or_path}"
+
+    def describe(self) -> str:
+        return ("precomputed once from " if self.mode == "precomputed" else "") + self._source()
+
+    @torch.no_grad()
+    def logps(self, engine, batch) -> torch.Tensor:
+        if self.mode == "precomputed":
+            if not self.table:
+                self._precompute(engine)
+            ref = self.table[batch.split][batch.index.cpu()]  # (B, 2)
+            return torch.cat([ref[:, 0], ref[:, 1]]).to(engine.device, torch.float32)
+        return self._forward_logps(engine, batch)
+
+    def _forward_logps(self, engine, batch) -> torch.Tensor:
+        task = self.task
+        if self.mode == "adapter_disabled" or (self.mode == "precomputed" and self._uses_adapter()):
+            from ftdist.models.adapters import adapter_disabled
+
+            with adapter_disabled(engine.module):
+                logits = causal_logits(engine.forward, batch, task.attn_impl, task.dtype)  # (2B, T, V)
+        else:
+            if self.frozen is None:
+                self.frozen = self._build_frozen(engine)
+            logits = causal_logits(self.frozen.forward, batch, task.attn_impl, task.dtype)  # (2B, T, V)
+        return sequence_logprobs(logits, batch.labels)  # (2B,)
+
+    def _build_frozen(self, engine):
+        from ftdist.engine.engine import FrozenEngine
+        from ftdist.models.loading import load_causal_lm
+
+        m = self.cfg.model
+        ref_cfg = dataclasses.replace(m, name_or_path=self.cfg.dpo.reference_model or m.name_or_path, lora=None,
+                                      quantization=None, gradient_checkpointing=False)
+        log.info("reference: loading %s (frozen, ZeRO-%d)", ref_cfg.name_or_path, engine.zero_stage)
+        return FrozenEngine(lambda: load_causal_lm(ref_cfg), self.cfg, engine.info, engine.grad_accum)
+
+    # -- precomputed ----------------------------------------------------------------------------
+    def _cache_file(self, split: str, data) -> Path:
+        src = self._source()
+        key = hashlib.sha256(f"{data.key}|{src}|{self.cfg.model.dtype}|v1".encode()).hexdigest()[:16]
+        return Path(self.task.cache_dir) / f"ref-logps-{split}-{key}.pt"
+
+    def _precompute(self, engine) -> None:
+        """All ranks: each scores its share of the pairs, the shares are summed, rank 0 writes the cache."""
+        info = engine.info
+        was_training = engine.module.training
+        engine.train(False)
+        try:
+            for split, data in (("train", self.task.train), ("eval", self.task.eval)):
+                if data is None:
+                    continue
+                path = self._cache_file(split, data)
+                # every rank must take the same branch: a file half-seen by one rank would hang the others
+                if all_reduce_sum([float(path.exists())], engine.device)[0] == info.world_size:
+                    self.table[split] = torch.load(path, weights_only=True)
+                    log.info("reference log-probs (%s): cached %s", split, path)
+                    continue
+                if not self._uses_adapter() and self.frozen is None:
+                    self.frozen = self._build_frozen(engine)
+                self.table[split] = self._score_split(engine, split, data)
+                if info.is_main:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="tmp-ref-", suffix=".pt")
+                    os.close(fd)
+                    torch.save(self.table[split], tmp)
+                    os.replace(tmp, path)
+                    log.info("reference log-probs (%s): %d pairs from %s -> %s", split, len(data), self._source(),
+                             path)
+                barrier()
+        finally:
+            if self.frozen is not None:
+                self.frozen.close()
+                self.frozen = None
+            engine.train(was_training)
+
+    def _score_split(self, engine, split: str, data) -> torch.Tensor:
+        info = engine.info
+        n, bs = len(data), self.cfg.train.micro_batch_size
+        mine = list(range(info.rank, n, info.world_size))
+        n_batches = -(-(-(-n // info.world_size)) // bs)  # the same on every rank
+        table = torch.zeros(n, 2, dtype=torch.float64)
+        for k in range(n_batches):
+            chunk = mine[k * bs:(k + 1) * bs]
+            batch = self.task.collate([[i] for i in (chunk or [0])], split).to(engine.device)
+            out = self._forward_logps(engine, batch).double().cpu()  # (2B,)
+            if chunk:
+                table[chunk] = torch.stack(out.chunk(2), dim=1)
+        flat = all_reduce_sum(table.flatten().tolist(), engine.device)
+        return torch.tensor(flat, dtype=torch.float32).view(n, 2)
