@@ -53,7 +53,8 @@ SETTINGS = {
     "full": dict(hidden=512, intermediate=1536, layers=6, heads=8, kv_heads=4, vocab=8192, samples=3000,
                  max_length=1024, min_length=32, median_length=170, sigma=0.85, batch=8, micro=4, steps=8, warmup=2),
     "tiny": dict(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=512, samples=200,
-                 max_length=128, min_length=16, median_length=40, sigma=0.7, batch=4, micro=2, steps=3, warmup=1),
+                 max_length=128, min_length=16, median_length=40, sigma=0.7, batch=4, micro=2, steps=3, warmup=1,
+                 tokenizer_sentences=2000),
 }
 LR = 1e-4
 
@@ -93,7 +94,7 @@ class TextSource:
         return " ".join(out)
 
 
-def build_tokenizer(src: TextSource, vocab: int):
+def build_tokenizer(src: TextSource, vocab: int, sentences: int = 20000):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -104,7 +105,7 @@ def build_tokenizer(src: TextSource, vocab: int):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator((src.sentence() for _ in range(20000)), trainer=trainer)
+    tok.train_from_iterator((src.sentence() for _ in range(sentences)), trainer=trainer)
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
                                  extra_special_tokens=list(ROLE_TOKENS), model_max_length=1 << 16,
                                  padding_side="right", clean_up_tokenization_spaces=False)
@@ -138,7 +139,7 @@ def prepare_workdir(work: Path, s: dict, seed: int = 0) -> dict:
 
     work.mkdir(parents=True, exist_ok=True)
     src = TextSource(seed, n_words=max(200, s["vocab"] // 2))
-    tok = build_tokenizer(src, s["vocab"])
+    tok = build_tokenizer(src, s["vocab"], s.get("tokenizer_sentences", 20000))
     cache: dict[str, int] = {}
 
     def tokens_of(text: str) -> int:
@@ -160,13 +161,14 @@ def prepare_workdir(work: Path, s: dict, seed: int = 0) -> dict:
         for r in rows:
             f.write(json.dumps(r) + "\n")
     tok.save_pretrained(work / "model")
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=s["hidden"], intermediate_size=s["intermediate"],
+    # the vocabulary the model is built for (a BPE trained on made-up text may learn fewer merges)
+    config = LlamaConfig(vocab_size=max(len(tok), s["vocab"]), hidden_size=s["hidden"], intermediate_size=s["intermediate"],
                          num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
                          num_key_value_heads=s["kv_heads"], max_position_embeddings=s["max_length"],
                          tie_word_embeddings=False, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                          eos_token_id=tok.eos_token_id, use_cache=False)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config).to(getattr(torch, s.get("save_dtype", "float32")))
     model.save_pretrained(work / "model", safe_serialization=True)
     n_params = sum(p.numel() for p in model.parameters())
     lengths.sort()
@@ -189,17 +191,39 @@ def rows_per_step(work: Path, s: dict, seed: int) -> tuple[int, float]:
 
 
 # -- the arms: each runs in its own process and returns one JSON record --------------------------------
-def _window(marks: list[tuple[float, int, int]], warmup: int) -> dict:
-    """marks[i] = (time, cumulative real tokens, cumulative processed tokens) at the end of step i+1."""
-    (t0, r0, p0), (t1, r1, p1) = marks[warmup - 1], marks[-1]
+def _mark(real: int, processed: int) -> tuple[float, float, int, int]:
+    """(wall clock, CPU time of this process, cumulative real tokens, cumulative processed tokens)."""
+    return time.perf_counter(), time.process_time(), real, processed
+
+
+def _window(marks: list[tuple[float, float, int, int]], warmup: int) -> dict:
+    """Throughput between the end of step `warmup` and the end of the last step (marks: one per step)."""
+    (t0, c0, r0, p0), (t1, c1, r1, p1) = marks[warmup - 1], marks[-1]
     real, processed = r1 - r0, p1 - p0
-    return {"seconds": t1 - t0, "real_tokens": real, "processed_tokens": processed, "timed_steps": len(marks) - warmup,
-            "tokens_per_s": real / max(t1 - t0, 1e-9), "padding_fraction": 1 - real / max(processed, 1)}
+    steps = [(round(b[0] - a[0], 3), round(b[1] - a[1], 3), b[2] - a[2]) for a, b in zip(marks, marks[1:])]
+    return {"seconds": t1 - t0, "cpu_seconds": c1 - c0, "real_tokens": real, "processed_tokens": processed,
+            "steps_wall_cpu_tokens": steps,
+            "timed_steps": len(marks) - warmup, "tokens_per_s": real / max(t1 - t0, 1e-9),
+            "tokens_per_cpu_s": real / max(c1 - c0, 1e-9), "padding_fraction": 1 - real / max(processed, 1)}
 
 
 def arm_ftdist(work: Path, s: dict, a) -> dict:
     from ftdist.config import load_config
     from ftdist.train.loop import train
+    from ftdist.train.metrics import MetricsWriter
+
+    # the loop writes one record per step (log_every=1); stamp each as it is written
+    marks: list[tuple[float, float, int, int]] = []
+    log = MetricsWriter.log
+
+    def stamped_log(self, record: dict) -> None:
+        if "tokens" in record and "padding_fraction" in record:
+            step_real = record["tokens"] - (marks[-1][2] if marks else 0)
+            step_processed = round(step_real / max(1 - record["padding_fraction"], 1e-9))
+            marks.append(_mark(record["tokens"], (marks[-1][3] if marks else 0) + step_processed))
+        log(self, record)
+
+    MetricsWriter.log = stamped_log
 
     rows, _ = rows_per_step(work, s, a.seed)
     out = work / "runs" / f"ftdist-{os.getpid()}"
@@ -214,15 +238,6 @@ def arm_ftdist(work: Path, s: dict, a) -> dict:
         deepspeed={"zero_stage": 0}, checkpoint={"every_steps": 0, "keep_last": 1, "resume": "never"},
         logging={"tensorboard": False}))
     train(cfg)
-    marks = []
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if "tokens" not in r:
-            continue
-        prev_real = marks[-1][1] if marks else 0
-        step_real = r["tokens"] - prev_real
-        step_processed = step_real / max(1 - r["padding_fraction"], 1e-9)
-        marks.append((r["elapsed_s"], r["tokens"], (marks[-1][2] if marks else 0) + round(step_processed)))
     return {**_window(marks, s["warmup"]), "rows_per_step": rows}
 
 
@@ -234,7 +249,7 @@ def arm_trl(work: Path, s: dict, a, packing: bool) -> dict:
 
     rows, _ = rows_per_step(work, s, a.seed)
     counts = {"real": 0, "processed": 0}
-    marks: list[tuple[float, int, int]] = []
+    marks: list[tuple[float, float, int, int]] = []
 
     class CountingTrainer(SFTTrainer):
         def training_step(self, model, inputs, *args, **kwargs):
@@ -246,7 +261,7 @@ def arm_trl(work: Path, s: dict, a, packing: bool) -> dict:
 
     class StepClock(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            marks.append((time.perf_counter(), counts["real"], counts["processed"]))
+            marks.append(_mark(counts["real"], counts["processed"]))
 
     tok = AutoTokenizer.from_pretrained(work / "model")
     model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32, attn_implementation="sdpa")
@@ -302,7 +317,7 @@ def arm_bare(work: Path, s: dict, a) -> dict:
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        marks.append((time.perf_counter(), real, processed))
+        marks.append(_mark(real, processed))
     return {**_window(marks, s["warmup"]), "rows_per_step": rows}
 
 
@@ -335,7 +350,8 @@ def write_lengths(work: Path, s: dict) -> None:
 
 
 def spawn_arm(name: str, work: Path, a) -> dict:
-    cmd = [sys.executable, __file__, "--arm", name, "--work", str(work), "--seed", str(a.seed)]
+    cmd = [sys.executable, __file__, "--arm", name, "--work", str(work), "--seed", str(a.seed),
+           "--steps", str(a.steps), "--warmup", str(a.warmup)]
     if a.tiny:
         cmd.append("--tiny")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
@@ -352,31 +368,36 @@ def spawn_arm(name: str, work: Path, a) -> dict:
 
 
 def table(results: dict[str, list[dict]], meta: dict, s: dict, a) -> str:
-    med = {n: {k: statistics.median(r[k] for r in rs) for k in ("tokens_per_s", "padding_fraction", "peak_rss_mb")}
-           for n, rs in results.items()}
-    lines = [f"model: Llama {meta['n_params'] / 1e6:.1f}M parameters (random init), fp32, sdpa, CPU "
-             f"{a.threads} threads; data: {meta['samples']} chat samples, {meta['tokens']} tokens, length "
+    keys = ("tokens_per_s", "tokens_per_cpu_s", "padding_fraction", "peak_rss_mb")
+    med = {n: {k: statistics.median(r[k] for r in rs) for k in keys} for n, rs in results.items() if rs}
+    lines = [f"model: Llama {meta['n_params'] / 1e6:.1f}M parameters (random init), fp32, sdpa, CPU, "
+             f"{a.threads} thread(s) per arm; data: {meta['samples']} chat samples, {meta['tokens']} tokens, length "
              f"p50 {meta['length_p50']} / p90 {meta['length_p90']} / max {meta['length_max']} "
              f"({meta['clipped']} clipped at {s['max_length']})",
              f"{s['steps']} optimizer steps of {s['batch']} samples (packed arms: rows of {s['max_length']} tokens "
-             f"holding as many on average), first {s['warmup']} steps not timed; median of {a.repeats} run(s)",
+             f"holding as many on average), first {s['warmup']} steps not timed; median of {a.repeats} round(s)"
+             + ("; arms in one process, so peak RSS is cumulative" if a.in_process else ""),
              "",
-             "| arm | real tokens/s | padding | peak RSS MB | ftdist / arm | runs (tokens/s) |",
-             "|---|---:|---:|---:|---:|---|"]
-    base = med.get("ftdist", {}).get("tokens_per_s")
+             "| arm | real tokens/s | ftdist / arm | real tokens per CPU-s | ftdist / arm | padding | peak RSS MB "
+             "| rounds (tokens/s) |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    base = med.get("ftdist")
     for n in ARMS:
         if n not in med:
             continue
         m = med[n]
-        ratio = f"{base / m['tokens_per_s']:.2f}x" if base else "-"
-        runs = ", ".join(f"{r['tokens_per_s']:.0f}" for r in results[n])
-        lines.append(f"| {n} | {m['tokens_per_s']:.1f} | {m['padding_fraction']:.1%} | {m['peak_rss_mb']:.0f} | "
-                     f"{ratio} | {runs} |")
+        ratio = f"{base['tokens_per_s'] / m['tokens_per_s']:.2f}x" if base else "-"
+        cpu_ratio = f"{base['tokens_per_cpu_s'] / m['tokens_per_cpu_s']:.2f}x" if base else "-"
+        rounds = ", ".join(f"{r['tokens_per_s']:.0f}" for r in results[n])
+        lines.append(f"| {n} | {m['tokens_per_s']:.1f} | {ratio} | {m['tokens_per_cpu_s']:.1f} | {cpu_ratio} | "
+                     f"{m['padding_fraction']:.1%} | {m['peak_rss_mb']:.0f} | {rounds} |")
     if base and "bare" in med:
-        lines.append("")
-        paired = ", ".join(f"{f['tokens_per_s'] / b['tokens_per_s'] - 1:+.1%}"
-                           for f, b in zip(results["ftdist"], results["bare"]))
-        lines.append(f"ftdist vs the bare loop: {base / med['bare']['tokens_per_s'] - 1:+.1%} (per round: {paired})")
+        # the same batches in the same round: the fairest pair in the table
+        paired = [f["tokens_per_s"] / b["tokens_per_s"] for f, b in zip(results["ftdist"], results["bare"])]
+        paired_cpu = [f["tokens_per_cpu_s"] / b["tokens_per_cpu_s"] for f, b in zip(results["ftdist"], results["bare"])]
+        lines += ["", f"ftdist / bare loop per round: wall {', '.join(f'{x:.3f}' for x in paired)} "
+                      f"(median {statistics.median(paired):.3f}); CPU time "
+                      f"{', '.join(f'{x:.3f}' for x in paired_cpu)} (median {statistics.median(paired_cpu):.3f})"]
     return "\n".join(lines)
 
 
@@ -391,11 +412,14 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads per arm (default 2)")
     p.add_argument("--seed", type=int, default=0, help="data order seed of the first round (default 0)")
     p.add_argument("--json", default=None, help="also write every run's record to this JSON file")
+    p.add_argument("--in-process", action="store_true",
+                   help="run the arms one after another in this process (quicker start; peak RSS is then shared; "
+                        "the default with --tiny)")
     p.add_argument("--arm", default=None, help=argparse.SUPPRESS)  # internal: run one arm in this process
     a = p.parse_args(argv)
     s = dict(SETTINGS["tiny" if a.tiny else "full"])
-    s["steps"] = a.steps or s["steps"]
-    s["warmup"] = a.warmup or s["warmup"]
+    s["steps"] = a.steps = a.steps or s["steps"]
+    s["warmup"] = a.warmup = a.warmup or s["warmup"]
     if not 1 <= s["warmup"] < s["steps"]:
         p.error("--warmup must be at least 1 and below --steps")
     if a.arm:
@@ -404,6 +428,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
         print("RESULT " + json.dumps(run_arm(a.arm, Path(a.work), s, a)), flush=True)
         return 0
+    a.in_process = a.in_process or a.tiny
     arms = [n for n in a.arms.split(",") if n]
     unknown = set(arms) - set(ARMS)
     if unknown:
@@ -416,14 +441,21 @@ def main(argv=None) -> int:
     print(f"work directory {work} ready in {time.time() - t0:.0f}s: {meta}", flush=True)
     results: dict[str, list[dict]] = {n: [] for n in arms}
     seed0 = a.seed
+    if a.in_process:
+        import torch
+
+        torch.set_num_threads(a.threads)
+        # the ftdist arm leaves its process group behind: it goes last
+        arms = sorted(arms, key=lambda n: n == "ftdist")
     for k in range(a.repeats):
         a.seed = seed0 + k
-        order = arms[k % len(arms):] + arms[:k % len(arms)]
+        order = arms if a.in_process else arms[k % len(arms):] + arms[:k % len(arms)]
         for name in order:
-            r = spawn_arm(name, work, a)
+            r = run_arm(name, work, s, a) if a.in_process else spawn_arm(name, work, a)
             r["seed"] = a.seed
             results[name].append(r)
-            print(f"round {k + 1} {name}: {r['tokens_per_s']:.1f} real tokens/s, padding {r['padding_fraction']:.1%}, "
+            print(f"round {k + 1} {name}: {r['tokens_per_s']:.1f} real tokens/s ({r['tokens_per_cpu_s']:.1f} per CPU-s), "
+                  f"padding {r['padding_fraction']:.1%}, "
                   f"peak RSS {r['peak_rss_mb']:.0f} MB, {r['real_tokens']} tokens in {r['seconds']:.1f}s "
                   f"({r['total_s']:.0f}s with start-up)", flush=True)
     a.seed = seed0

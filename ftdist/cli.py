@@ -41,6 +41,7 @@ def cmd_train(args) -> int:
     from ftdist.config import load_config
 
     errors = _user_errors()
+    cfg = None
     try:
         cfg = load_config(args.recipe, args.overrides)
         if args.print_config:
@@ -56,9 +57,28 @@ def cmd_train(args) -> int:
         result = train(cfg)
     except errors as e:
         return _fail(str(e))
+    except RuntimeError as e:
+        if cfg is not None:
+            _exit_on_collective_failure(e, cfg.dist.timeout_s)
+        raise
     finally:
         _destroy_process_group()
     return 3 if "stopped_at" in result else 0
+
+
+def _exit_on_collective_failure(exc: RuntimeError, timeout_s: int) -> None:
+    """A dead or hung rank: one line naming it instead of a traceback from inside torch, then exit
+    at once (tearing down a process group with a broken peer aborts or hangs)."""
+    from ftdist.engine.dist import collective_failure
+
+    msg = collective_failure(exc, timeout_s)
+    if msg is None:
+        return
+    import torch.distributed as dist
+
+    print(f"ftdist: error (rank {dist.get_rank()}): {msg}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)
 
 
 def _destroy_process_group() -> None:

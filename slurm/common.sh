@@ -6,6 +6,7 @@
 #   ftdist_train            start the training step (torchrun per node, or one task per GPU),
 #                           forward USR1 to it, wait, requeue the job after a preemption stop
 #   ftdist_run_preemptible  the same signal handling around any command (the PPO driver)
+#   ftdist_finish           exit with the step's status, or requeue after a preemption stop
 #
 # Environment read here (each script documents the ones that apply to it):
 #   FTDIST_HOME            the ftdist checkout (default: the directory sbatch was run from)
@@ -96,8 +97,8 @@ _ftdist_wait() {
 
 FTDIST_STOP_REQUESTED=0
 
-# _ftdist_finish: after the step or driver ended; requeue when it stopped for a preemption.
-_ftdist_finish() {
+# ftdist_finish: after the step or driver ended: requeue when it stopped for a preemption.
+ftdist_finish() {
   if [[ "$FTDIST_STOP_REQUESTED" == 1 && "$FTDIST_RC" != 0 ]]; then
     ftdist_log "stopped after USR1 (exit $FTDIST_RC); requeueing job $SLURM_JOB_ID to resume from the newest checkpoint"
     scontrol requeue "$SLURM_JOB_ID" || ftdist_die "scontrol requeue $SLURM_JOB_ID failed"
@@ -132,21 +133,22 @@ ftdist_train() {
   esac
   FTDIST_CHILD=$!
   _ftdist_wait "$FTDIST_CHILD"
-  _ftdist_finish
+  ftdist_finish
 }
 
-# ftdist_run_preemptible CMD...: run CMD (in the batch shell's node) with the same USR1 handling.
+# ftdist_run_preemptible CMD...: run CMD here (the first node) with the same USR1 handling;
+# sets FTDIST_RC. The caller cleans up, then calls ftdist_finish.
 ftdist_run_preemptible() {
   trap '_ftdist_on_usr1 child' USR1
   "$@" &
   FTDIST_CHILD=$!
   _ftdist_wait "$FTDIST_CHILD"
-  _ftdist_finish
+  trap - USR1
 }
 
 _ftdist_on_usr1() {
   FTDIST_STOP_REQUESTED=1
-  ftdist_log "USR1: asking the ranks to checkpoint at the end of the current step"
+  ftdist_log "USR1: asking the job to checkpoint at the end of the current step and stop"
   if [[ "$1" == step ]]; then
     # every task of the job's steps (not this batch shell): the ranks, or the torchrun agents
     scancel --signal=USR1 "$SLURM_JOB_ID" || kill -USR1 "$FTDIST_CHILD"

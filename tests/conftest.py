@@ -1,4 +1,5 @@
 import os
+import sys
 import tempfile
 
 import pytest
@@ -9,6 +10,10 @@ os.environ.setdefault("FTDIST_CACHE", os.path.join(tempfile.gettempdir(), "ftdis
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# the environment's own tools first, as in an activated venv: DeepSpeed JIT-builds its CPU ops with
+# whichever `ninja` is on PATH, and a system ninja of another version (a different command hash in
+# .ninja_log) makes every switch rebuild the op for a minute, under a lock all ranks wait on
+os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 
 
 def pytest_collection_modifyitems(config, items):

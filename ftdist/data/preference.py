@@ -180,15 +180,19 @@ class PreferenceData:
 
     def __init__(self, ds, key: str = ""):
         self.key = key
-        self.prompt = [list(x) for x in ds["prompt_ids"]]
-        self.chosen = [list(x) for x in ds["chosen_ids"]]
-        self.rejected = [list(x) for x in ds["rejected_ids"]]
+        self.ds = ds.with_format("numpy")
+        self.lengths = [len(p) + max(len(c), len(r))
+                        for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])]
         self.scores = torch.tensor([ds["score_chosen"], ds["score_rejected"], ds["margin"]],
                                    dtype=torch.float32).T  # (N, 3)
-        self.lengths = [len(p) + max(len(c), len(r)) for p, c, r in zip(self.prompt, self.chosen, self.rejected)]
 
     def __len__(self) -> int:
         return len(self.lengths)
+
+    def __getitem__(self, i: int) -> tuple[list[int], list[int], list[int]]:
+        """(prompt_ids, chosen_ids, rejected_ids) of pair i."""
+        r = self.ds[int(i)]
+        return r["prompt_ids"].tolist(), r["chosen_ids"].tolist(), r["rejected_ids"].tolist()
 
     def has(self, column: str) -> bool:
         """True when every pair has a value for score_chosen, score_rejected or margin."""
@@ -239,7 +243,8 @@ class PreferenceBatch:
 
 def collate_pairs(indices: list[int], data: PreferenceData, pad_id: int, split: str = "train",
                   padding_side: str = "right") -> PreferenceBatch:
-    seqs = [(data.prompt[i], data.chosen[i]) for i in indices] + [(data.prompt[i], data.rejected[i]) for i in indices]
+    pairs = [data[i] for i in indices]
+    seqs = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]  # chosen rows, then rejected rows
     T = max(len(p) + len(r) for p, r in seqs)
     rows = len(seqs)
     input_ids = torch.full((rows, T), pad_id, dtype=torch.long)

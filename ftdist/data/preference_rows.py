@@ -141,12 +141,12 @@ def normalize_preference(row: dict, mapping: dict[str, str]) -> PreferencePair:
 
 
 def filter_reason(pair: PreferencePair, drop_ties: bool, min_chosen_score: Optional[float]) -> Optional[str]:
-    """Why the pair is filtered out ('tie', 'low_score'), or None to keep it."""
+    """Why the pair is filtered out ('ties', 'low_score'), or None to keep it."""
     if drop_ties:
         if pair.chosen == pair.rejected:
-            return "tie"
+            return "ties"
         if pair.score_chosen is not None and pair.score_chosen == pair.score_rejected:
-            return "tie"
+            return "ties"
     if min_chosen_score is not None:
         if pair.score_chosen is None:
             raise RowProblem("data.min_chosen_score is set but the row has no score_chosen (map it with data.columns)")

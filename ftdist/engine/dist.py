@@ -77,8 +77,20 @@ def init_distributed(backend: str = "auto", timeout_s: int = 1800) -> DistInfo:
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    _timeout_for_new_groups(datetime.timedelta(seconds=timeout_s))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend())
+
+
+def _timeout_for_new_groups(timeout: datetime.timedelta) -> None:
+    # DeepSpeed builds its own groups (ZeRO reduces over a clone of the world group) with
+    # dist.new_group(), which takes torch's 30-minute default rather than the default group's
+    # timeout: a dead peer would still stall a ZeRO collective for 30 minutes without this
+    import torch.distributed.distributed_c10d as c10d
+
+    c10d.default_pg_timeout = timeout
+    if c10d.default_pg_nccl_timeout is not None:
+        c10d.default_pg_nccl_timeout = timeout
 
 
 def device_for(info: DistInfo) -> torch.device:
@@ -95,3 +107,48 @@ def all_reduce_sum(values: list[float], device) -> list[float]:
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def collective_failure(exc: BaseException, timeout_s: int) -> str | None:
+    """A readable message when `exc` is a collective that timed out or lost a peer, else None.
+
+    Gloo raises plain RuntimeErrors ("Connection closed by peer ...", "Timed out waiting
+    15000ms for recv ..."), NCCL a DistBackendError; neither says which rank is missing, so the
+    surviving ranks check in through the rendezvous store and name the ones that do not.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or not isinstance(exc, RuntimeError):
+        return None
+    text = str(exc).lower()
+    if not (isinstance(exc, dist.DistError) or "gloo" in text or "nccl" in text or "connection" in text):
+        return None
+    missing = unresponsive_ranks(wait_s=min(10.0, float(timeout_s)))
+    if missing is None:
+        who = "the rendezvous store is unreachable: rank 0 died?"
+    elif missing:
+        who = f"rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} died?"
+    else:
+        who = "every rank is alive: one may be far slower; raise dist.timeout_s?"
+    if "timed out" in text or "timeout" in text:
+        return f"a collective timed out after {timeout_s}s waiting for other ranks ({who})"
+    return f"a collective failed: lost the connection to another rank ({who})"
+
+
+def unresponsive_ranks(wait_s: float) -> list[int] | None:
+    """Ranks that do not check in through the store within wait_s (dead or hung); None when the
+    store itself is unreachable (it lives in rank 0, or in the torchrun agent)."""
+    import time
+
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(datetime.timedelta(seconds=wait_s))
+        # torchrun restarts reuse the agent's store: keep one attempt's check-ins apart
+        prefix = f"ftdist/alive/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+        store.set(prefix + str(dist.get_rank()), "1")
+        deadline = time.monotonic() + wait_s
+        while True:
+            missing = [r for r in range(dist.get_world_size()) if not store.check([prefix + str(r)])]
+            if not missing or time.monotonic() > deadline:
+                return missing
+            time.sleep(0.5)
+    except Exception:  # the store went away with its host
+        return None

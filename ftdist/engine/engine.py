@@ -209,11 +209,16 @@ class Engine:
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save_state(self, ckpt_dir: str, client_state: dict) -> None:
-        self.engine.save_checkpoint(ckpt_dir, tag="engine", client_state=client_state, save_latest=False)
+        # a LoRA run never changes its frozen base, so checkpoints leave it out (it reloads from model.name_or_path)
+        self.engine.save_checkpoint(ckpt_dir, tag="engine", client_state=client_state, save_latest=False,
+                                    exclude_frozen_parameters=self.is_peft)
 
     def load_state(self, ckpt_dir: str) -> dict:
+        # without the frozen base the module state is partial; bitsandbytes' quant-state entries are not
+        # parameters, so DeepSpeed keeps them and strict loading would reject them
         path, client_state = self.engine.load_checkpoint(ckpt_dir, tag="engine", load_optimizer_states=True,
-                                                         load_lr_scheduler_states=True)
+                                                         load_lr_scheduler_states=True,
+                                                         load_module_strict=not self.is_peft)
         if path is None:
             raise RuntimeError(f"{ckpt_dir}: DeepSpeed could not load the engine state")
         return client_state or {}

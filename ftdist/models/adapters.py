@@ -54,7 +54,7 @@ def apply_lora(model, model_cfg, task_type: str = "CAUSAL_LM"):
     if is_quantized(model):
         prepare_kbit(model, model_cfg)
     elif model_cfg.gradient_checkpointing:
-        # frozen embeddings give checkpointed blocks inputs without grad; LoRA grads would vanish
+        # with reentrant checkpointing, blocks whose inputs come from frozen embeddings get no grads at all
         model.enable_input_require_grads()
     try:
         peft_model = get_peft_model(model, lora_config(model_cfg, task_type))

@@ -67,7 +67,7 @@ def load_causal_lm(model_cfg, dtype: torch.dtype | None = None, auto_class=None,
     """
     from transformers import AutoModelForCausalLM
 
-    from ftdist.models.quant import quantization_kwargs
+    from ftdist.models.quant import keep_trainable_layout, quantization_kwargs
 
     path = resolve_model_path(model_cfg.name_or_path)
     _check_source(path, "model")
@@ -82,6 +82,12 @@ def load_causal_lm(model_cfg, dtype: torch.dtype | None = None, auto_class=None,
         )
     except (OSError, ValueError) as e:
         raise ModelError(f"model.name_or_path={model_cfg.name_or_path!r}: cannot load the model: {e}") from None
+    if "quantization_config" in kwargs:
+        keep_trainable_layout(model)
+    if attn_implementation(model_cfg) == "sdpa":
+        from ftdist.models.forward import use_segment_sdpa
+
+        use_segment_sdpa(model)
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

@@ -38,6 +38,11 @@ def bnb_config(model_cfg, zero_stage: int = 0):
     q = model_cfg.quantization
     if q.load_in_8bit:
         return BitsAndBytesConfig(load_in_8bit=True)
+    if q.compute_dtype == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        from ftdist.config import ConfigError
+
+        raise ConfigError(f"model.quantization.compute_dtype='bf16': {torch.cuda.get_device_name()} has no bf16 "
+                          "support; use compute_dtype='fp16' with model.dtype='fp16'")
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=q.quant_type,

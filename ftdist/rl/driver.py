@@ -121,7 +121,8 @@ class PPODriver:
                       "time/score": t2 - t1, "time/train": t3 - t2, "elapsed_s": round(self.elapsed, 3)}
             writer.log(record)
             progress.update(1, reward=stats["reward_mean"], kl=stats["kl"], len=stats["response_len"])
-            if p.eval_every and self.iteration % p.eval_every == 0 and self.iteration < p.iterations:
+            if (p.eval_every and self.iteration % p.eval_every == 0 and self.iteration < p.iterations
+                    and self.eval_prompts is not None):
                 self._log_eval(writer, self.iteration, progress)
             every = cfg.checkpoint.every_steps
             if (every and self.iteration % every == 0) or self.iteration == p.iterations:

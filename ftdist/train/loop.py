@@ -81,6 +81,8 @@ def _grad_accum(cfg: Config, world_size: int) -> int:
 
 
 def train(cfg: Config) -> dict:
+    # first: a preemption signal during start-up (model load, op builds) must not kill a rank
+    stop = StopRequest()
     info = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
     setup_logging(info.is_main)
     seed_everything(cfg.seed)
@@ -143,7 +145,6 @@ def train(cfg: Config) -> dict:
             writer.log({"step": 0, "epoch": 0.0, **ev})
             log.info("eval before training: %s", _fmt(ev))
 
-    stop = StopRequest()
     progress = Progress(total_steps, state.step, info.is_main and cfg.train.progress_bar)
     t_start = time.time()
     elapsed0 = state.elapsed_s

@@ -81,7 +81,7 @@ class PairTask:
         from ftdist.train.generation import exact_match_accuracy
 
         convs = []
-        for _, pair in load_preference_pairs(self.cfg.data.eval, self.cfg.data):
+        for _, pair in load_preference_pairs(self.cfg.data.eval, self.cfg.data, on_row=lambda *skipped: None):
             if pair.conversational and len(pair.chosen) == 1:
                 convs.append((pair.prompt, pair.chosen[0]["content"]))
             if len(convs) >= self.cfg.train.eval_max_samples:

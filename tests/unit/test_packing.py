@@ -4,7 +4,7 @@ import torch
 from ftdist.algos.sft import sft_loss_sum
 from ftdist.data.batching import best_fit_pack, collate_rows, plan_epoch
 from ftdist.data.tokenize import IGNORE_INDEX
-from ftdist.models.forward import causal_logits
+from ftdist.models.forward import SEGMENT_SDPA, causal_logits, packed_spans, use_segment_sdpa
 
 pytestmark = pytest.mark.unit
 
@@ -30,9 +30,18 @@ def model():
     return LlamaForCausalLM(cfg).eval()
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "eager"])
-def test_packed_loss_equals_unpacked(model, impl):
+def _use(model, impl: str) -> str:
+    """Set the model's attention kernel; returns the name the forward is told (segment_sdpa is an sdpa model)."""
+    if impl == "segment_sdpa":
+        use_segment_sdpa(model)
+        return "sdpa"
     model.config._attn_implementation = impl
+    return impl
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager", "segment_sdpa"])
+def test_packed_loss_equals_unpacked(model, impl):
+    impl = _use(model, impl)
     data = _samples()
     unpacked = collate_rows([[i] for i in range(len(data))], data, pad_id=0, capacity=128, packed=False)
     packed = collate_rows([[0, 1, 2], [3, 4], [5, 6]], data, pad_id=0, capacity=128, packed=True)
@@ -56,6 +65,56 @@ def test_without_block_mask_packing_leaks(model):
         ls, _ = sft_loss_sum(causal_logits(model, single, "sdpa", torch.float32), single.labels)
         ll, _ = sft_loss_sum(leaky, packed.labels)
     assert abs(float(ls) - float(ll)) > 1e-2
+
+
+def test_segment_sdpa_gradients_equal_block_mask(model, monkeypatch):
+    """Per-sample attention is the block-diagonal mask's computation without the masked-out pairs."""
+    data = _samples()
+    packed = collate_rows([[0, 1, 2], [3, 4, 5, 6]], data, pad_id=0, capacity=128, packed=True)
+    sdpa, causal_calls = torch.nn.functional.scaled_dot_product_attention, []
+
+    def spy(*args, **kwargs):
+        causal_calls.append(kwargs.get("is_causal", False))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    grads = {}
+    for impl in ("sdpa", "segment_sdpa"):
+        model.zero_grad(set_to_none=True)
+        name = _use(model, impl)
+        causal_calls.clear()
+        loss, n = sft_loss_sum(causal_logits(model, packed, name, torch.float32), packed.labels)
+        (loss / n).backward()
+        grads[impl] = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    # one causal call per packed sample per layer: 7 samples x 2 layers
+    assert causal_calls == [True] * 14
+    worst = max(float((grads["sdpa"][k] - grads["segment_sdpa"][k]).abs().max()) for k in grads["sdpa"])
+    assert worst < 1e-5
+
+
+def test_packed_spans_skip_padding():
+    seq_ids = torch.tensor([[1, 1, 1, 2, 2, 0, 0], [1, 2, 3, 3, 3, 3, 3]])
+    assert packed_spans(seq_ids) == [[(0, 3), (3, 5)], [(0, 1), (1, 2), (2, 7)]]
+
+
+def test_loaded_sdpa_model_uses_segment_attention_and_matches_sdpa(tmp_path, model):
+    from ftdist.config import load_config
+    from ftdist.models.loading import load_causal_lm
+
+    model.config._attn_implementation = "sdpa"
+    model.save_pretrained(tmp_path)
+    cfg = load_config(data={"model": {"name_or_path": str(tmp_path), "dtype": "fp32", "attn_implementation": "sdpa"},
+                            "data": {"train": "ftdist/tiny-task"}})
+    loaded = load_causal_lm(cfg.model).eval()
+    assert loaded.config._attn_implementation == SEGMENT_SDPA
+    data = _samples()
+    padded = collate_rows([[i] for i in range(len(data))], data, pad_id=0, capacity=128, packed=False)
+    with torch.no_grad():
+        a = causal_logits(model, padded, "sdpa", torch.float32)
+        b = causal_logits(loaded, padded, "sdpa", torch.float32)
+    real = padded.attention_mask.bool()
+    assert float((a - b)[real].abs().max()) < 1e-5
 
 
 def test_packed_batch_marks_sample_starts_and_positions():

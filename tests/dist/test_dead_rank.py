@@ -1,0 +1,75 @@
+"""A rank that dies or hangs mid-run makes the others fail within dist.timeout_s, with one line
+that names it, instead of waiting forever.
+
+The two ranks are started by hand with srun-style RANK/WORLD_SIZE/MASTER_* variables: torchrun
+would kill the survivor itself as soon as one worker exits, hiding the path under test.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT, _free_port, read_metrics
+
+pytestmark = pytest.mark.dist
+
+TIMEOUT_S = 15
+SLACK_S = 25  # the survivors' check-in through the store (10 s) plus exit
+
+
+def _start_ranks(run_dir: Path, log_dir: Path) -> list[subprocess.Popen]:
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "RANK": str(rank), "WORLD_SIZE": "2",
+               "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        cmd = [sys.executable, "-m", "ftdist", "train", "sft_tiny", f"output_dir={run_dir}", "data.eval=null",
+               "train.max_steps=1000", "train.log_every=1", "train.progress_bar=false", "checkpoint.every_steps=0",
+               f"dist.timeout_s={TIMEOUT_S}", "dist.backend=gloo"]
+        with open(log_dir / f"rank{rank}.log", "w") as log:
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL, start_new_session=True))
+    return procs
+
+
+@pytest.mark.parametrize("fault", ["killed", "hung"])
+def test_survivor_fails_within_timeout_naming_the_rank(tmp_path, fault):
+    run_dir = tmp_path / "run"
+    procs = _start_ranks(run_dir, tmp_path)
+    survivor, victim = procs
+    try:
+        deadline = time.monotonic() + 300
+        while not (run_dir / "metrics.jsonl").exists() or not any("loss" in r for r in read_metrics(run_dir)):
+            assert survivor.poll() is None and victim.poll() is None, (tmp_path / "rank0.log").read_text()[-4000:]
+            assert time.monotonic() < deadline, "training did not start in time"
+            time.sleep(0.2)
+        # SIGKILL: the peer's sockets close at once; SIGSTOP: they stay open and nothing arrives,
+        # as when a node hangs or drops off the network
+        os.kill(victim.pid, signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
+        t0 = time.monotonic()
+        rc = survivor.wait(timeout=TIMEOUT_S + SLACK_S + 30)
+        elapsed = time.monotonic() - t0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGKILL)
+                p.wait(timeout=30)
+    log = (tmp_path / "rank0.log").read_text()
+    assert rc == 1, log[-4000:]
+    assert elapsed < TIMEOUT_S + SLACK_S, (elapsed, log[-4000:])
+    line = [ln for ln in log.splitlines() if ln.startswith("ftdist: error (rank 0):")]
+    assert line, log[-4000:]
+    assert line[0].endswith("(rank 1 died?)"), line
+    if fault == "hung":
+        assert f"a collective timed out after {TIMEOUT_S}s waiting for other ranks" in line[0]
+        assert elapsed > TIMEOUT_S - 2
+    else:
+        assert "lost the connection to another rank" in line[0]
+    assert "Traceback" not in log

@@ -1,0 +1,31 @@
+"""launch/local.sh on CPU with both launchers, run from another directory with a relative recipe
+and output_dir: 2 gloo ranks each, and the same weights whichever launcher started them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from tests.helpers import ROOT, _free_port, load_weights, max_abs_diff, read_metrics, write_recipe
+
+pytestmark = pytest.mark.dist
+
+
+def test_local_sh_torchrun_and_deepspeed_launchers_agree(tmp_path):
+    write_recipe(tmp_path / "r.yaml", stage="sft", model={"name_or_path": "ftdist/tiny", "dtype": "fp32"},
+                 data={"train": "ftdist/tiny-task", "max_length": 64},
+                 train={"micro_batch_size": 4, "global_batch_size": 16, "max_steps": 3, "lr": 2e-3,
+                        "log_every": 1, "progress_bar": False},
+                 checkpoint={"every_steps": 0}, logging={"tensorboard": False})
+    for launcher in ("torchrun", "deepspeed"):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "LAUNCHER": launcher, "MASTER_PORT": str(_free_port())}
+        proc = subprocess.run(["bash", str(ROOT / "launch" / "local.sh"), "2", "r.yaml", f"output_dir=run-{launcher}"],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+        assert proc.returncode == 0, f"{launcher}: {proc.stderr[-4000:]}"
+        assert "2 ranks x micro 4 x accumulation 2" in proc.stdout + proc.stderr
+        assert [r["step"] for r in read_metrics(tmp_path / f"run-{launcher}") if "loss" in r] == [1, 2, 3]
+    diff = max_abs_diff(load_weights(tmp_path / "run-torchrun" / "final"),
+                        load_weights(tmp_path / "run-deepspeed" / "final"))
+    assert diff < 1e-6

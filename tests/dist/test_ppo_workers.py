@@ -1,0 +1,90 @@
+"""The PPO workers in one plain process (a world-1 gloo group, real DeepSpeed), without Ray:
+a learned reward model scores at the last real token exactly like transformers does on the unpadded
+text; a critic started from the reward model carries its head; with LoRA the reference is the policy
+with its adapter off; a PPO update on a fixed batch moves the log-probs of positive-advantage tokens up."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import ROOT
+
+pytestmark = pytest.mark.dist
+
+SCRIPT = r"""
+import json, sys, torch
+from transformers import AutoModelForSequenceClassification
+from ftdist.config import load_config
+from ftdist.models.tiny import resolve_model_path, tiny_config
+from ftdist.rl.experience import Experience, merge_rollouts
+from ftdist.rl.workers import CriticWorker, PolicyWorker, ReferenceWorker, RewardWorker, derive_seed
+
+rm_dir = sys.argv[1]
+torch.manual_seed(0)
+rm = AutoModelForSequenceClassification.from_config(tiny_config(num_labels=1))
+with torch.no_grad():
+    rm.score.weight.normal_(0, 1.0)  # a head far from a fresh one, so "initialised from the RM" is visible
+rm.save_pretrained(rm_dir)
+
+base = ["stage=ppo", "data.train=ftdist/tiny-task/prompts", "model.dtype=fp32", "data.max_length=48",
+        "ppo.max_new_tokens=6", "train.micro_batch_size=2", "ppo.rollout_batch_size=4", "ppo.mini_batch_size=4",
+        "deepspeed.zero_stage=2", "ppo.temperature=1.0", "train.scheduler=constant", "train.warmup_ratio=0"]
+out = {}
+cfg = load_config(None, base + [f"ppo.reward_model={rm_dir}", "ppo.critic_init=reward_model"])
+policy = PolicyWorker(cfg)
+prompts = ["<|user|>\nSort the digits: 3 1 2<|end|>\n<|assistant|>\n",
+           "<|user|>\nSort the digits: 9 8 7 6 5 4<|end|>\n<|assistant|>\n"] * 2
+rollout = policy.generate(prompts, derive_seed(0, 0, 0))
+exp = Experience.from_rollout(merge_rollouts([rollout], policy.tokenizer.pad_token_id))
+out["left_padded"] = bool((exp.attention_mask[:, 0] == 0).any())
+
+reward = RewardWorker(cfg)
+scores = reward.score(exp)
+hf = AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()
+with torch.no_grad():
+    alone = [float(hf(input_ids=s[m.bool()].unsqueeze(0)).logits[0, 0]) for s, m in zip(exp.sequences, exp.attention_mask)]
+out["score_err"] = float((scores - torch.tensor(alone)).abs().max())
+
+critic = CriticWorker(cfg)
+out["critic_head_err"] = float((critic.engine.module.score.weight.detach().cpu() - rm.score.weight.detach()).abs().max())
+values = critic.values(exp)
+out["values_shape"] = list(values.shape) == list(exp.action_mask.shape)
+
+# with LoRA there is no reference group: the policy with its adapter off must give the base model's log-probs
+import torch.distributed as dist
+lora = load_config(None, base + ["ppo.reward_fn=ftdist.data.tiny_task:sort_reward", "model.lora.r=4",
+                                 "model.lora.dropout=0.0", "train.lr=5e-3"])
+lora_policy = PolicyWorker(lora)
+reference = ReferenceWorker(lora)
+ref = reference.logprobs(exp)
+with_adapter_off = lora_policy.logprobs(exp, reference=True)
+out["lora_ref_err_before"] = float((with_adapter_off - ref).abs().max())
+
+exp.old_logp = lora_policy.logprobs(exp)
+exp.ref_logp = ref
+exp.advantages = exp.action_mask.float()  # every sampled token is good
+stats = lora_policy.train(exp, 0, 0.0)
+after = lora_policy.logprobs(exp)
+gain = ((after - exp.old_logp) * exp.action_mask).sum() / exp.action_mask.sum()
+out["mean_logp_gain"] = float(gain)
+out["lora_ref_err_after"] = float((lora_policy.logprobs(exp, reference=True) - ref).abs().max())
+out["policy_stats"] = sorted(stats)
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_reward_critic_and_lora_reference_workers(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "rm")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-6000:]
+    r = json.loads(lines[-1][len("RESULT "):])
+    assert r["left_padded"]  # the two prompt lengths differ, so the check covers left padding
+    assert r["score_err"] < 1e-4, r
+    assert r["critic_head_err"] == 0.0 and r["values_shape"], r
+    assert r["lora_ref_err_before"] < 1e-5, r
+    assert r["mean_logp_gain"] > 0.01, r
+    assert r["lora_ref_err_after"] < 1e-5, r  # the update touched only the adapter
+    assert {"policy_loss", "clipfrac", "approx_kl", "entropy", "lr", "grad_norm"} <= set(r["policy_stats"])

@@ -1,0 +1,162 @@
+"""A real local Ray head for the tests in tests/ray/: 127.0.0.1 only, dashboard on loopback.
+
+Each session gets its own temp dir, free ports and authentication token, so that it can run
+next to other Ray clusters on the same machine (Ray enables token authentication when
+~/.ray/auth_token exists; a shared token file could change under the tests). `ray stop` would kill every Ray on the machine, so the head runs
+as `ray start --block` and is stopped with SIGTERM (it then stops the processes it started);
+whatever still runs with this session's temp dir on its command line is killed after that.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT
+
+START_TIMEOUT_S = 120
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def procs_with_arg(needle: str) -> list[int]:
+    """Live processes whose command line contains `needle` (this session's temp dir)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            state = Path(f"/proc/{entry}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if needle.encode() in cmdline and state != b"Z":
+            found.append(int(entry))
+    return found
+
+
+def listening_sockets(pids: list[int]) -> list[tuple[str, int]]:
+    """(address, port) of every TCP socket in LISTEN state that one of `pids` holds."""
+    import ipaddress
+
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            continue
+    out = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A" or fields[9] not in inodes:  # 0A: LISTEN
+                continue
+            hex_addr, hex_port = fields[1].split(":")
+            raw = bytes.fromhex(hex_addr)
+            # the kernel prints each 32-bit word in host (little-endian) order
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            addr = ipaddress.ip_address(raw)
+            if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+                addr = addr.ipv4_mapped
+            out.append((str(addr), int(hex_port, 16)))
+    return out
+
+
+class RayHead:
+    def __init__(self, temp_dir: str, dashboard: str, token: str, proc: subprocess.Popen, log: Path):
+        self.temp_dir, self.dashboard, self.proc, self.log = temp_dir, dashboard, proc, log
+        self._token = token
+        # what a shell that talks to this cluster needs (ray job submit, launch/ray_submit.sh)
+        self.env = {"RAY_ADDRESS": dashboard, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+
+    def listening_sockets(self) -> list[tuple[str, int]]:
+        return listening_sockets(procs_with_arg(self.temp_dir))
+
+    def client(self):
+        from ray.job_submission import JobSubmissionClient
+
+        return JobSubmissionClient(self.dashboard, headers={"authorization": f"Bearer {self._token}"})
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    # short: Ray's unix socket paths under the temp dir must stay below 108 characters
+    temp_dir = tempfile.mkdtemp(prefix="ftray-", dir="/tmp")
+    gcs, dash, client, agent, agent_grpc, env_agent, metrics, node_mgr, obj_mgr = _free_ports(9)
+    venv_bin = os.path.dirname(sys.executable)
+    # the job entrypoint's `python` comes from the PATH that the head was started with
+    token = secrets.token_hex(32)
+    env = {**os.environ, "PATH": f"{venv_bin}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
+           "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+           # a one-node cluster: without this Ray swaps 127.0.0.1 for the machine's address and
+           # listens on every interface
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           # SIGTERM stops at once instead of draining the node for 30 s
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+    log = Path(temp_dir) / "ray-start.log"
+    cmd = [f"{venv_bin}/ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+           "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+           f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
+           f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={env_agent}",
+           f"--metrics-export-port={metrics}", f"--node-manager-port={node_mgr}",
+           f"--object-manager-port={obj_mgr}", "--num-cpus=4", "--num-gpus=0",
+           f"--object-store-memory={200 * 1024 * 1024}", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    head = RayHead(temp_dir, f"http://127.0.0.1:{dash}", token, proc, log)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            assert proc.poll() is None, f"ray start exited {proc.returncode}:\n{log.read_text()[-4000:]}"
+            assert time.monotonic() < deadline, f"Ray head not up in {START_TIMEOUT_S}s:\n{log.read_text()[-4000:]}"
+            try:
+                head.client().list_jobs()
+                break
+            except Exception:
+                time.sleep(1)
+        yield head
+    finally:
+        _stop(head)
+
+
+def _stop(head: RayHead) -> None:
+    if head.proc.poll() is None:
+        head.proc.send_signal(signal.SIGTERM)
+        try:
+            head.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.proc.kill()
+            head.proc.wait(timeout=30)
+    deadline = time.monotonic() + 20
+    while procs_with_arg(head.temp_dir) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in procs_with_arg(head.temp_dir):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    shutil.rmtree(head.temp_dir, ignore_errors=True)
