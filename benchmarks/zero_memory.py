@@ -41,6 +41,10 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 TOLERANCE = 0.15
 CASES = [(0, False), (1, False), (2, False), (3, False), (1, True), (2, True), (3, True)]  # (stage, offload)
+# ZeRO-3 knobs besides ds_configs/zero3.json's (reuse distance 1e9, prefetch 5e7), to check how many
+# gathered parameters the forward keeps: none kept for reuse, and about a third of the model kept
+ZERO3_KNOBS = [{"stage3_max_reuse_distance": 0, "stage3_prefetch_bucket_size": 0},
+               {"stage3_max_reuse_distance": 30_000_000, "stage3_prefetch_bucket_size": 0}]
 SHAPES = {
     "full": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8,
                  num_key_value_heads=4, vocab_size=16384),
@@ -129,10 +133,13 @@ def measure(engine) -> Held:
     if opt is not inner:
         attrs = sorted(vars(opt).items())
         # gradient holders first, then fp32 master partitions the inner optimizer reaches through views,
-        # then communication buckets, then anything else the wrapper keeps
-        for want, category in ((lambda n: "grad" in n and "ipg" not in n, "grads"),
-                               (lambda n: "fp32" in n, "master"),
-                               (lambda n: "ipg" in n or "bucket" in n, "buckets"), (lambda n: True, "other")):
+        # then communication buckets and staging buffers, then anything else the wrapper keeps
+        def scratch(n: str) -> bool:
+            return "ipg" in n or "bucket" in n or "temp" in n or "buffer_of" in n
+
+        for want, category in ((lambda n: "grad" in n and not scratch(n), "grads"),
+                               (lambda n: "fp32" in n and not scratch(n), "master"),
+                               (scratch, "buckets"), (lambda n: True, "other")):
             for name, value in attrs:
                 if name in ("optimizer", "module") or not want(name):
                     continue
@@ -143,7 +150,7 @@ def measure(engine) -> Held:
 
 def param_peak_hooks(module) -> dict:
     """Most parameter bytes materialised at once during a forward (ZeRO-3 gathers and releases)."""
-    peak = {"bytes": 0}
+    peak = {"bytes": 0}  # the caller resets it once the first step has recorded ZeRO-3's trace
     params = list(module.parameters())
 
     def probe(*_):
@@ -164,7 +171,7 @@ def param_peak_hooks(module) -> dict:
     return peak
 
 
-def run_case(model_dir: Path, info, dtype: str, stage: int, offload: bool) -> dict:
+def run_case(model_dir: Path, info, dtype: str, stage: int, offload: bool, knobs: dict | None = None) -> dict:
     import torch
 
     import ftdist.engine.engine as fe
@@ -175,26 +182,30 @@ def run_case(model_dir: Path, info, dtype: str, stage: int, offload: bool) -> di
     cfg = load_config(data=dict(
         model={"name_or_path": str(model_dir), "dtype": dtype, "attn_implementation": "sdpa"},
         data={"train": "ftdist/tiny-task"},  # required by the config, never read here
-        train={"micro_batch_size": 1, "global_batch_size": info.world_size, "lr": 1e-4, "max_grad_norm": 1.0,
+        train={"micro_batch_size": 1, "global_batch_size": 2 * info.world_size, "lr": 1e-4, "max_grad_norm": 1.0,
                "warmup_ratio": 0.0, "progress_bar": False},
-        deepspeed={"zero_stage": stage, "offload_optimizer": offload}))
+        deepspeed={"zero_stage": stage, "offload_optimizer": offload, "config": _ds_config(model_dir, knobs)}))
     with model_init_context(cfg, info.world_size, 1):
         model = load_causal_lm(cfg.model)
-    engine = Engine(model, cfg, info, grad_accum=1, total_steps=4)
+    # two micro-batches per step: ZeRO-1 holds whole gradients between the boundaries, ZeRO-2 only partitions
+    engine = Engine(model, cfg, info, grad_accum=2, total_steps=4)
     peak = param_peak_hooks(engine.module)
     g = torch.Generator().manual_seed(info.rank)
     vocab = engine.module.config.vocab_size
-    for it in range(2):
+    held = []
+    for micro in range(4):
+        if micro == 2:
+            peak["bytes"] = 0
         ids = torch.randint(0, vocab, (1, SEQ), generator=g)
         loss = engine.forward(input_ids=ids, labels=ids).loss
-        engine.backward(loss / info.world_size)
-        if it == 1:
-            held = measure(engine)
+        engine.backward(loss / (2 * info.world_size))
+        if micro >= 2:  # the second step: optimizer state exists; after a mid-step and after a boundary backward
+            held.append(measure(engine))
         engine.step()
+    worst = max(held, key=lambda h: sum(h.bytes.get(c, 0) for c in ("params", "grads", "master", "optimizer")))
     result = {"dtype": dtype, "stage": stage, "offload": offload, "ranks": info.world_size, "rank": info.rank,
-              **held.bytes, "params_peak": peak["bytes"],
-              "where": held.where}
-    del engine, model, held
+              "knobs": knobs or {}, **worst.bytes, "params_peak": peak["bytes"], "where": worst.where}
+    del engine, model, held, worst
     # the next case must not be built inside this case's ZeRO-3 init context
     fe._HF_DS_CONFIG = None
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
@@ -202,6 +213,18 @@ def run_case(model_dir: Path, info, dtype: str, stage: int, offload: bool) -> di
     unset_hf_deepspeed_config()
     gc.collect()
     return result
+
+
+def _ds_config(model_dir: Path, knobs: dict | None) -> str:
+    """'auto', or ds_configs/zero3.json with `knobs` replaced, written next to the model."""
+    if not knobs:
+        return "auto"
+    ds = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
+    ds["zero_optimization"].update(knobs)
+    name = "-".join(f"{k}={v}" for k, v in sorted(knobs.items()))
+    path = model_dir.parent / f"zero3-{name}-rank{os.environ.get('RANK', '0')}.json"  # each rank its own file
+    path.write_text(json.dumps(ds))
+    return str(path)
 
 
 def worker(a) -> int:
@@ -216,45 +239,69 @@ def worker(a) -> int:
     out = []
     for dtype in a.dtypes.split(","):
         for stage, offload in CASES:
-            r = run_case(Path(a.model), info, dtype, stage, offload)
-            out.append(r)
+            out.append(run_case(Path(a.model), info, dtype, stage, offload))
+            barrier()
+        for knobs in ZERO3_KNOBS if info.world_size > 1 else []:
+            out.append(run_case(Path(a.model), info, dtype, 3, False, knobs))
             barrier()
     Path(a.out).with_suffix(f".rank{info.rank}.json").write_text(json.dumps(out))
     return 0
 
 
 # -- theory and report ------------------------------------------------------------------------------
-def theory(shape, dtype: str, stage: int, offload: bool, ranks: int) -> dict:
-    from ftdist.plan import estimate
+def theory(shape, r: dict) -> dict:
+    """ftdist.plan's bytes per category for the case of record r; offloaded state split back by kind."""
+    from ftdist.plan import ZERO3_MAX_REUSE_DISTANCE, ZERO3_PREFETCH_BUCKET, estimate
 
-    e = estimate(shape, "full", zero_stage=stage, offload_optimizer=offload, world_size=ranks, seq_len=SEQ,
-                 dtype=dtype, optimizer="adamw_torch")
-    # offloaded master, m, v and the fp32 gradient partition are all in cpu_bytes
-    opt_cpu = e.cpu_bytes
-    return {"params": e.weights, "grads": e.gradients, "master": e.master_weights, "optimizer": e.optimizer_state,
-            "offloaded": opt_cpu, "total": e.weights + e.gradients + e.master_weights + e.optimizer_state + opt_cpu}
+    knobs, n = r.get("knobs", {}), r["ranks"]
+    e = estimate(shape, "full", zero_stage=r["stage"], offload_optimizer=r["offload"], world_size=n, seq_len=SEQ,
+                 dtype=r["dtype"], optimizer="adamw_torch",
+                 zero3_prefetch_bucket=knobs.get("stage3_prefetch_bucket_size", ZERO3_PREFETCH_BUCKET),
+                 zero3_max_reuse_distance=knobs.get("stage3_max_reuse_distance", ZERO3_MAX_REUSE_DISTANCE))
+    t = {"params": e.weights, "grads": e.gradients, "master": e.master_weights, "optimizer": e.optimizer_state}
+    if r["offload"]:
+        # cpu_bytes = fp32 master + m + v + the gradient partition(s) CPU Adam uses
+        psi = shape.n_params()
+        t["master"] += 4 * psi / n
+        t["optimizer"] += 8 * psi / n
+        t["grads"] += e.cpu_bytes - 12 * psi / n
+    t["total"] = sum(t.values())
+    return t
+
+
+def _label(r: dict) -> str:
+    knobs = r.get("knobs") or {}
+    if not knobs:
+        return str(r["stage"])
+    return (f"3, reuse {knobs['stage3_max_reuse_distance']:.0e}, bucket {knobs['stage3_prefetch_bucket_size']:.0e}"
+            .replace("0e+00", "0"))
 
 
 def report(rows: list[dict], shape) -> tuple[str, bool]:
     mb = 1e6
-    lines = ["| precision | ZeRO | offload | ranks | params MB (peak) | grads MB | master MB | optimizer MB | "
-             "model states MB: measured / theory | ratio | buckets MB |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["Measured / theory (ftdist.plan), MB per rank. params: the partition, and under ZeRO-3 on several "
+             "ranks (peak of the forward) which is what is compared; buckets: reduce buckets and staging buffers, "
+             "outside the theory.", "",
+             "| precision | ZeRO | offload | ranks | params | grads | master | optimizer | model states | ratio "
+             "| buckets |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     ok = True
     for r in rows:
-        t = theory(shape, r["dtype"], r["stage"], r["offload"], r["ranks"])
-        # the planner counts, under ZeRO-3 on several ranks, the gathered layer that the forward holds;
-        # measured the same way: parameter bytes at the peak of the forward
-        params = r["params_peak"] if r["stage"] == 3 and r["ranks"] > 1 else r.get("params", 0)
-        measured = params + r.get("grads", 0) + r.get("master", 0) + r.get("optimizer", 0)
-        ratio = measured / t["total"]
+        t = theory(shape, r)
+        peak = r["stage"] == 3 and r["ranks"] > 1
+        m = {"params": r["params_peak"] if peak else r.get("params", 0),
+             **{c: r.get(c, 0) for c in ("grads", "master", "optimizer")}}
+        m["total"] = sum(m.values())
+        ratio = m["total"] / t["total"]
         ok &= abs(ratio - 1) <= TOLERANCE
-        lines.append(
-            f"| {r['dtype']} | {r['stage']} | {'optimizer' if r['offload'] else '-'} | {r['ranks']} | "
-            f"{r.get('params', 0) / mb:.0f} ({r['params_peak'] / mb:.0f}) | {r.get('grads', 0) / mb:.0f} | "
-            f"{r.get('master', 0) / mb:.0f} | {r.get('optimizer', 0) / mb:.0f} | "
-            f"{measured / mb:.0f} / {t['total'] / mb:.0f} | {ratio:.3f}{'' if abs(ratio - 1) <= TOLERANCE else ' <-- off'} | "
-            f"{r.get('buckets', 0) / mb:.0f} |")
+
+        def cell(c):
+            return f"{m[c] / mb:.0f} / {t[c] / mb:.0f}"
+
+        params = (f"{r.get('params', 0) / mb:.0f} ({cell('params')})" if peak else cell("params"))
+        lines.append(f"| {r['dtype']} | {_label(r)} | {'optimizer' if r['offload'] else '-'} | {r['ranks']} | "
+                     f"{params} | {cell('grads')} | {cell('master')} | {cell('optimizer')} | {cell('total')} | "
+                     f"{ratio:.3f}{'' if abs(ratio - 1) <= TOLERANCE else ' off'} | {r.get('buckets', 0) / mb:.0f} |")
     return "\n".join(lines), ok
 
 
@@ -297,7 +344,8 @@ def main(argv=None) -> int:
                 rows.append(max((pr[k] for pr in per_rank),
                                 key=lambda r: sum(r.get(c, 0) for c in ("params", "grads", "master", "optimizer"))))
             print(f"{n} rank(s) done", flush=True)
-        rows.sort(key=lambda r: (r["dtype"] != "fp32", r["offload"], r["stage"], r["ranks"]))
+        rows.sort(key=lambda r: (r["dtype"] != "fp32", r["offload"], bool(r.get("knobs")), r["stage"],
+                                 json.dumps(r.get("knobs", {}), sort_keys=True), r["ranks"]))
         text, ok = report(rows, shape)
         print(text)
         if a.verbose:

@@ -5,15 +5,23 @@ holds 80 GiB, so budgets are read ~7% conservatively.
 
 Model state per parameter (Psi params; ZeRO paper, Rajbhandari et al. 2020):
   mixed precision: 2 bf16 weights + 2 bf16 grads + K=12 (4 fp32 master + 8 Adam m, v)
-  fp32:            4 weights + 4 grads + 8 Adam m, v (no separate master copy)
+  fp32:            4 weights + 4 grads + 8 Adam m, v; no master copy without ZeRO, but
+                   ZeRO 1-3 keep a 4-byte master partition anyway (DeepSpeed clones the
+                   partition it steps whatever its dtype; benchmarks/zero_memory.py measures it)
   "optimizer" counts m+v only, the master copy is its own line: AdamW on 7B holds
   8 B/param = 54 GB (the "56 GB for 7B" rule is 7e9 x 8); 8-bit AdamW holds 2 B/param
   plus an fp32 absmax per 256-block of each state = 13.7 GB (the "14 GB" rule).
   ZeRO over N ranks: stage 1 divides master + m + v by N, stage 2 also the gradients,
-  stage 3 also the weights, plus one gathered unit in full (largest decoder layer or the
-  embedding) and a prefetch bucket of 0.9*h^2 params. offload_optimizer (ZeRO 1-3) moves
-  master + m + v to the CPU with the fp32 gradient partition CPU Adam steps on; under ZeRO
-  2/3 no gradient partition stays on the GPU, ZeRO-1 keeps its full bf16 gradients.
+  stage 3 also the weights, plus the parameters gathered whole at the turn from forward to
+  backward: a gathered parameter is not released while its next use is within
+  stage3_max_reuse_distance parameters, and a layer's next use waits for every later
+  layer's forward and backward, so the last reuse_distance/2 parameters stay (at least one
+  unit: the largest decoder layer or the embedding), plus the prefetch bucket, at most the
+  whole model. With ds_configs/zero3.json (reuse distance 1e9, bucket 5e7) that is 0.55B
+  parameters: a model below that is held whole at the peak. offload_optimizer (ZeRO 1-3)
+  moves master + m + v to the CPU with the fp32 gradient partition CPU Adam steps on; under
+  ZeRO 2/3 no gradient partition stays on the GPU (ZeRO-3 keeps its gradient accumulation
+  partition, in the training dtype, on the CPU too), ZeRO-1 keeps its full bf16 gradients.
   offload_params (ZeRO-3) moves the weight partition to the CPU too.
   LoRA: frozen base in the training dtype, adapters (r*(in+out) per linear) pay the full
   cost. QLoRA: decoder linear weights in NF4 = 0.5 B/param + constants: fp32 absmax per
@@ -67,6 +75,10 @@ OPTIMIZER_ALIASES = {"adamw": "adamw_torch", "adam": "adamw_torch"}
 CPU_ADAM_OPTIMIZERS = ("adamw_torch", "paged_adamw_32bit")  # what the engine turns into CPU Adam
 METHODS = ("full", "lora", "qlora")
 OFFLOADS = ((False, False), (True, False), (True, True))  # (optimizer, params), slowest last
+# ZeRO-3 knobs as ds_configs/zero3*.json set them
+ZERO3_PREFETCH_BUCKET = 5e7
+ZERO3_MAX_REUSE_DISTANCE = 1e9
+ZERO3_MAX_LIVE_PARAMETERS = 1e9
 
 
 def _nf4_bytes_per_param(double_quant: bool) -> float:
@@ -162,6 +174,15 @@ PRESETS = {  # name: (shape, Hugging Face id written into emitted recipes)
     "13b": (ModelShape(5120, 13824, 40, 40, 40, 32000), "meta-llama/Llama-2-13b-hf"),
     "70b": (ModelShape(8192, 28672, 80, 64, 8, 32000), "meta-llama/Llama-2-70b-hf"),
 }
+
+
+def zero3_gathered_params(shape: ModelShape, prefetch_bucket: float = ZERO3_PREFETCH_BUCKET,
+                          max_reuse_distance: float = ZERO3_MAX_REUSE_DISTANCE,
+                          max_live_parameters: float = ZERO3_MAX_LIVE_PARAMETERS) -> float:
+    """Parameters a ZeRO-3 rank holds whole at the peak of a step (see the module docstring)."""
+    unit = max(shape.layer_params(), shape.vocab_size * shape.hidden_size)
+    kept = min(max_reuse_distance / 2, max_live_parameters)
+    return min(float(shape.n_params()), max(unit, kept) + prefetch_bucket)
 
 
 def weights_bytes(shape: ModelShape, fmt: str = "bf16", double_quant: bool = True) -> float:
@@ -261,7 +282,10 @@ def estimate(shape: ModelShape, method: str = "full", zero_stage: int = 0, offlo
              offload_params: bool = False, world_size: int = 1, seq_len: int = 2048, micro_batch: int = 1,
              gradient_checkpointing: bool = False, dtype: str = "bf16", optimizer: str = "adamw",
              lora_r: int = 16, lora_targets=LINEAR_TARGETS, lora_dropout: float = 0.05,
-             attention: str = "sdpa", double_quant: bool = True) -> MemoryEstimate:
+             attention: str = "sdpa", double_quant: bool = True,
+             zero3_prefetch_bucket: float = ZERO3_PREFETCH_BUCKET,
+             zero3_max_reuse_distance: float = ZERO3_MAX_REUSE_DISTANCE,
+             zero3_max_live_parameters: float = ZERO3_MAX_LIVE_PARAMETERS) -> MemoryEstimate:
     """Per-GPU memory of one setup (theory in the module docstring)."""
     optimizer = OPTIMIZER_ALIASES.get(optimizer, optimizer)
     _check("method", method, METHODS)
@@ -293,22 +317,23 @@ def estimate(shape: ModelShape, method: str = "full", zero_stage: int = 0, offlo
             frozen = q * _nf4_bytes_per_param(double_quant) + (total - q) * e
     weights = frozen + trainable * e
     grads = trainable * e
-    master = trainable * 4.0 if e != 4 else 0.0
+    master = trainable * 4.0 if e != 4 or zero_stage >= 1 else 0.0
     states = trainable * OPTIMIZER_STATE_BYTES[optimizer]
     shard_opt = n if zero_stage >= 1 else 1
     shard_grad = n if zero_stage >= 2 else 1
     cpu = 0.0
     gpu_weights = weights / (n if zero_stage == 3 else 1)
     if zero_stage == 3 and (n > 1 or offload_params):
-        unit = max(shape.layer_params(), shape.vocab_size * shape.hidden_size)
-        gathered = (unit + 0.9 * shape.hidden_size ** 2) * weights / (total + (trainable if method != "full" else 0))
+        live = zero3_gathered_params(shape, zero3_prefetch_bucket, zero3_max_reuse_distance, zero3_max_live_parameters)
+        gathered = live * weights / (total + (trainable if method != "full" else 0))
         gpu_weights = gathered + (0 if offload_params else gpu_weights)
         cpu += weights / n if offload_params else 0
     gpu_grads = grads / shard_grad
     gpu_master, gpu_states = master / shard_opt, states / shard_opt
     if offload_optimizer:
-        # CPU Adam keeps an fp32 parameter partition, m, v and the fp32 gradient partition
-        cpu += trainable * (4.0 + 4.0 + OPTIMIZER_STATE_BYTES[optimizer]) / shard_opt
+        # CPU Adam keeps an fp32 parameter partition, m, v and the fp32 gradient partition;
+        # ZeRO-3 accumulates gradients into a partition in the training dtype there as well
+        cpu += trainable * (4.0 + 4.0 + OPTIMIZER_STATE_BYTES[optimizer] + (e if zero_stage == 3 else 0)) / shard_opt
         gpu_master = gpu_states = 0.0
         if zero_stage >= 2:
             gpu_grads = 0.0

@@ -117,6 +117,10 @@ class Engine:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=copy.deepcopy(self.ds_config),
             dist_init_required=False)
         self.device = self.engine.device
+        if info.world_size == 1 and self.zero_stage == 0:
+            # one rank: DeepSpeed would still flatten every gradient, all-reduce it with itself and copy it
+            # back, each step (6% of a CPU step of a 27M model, measured)
+            self.engine.enable_backward_allreduce = False
 
     # -- training -------------------------------------------------------------------------------
     @property

@@ -61,16 +61,25 @@ class PPODriver:
     def score(self, exp: Experience) -> Experience:
         """Reference, reward, critic and old-policy passes run at the same time on their own groups."""
         tensors = exp.without_text()
-        shards = {role: rs.put_shards(tensors, g.size) for role, g in self.groups.items() if role != "reward"}
-        pending = {"old_logp": self.groups["policy"].map("logprobs", shards["policy"])}
+        stored: dict[int, list] = {}  # groups of equal size share the same stored shards
+
+        def shards(role: str) -> list:
+            n = self.groups[role].size
+            if n not in stored:
+                stored[n] = rs.put_shards(tensors, n)
+            return stored[n]
+
+        pending = {"old_logp": self.groups["policy"].map("logprobs", shards("policy"))}
         if "ref" in self.groups:
-            pending["ref_logp"] = self.groups["ref"].map("logprobs", shards["ref"])
+            pending["ref_logp"] = self.groups["ref"].map("logprobs", shards("ref"))
         else:  # model.lora: the reference is the policy with its adapter switched off
-            pending["ref_logp"] = self.groups["policy"].map("logprobs", shards["policy"], reference=True)
+            pending["ref_logp"] = self.groups["policy"].map("logprobs", shards("policy"), reference=True)
         if "critic" in self.groups:
-            pending["values"] = self.groups["critic"].map("values", shards["critic"])
+            pending["values"] = self.groups["critic"].map("values", shards("critic"))
         reward = self.groups["reward"]
-        pending["scores"] = reward.map("score", rs.put_shards(exp if self.p.reward_fn else tensors, reward.size))
+        # a reward function reads the texts; a reward model only the tokens
+        scored = rs.put_shards(exp, reward.size) if self.p.reward_fn else shards("reward")
+        pending["scores"] = reward.map("score", scored)
         for name, refs in pending.items():
             setattr(exp, name, torch.cat(rs.get(refs)))
         return exp
@@ -90,45 +99,49 @@ class PPODriver:
         return out
 
     # ------------------------------------------------------------------------------------- loop
+    def iterate(self) -> dict:
+        """One iteration, phase by phase; returns its metrics record."""
+        p, it = self.p, self.iteration
+        t0 = time.time()
+        batch = self.sampler.next_batch(p.rollout_batch_size)  # 1. draw
+        exp = self.generate(batch, it)  # 2. generate
+        t1 = time.time()
+        exp = self.score(exp)  # 3. score
+        t2 = time.time()
+        kl_coef = self.kl_ctl.value
+        exp, stats = compute_advantages(exp, p, kl_coef)  # 4. advantages
+        train_stats = self.update(exp, it, kl_coef)  # 5. update
+        t3 = time.time()
+        self.kl_ctl.update(stats["kl"], exp.batch_size)  # 6. record
+        self.iteration, self.samples = it + 1, self.samples + exp.batch_size
+        self.elapsed += t3 - t0
+        tokens = int(exp.attention_mask.sum())
+        epoch = self.sampler.epoch + self.sampler.position / len(self.sampler.prompts)
+        return {"step": self.iteration, "epoch": round(epoch, 4), **stats, **train_stats,
+                "loss": train_stats["policy_loss"], "tokens": tokens, "tokens_per_s": tokens / max(t3 - t0, 1e-9),
+                "samples": self.samples, "samples_per_s": exp.batch_size / max(t3 - t0, 1e-9),
+                "time/generate": t1 - t0, "time/score": t2 - t1, "time/train": t3 - t2,
+                "elapsed_s": round(self.elapsed, 3)}
+
     def run(self, writer: MetricsWriter) -> dict:
         p, cfg = self.p, self.cfg
-        n_samples = p.rollout_batch_size * p.samples_per_prompt
-        if self.iteration == 0 and self.eval_prompts is not None:
+        evaluating = self.eval_prompts is not None
+        if self.iteration == 0 and evaluating:
             self._log_eval(writer, 0)
         progress = Progress(p.iterations, self.iteration, cfg.train.progress_bar, desc="ppo")
         record: dict = {}
         while self.iteration < p.iterations:
-            it = self.iteration
-            t0 = time.time()
-            batch = self.sampler.next_batch(p.rollout_batch_size)
-            exp = self.generate(batch, it)
-            t1 = time.time()
-            exp = self.score(exp)
-            t2 = time.time()
-            kl_coef = self.kl_ctl.value
-            exp, stats = compute_advantages(exp, p, kl_coef)
-            train_stats = self.update(exp, it, kl_coef)
-            t3 = time.time()
-            self.kl_ctl.update(stats["kl"], n_samples)
-            self.iteration, self.samples = it + 1, self.samples + n_samples
-            self.elapsed += t3 - t0
-            tokens = int(exp.attention_mask.sum())
-            record = {"step": self.iteration, "epoch": round(self.sampler.epoch + self.sampler.position
-                                                            / len(self.sampler.prompts), 4),
-                      **stats, **train_stats, "loss": train_stats.get("policy_loss"), "tokens": tokens,
-                      "tokens_per_s": tokens / max(t3 - t0, 1e-9), "samples": self.samples,
-                      "samples_per_s": n_samples / max(t3 - t0, 1e-9), "time/generate": t1 - t0,
-                      "time/score": t2 - t1, "time/train": t3 - t2, "elapsed_s": round(self.elapsed, 3)}
+            record = self.iterate()
             writer.log(record)
-            progress.update(1, reward=stats["reward_mean"], kl=stats["kl"], len=stats["response_len"])
-            if (p.eval_every and self.iteration % p.eval_every == 0 and self.iteration < p.iterations
-                    and self.eval_prompts is not None):
+            progress.update(1, reward=record["reward_mean"], kl=record["kl"], len=record["response_len"])
+            done = self.iteration == p.iterations
+            if evaluating and p.eval_every and self.iteration % p.eval_every == 0 and not done:
                 self._log_eval(writer, self.iteration, progress)
             every = cfg.checkpoint.every_steps
-            if (every and self.iteration % every == 0) or self.iteration == p.iterations:
+            if (every and self.iteration % every == 0) or done:
                 self.save_checkpoint()
         progress.close()
-        final_eval = self._log_eval(writer, self.iteration) if self.eval_prompts is not None else {}
+        final_eval = self._log_eval(writer, self.iteration) if evaluating else {}
         return {"step": self.iteration, **{k: record.get(k) for k in ("reward_mean", "kl")}, **final_eval}
 
     # ------------------------------------------------------------------------------------- eval

@@ -39,10 +39,11 @@ class WorkerActor:
         self.worker = None
 
     def rendezvous_address(self) -> tuple[str, int]:
+        """This node's address and a port free on it: rank 0 of the group hosts the rendezvous."""
+        ip = ray.util.get_node_ip_address()
         with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        return ray.util.get_node_ip_address(), port
+            s.bind((ip, 0))
+            return ip, s.getsockname()[1]
 
     def start(self, env: dict, role: str, cfg) -> bool:
         os.environ.update(env)
@@ -72,7 +73,7 @@ class ActorGroup:
         strategy = [PlacementGroupSchedulingStrategy(placement_group=placement.pg, placement_group_bundle_index=i)
                     for i in range(n)]
         self.actors = [WorkerActor.options(num_cpus=placement.num_cpus, num_gpus=placement.num_gpus,
-                                           scheduling_strategy=strategy[i], name=None).remote() for i in range(n)]
+                                           scheduling_strategy=strategy[i]).remote() for i in range(n)]
         self._ready: list = []
 
     def start(self, cfg) -> list:
@@ -217,6 +218,6 @@ def started_groups(cfg) -> tuple[dict[str, ActorGroup], list]:
 
 
 def unwrap_error(e: BaseException) -> Optional[BaseException]:
-    """The user-facing error (ConfigError, DataError, ...) inside a RayTaskError, if any."""
-    cause = getattr(e, "cause", None)
+    """The exception an actor raised, from inside the RayTaskError that carried it to the driver."""
+    cause = getattr(e, "cause", None) if isinstance(e, ray.exceptions.RayTaskError) else None
     return cause if isinstance(cause, BaseException) else None

@@ -15,6 +15,7 @@ response token is read at the same columns as the log-probs (experience.py).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib
@@ -95,9 +96,6 @@ class _Worker:
         seed_everything(cfg.seed)
         self.device = device_for(self.info) if distributed else torch.device("cpu")
         self.micro = cfg.train.micro_batch_size
-
-    def ready(self) -> bool:
-        return True
 
     def _per_chunk(self, exp: Experience, fn) -> torch.Tensor:
         """fn over micro-batches of rows; results concatenated on the CPU."""
@@ -205,7 +203,7 @@ class PolicyWorker(_TrainedWorker):
             out = module.generate(input_ids=enc["input_ids"].to(self.device),
                                   attention_mask=enc["attention_mask"].to(self.device),
                                   max_new_tokens=p.max_new_tokens, eos_token_id=tok.eos_token_id,
-                                  pad_token_id=tok.pad_token_id,
+                                  pad_token_id=tok.pad_token_id, use_cache=True,  # off in training with checkpointing
                                   synced_gpus=self.engine.zero_stage == 3 and self.info.world_size > 1, **sampling)
         finally:
             module.train(was_training)
@@ -226,17 +224,14 @@ class PolicyWorker(_TrainedWorker):
     @torch.no_grad()
     def logprobs(self, exp: Experience, reference: bool = False) -> torch.Tensor:
         """(B, R) log-probs of the response tokens; reference=True: with the LoRA adapter off (no reference group)."""
+        from ftdist.models.adapters import adapter_disabled
+
         was_training = self.engine.module.training
         self.engine.train(False)
         try:
-            if reference:
-                from ftdist.models.adapters import adapter_disabled
-
-                with adapter_disabled(self.engine.module):
-                    return self._per_chunk(exp, lambda c: action_logprobs(self._logits(c), c.sequences.to(self.device),
-                                                                          c.num_actions))
-            return self._per_chunk(exp, lambda c: action_logprobs(self._logits(c), c.sequences.to(self.device),
-                                                                  c.num_actions))
+            with adapter_disabled(self.engine.module) if reference else contextlib.nullcontext():
+                return self._per_chunk(exp, lambda c: action_logprobs(self._logits(c), c.sequences.to(self.device),
+                                                                      c.num_actions))
         finally:
             self.engine.train(was_training)
 

@@ -80,9 +80,12 @@ def train(cfg: Config) -> dict:
                  driver.elapsed, out / "final")
         return result
     except Exception as e:
+        from ftdist.data.loading import DataError
+        from ftdist.models.loading import ModelError
+
         cause = rs.unwrap_error(e)
-        if cause is not None and isinstance(cause, ValueError):
-            raise cause from None  # a ConfigError/DataError/ModelError raised inside an actor
+        if isinstance(cause, (ConfigError, DataError, ModelError)):
+            raise cause from None  # a problem the user can fix, found inside an actor: no Ray traceback
         raise
     finally:
         if writer is not None:

@@ -102,7 +102,8 @@ def test_ppo_resumes_from_a_checkpoint_identically(ppo_run, warm):
 
 def test_grpo_reward_rises_without_a_critic(warm):
     out = warm["base"] / "grpo"
-    _train("grpo_tiny", out, warm, "ppo.kl_estimator=k3")
+    # the reference shares the policy's bundles and is a 2-rank group of its own
+    _train("grpo_tiny", out, warm, "ppo.kl_estimator=k3", "ppo.colocation=policy_ref", "ppo.ref_ranks=2")
     rows = _iterations(out)
     assert PER_ITERATION <= set(rows[0]) and "value_loss" not in rows[0]
     assert all(math.isfinite(r["kl"]) and r["kl"] >= 0 for r in rows)  # k3 is non-negative

@@ -118,7 +118,9 @@ def test_zero_stages_divide_by_world_size():
     assert (s0.weights, s0.gradients, s0.master_weights + s0.optimizer_state) == (2 * psi, 2 * psi, 12 * psi)
     assert (s1.weights, s1.gradients, s1.master_weights + s1.optimizer_state) == (2 * psi, 2 * psi, 12 * psi / 4)
     assert (s2.weights, s2.gradients, s2.optimizer_state) == (2 * psi, 2 * psi / 4, 8 * psi / 4)
-    gathered = 2 * (SEVEN_B.layer_params() + 0.9 * h * h)  # one decoder layer + prefetch bucket, bf16
+    # ds_configs/zero3.json: the last 1e9/2 parameters stay gathered from forward to backward (more than
+    # one 202M-parameter layer), plus the 5e7 prefetch bucket, in bf16
+    gathered = 2 * (1e9 / 2 + 5e7)
     assert s3.weights == pytest.approx(2 * psi / 4 + gathered)
     assert (s3.gradients, s3.master_weights) == (2 * psi / 4, 4 * psi / 4)
     assert s0.activations == s3.activations  # ZeRO does not touch activations
@@ -131,14 +133,34 @@ def test_zero_stages_divide_by_world_size():
     assert off1.gradients == 2 * psi  # ZeRO-1 keeps full gradients on the GPU
     off3 = estimate(SEVEN_B, "full", zero_stage=3, offload_optimizer=True, offload_params=True, **kw)
     assert off3.weights == pytest.approx(gathered)
-    assert off3.cpu_bytes == pytest.approx(2 * psi / 4 + 16 * psi / 4)
+    # bf16 weight partition; fp32 master, gradient, m, v; the bf16 gradient accumulation partition
+    assert off3.cpu_bytes == pytest.approx(2 * psi / 4 + (16 + 2) * psi / 4)
 
     fp32 = estimate(SEVEN_B, "full", dtype="fp32", **kw)
     assert (fp32.weights, fp32.gradients, fp32.master_weights, fp32.optimizer_state) == (4 * psi, 4 * psi, 0, 8 * psi)
+    # DeepSpeed's ZeRO optimizers step a cloned fp32 partition even when the model is fp32
+    fp32_z2 = estimate(SEVEN_B, "full", dtype="fp32", zero_stage=2, **kw)
+    assert (fp32_z2.gradients, fp32_z2.master_weights, fp32_z2.optimizer_state) == (psi, psi, 2 * psi)
     with pytest.raises(ValueError, match="zero_stage=3"):
         estimate(SEVEN_B, "full", zero_stage=2, offload_optimizer=True, offload_params=True)
     with pytest.raises(ValueError, match="cannot be offloaded"):
         estimate(SEVEN_B, "full", zero_stage=2, offload_optimizer=True, optimizer="adamw_8bit")
+
+
+def test_zero3_gathered_parameters_follow_reuse_distance():
+    h, v, layer = SEVEN_B.hidden_size, SEVEN_B.vocab_size, SEVEN_B.layer_params()
+    # nothing kept for reuse and no prefetch: one unit, here a decoder layer (202M > the 131M embedding)
+    assert plan.zero3_gathered_params(SEVEN_B, prefetch_bucket=0, max_reuse_distance=0) == layer
+    assert layer > v * h
+    # a 2e8 reuse distance keeps 1e8 parameters: less than a layer, so still one layer (+ bucket)
+    assert plan.zero3_gathered_params(SEVEN_B, prefetch_bucket=1e7, max_reuse_distance=2e8) == layer + 1e7
+    # max_live_parameters caps what is kept
+    assert plan.zero3_gathered_params(SEVEN_B, prefetch_bucket=0, max_reuse_distance=2e10,
+                                      max_live_parameters=3e8) == 3e8
+    # a small model is held whole
+    assert plan.zero3_gathered_params(plan.PRESETS["1b"][0]) == 5.5e8
+    tiny = plan.ModelShape(512, 2048, 8, 8, 4, 16384)
+    assert plan.zero3_gathered_params(tiny) == tiny.n_params()
 
 
 def test_lora_and_qlora_state():

@@ -228,3 +228,15 @@ def test_import_ftdist_rl_pulls_in_neither_ray_nor_deepspeed():
             "print(sorted(m for m in ('ray', 'deepspeed') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_colocation_decides_which_groups_share_bundles():
+    from ftdist.rl.ray_shells import sharing
+
+    roles = ["policy", "critic", "ref", "reward"]
+    assert sharing("none", roles) == [("policy",), ("critic",), ("ref",), ("reward",)]
+    assert sharing("policy_ref", roles) == [("policy", "ref"), ("critic",), ("reward",)]
+    assert sharing("ref_reward", roles) == [("ref", "reward"), ("policy",), ("critic",)]
+    assert sharing("all", roles) == [("policy", "critic", "ref", "reward")]
+    # model.lora: no reference group, so policy_ref leaves the policy alone
+    assert sharing("policy_ref", ["policy", "critic", "reward"]) == [("policy",), ("critic",), ("reward",)]
