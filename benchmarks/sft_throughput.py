@@ -22,11 +22,12 @@ same number of samples per step on average as the unpacked arm's batch.
 Data: generated text from a Zipf-distributed made-up vocabulary, with a BPE tokenizer trained on
 it (no network needed); conversation lengths are lognormal, clipped to 32..max_length tokens.
 
-Measured per arm, each in its own process (so the peak RSS is its own): real (non-pad) tokens/s over
-the optimizer steps after the first `--warmup` ones (every arm drops the same number), the padding
-fraction of the tokens the model processed, and the peak RSS. With --repeats N the arms run in
-rotating order N times and the table shows medians. Timings are wall clock on a shared machine:
-compare arms within one run, not across runs.
+Measured per arm, each in its own process (so the peak RSS is its own): real (non-pad) tokens per
+second of wall clock and per second of the process's CPU time, over the optimizer steps after the
+first `--warmup` ones (every arm drops the same number); the padding fraction of the tokens the model
+processed; the peak RSS. With --repeats N the arms run in rotating order N times and the table shows
+medians. On a machine shared with other jobs the wall clock of one arm swings with their load while
+its CPU time stays within a few percent; compare arms within one run, not across runs.
 """
 
 from __future__ import annotations
@@ -223,8 +224,6 @@ def arm_ftdist(work: Path, s: dict, a) -> dict:
             marks.append(_mark(record["tokens"], (marks[-1][3] if marks else 0) + step_processed))
         log(self, record)
 
-    MetricsWriter.log = stamped_log
-
     rows, _ = rows_per_step(work, s, a.seed)
     out = work / "runs" / f"ftdist-{os.getpid()}"
     cfg = load_config(data=dict(
@@ -237,7 +236,11 @@ def arm_ftdist(work: Path, s: dict, a) -> dict:
                "log_every": 1, "progress_bar": False},
         deepspeed={"zero_stage": 0}, checkpoint={"every_steps": 0, "keep_last": 1, "resume": "never"},
         logging={"tensorboard": False}))
-    train(cfg)
+    MetricsWriter.log = stamped_log
+    try:
+        train(cfg)
+    finally:
+        MetricsWriter.log = log
     return {**_window(marks, s["warmup"]), "rows_per_step": rows}
 
 
@@ -409,7 +412,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per arm (default: 8, tiny 3)")
     p.add_argument("--warmup", type=int, default=None, help="first steps not timed (default: 2, tiny 1)")
     p.add_argument("--work", default=None, help="work directory (default: a temporary one)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads per arm (default 2)")
+    # one thread: on a 2-core machine shared with other jobs, two OpenMP threads per arm stall on each
+    # other at every barrier, and a step's wall time then swings 3x (measured)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per arm (default 1)")
     p.add_argument("--seed", type=int, default=0, help="data order seed of the first round (default 0)")
     p.add_argument("--json", default=None, help="also write every run's record to this JSON file")
     p.add_argument("--in-process", action="store_true",

@@ -28,9 +28,11 @@ planner puts it, in cpu_bytes). Exits 1 when a model-state total is off by more 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -205,6 +207,9 @@ def run_case(model_dir: Path, info, dtype: str, stage: int, offload: bool, knobs
     worst = max(held, key=lambda h: sum(h.bytes.get(c, 0) for c in ("params", "grads", "master", "optimizer")))
     result = {"dtype": dtype, "stage": stage, "offload": offload, "ranks": info.world_size, "rank": info.rank,
               "knobs": knobs or {}, **worst.bytes, "params_peak": peak["bytes"], "where": worst.where}
+    # every case runs in the same processes: hand DeepSpeed's buffers back before the next one
+    engine.engine.destroy()
+    engine.engine.optimizer = engine.optimizer = engine.engine.module = None
     del engine, model, held, worst
     # the next case must not be built inside this case's ZeRO-3 init context
     fe._HF_DS_CONFIG = None
@@ -212,6 +217,11 @@ def run_case(model_dir: Path, info, dtype: str, stage: int, offload: bool, knobs
 
     unset_hf_deepspeed_config()
     gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed state goes back to the OS, not to the next case's peak
+    result["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    import psutil
+
+    result["rss_now_mb"] = psutil.Process().memory_info().rss / 2**20
     return result
 
 
@@ -328,11 +338,12 @@ def main(argv=None) -> int:
         print(f"model: Llama {shape.n_params() / 1e6:.1f}M parameters; per-rank bytes after backward, before the "
               f"optimizer step; MB = 1e6 bytes", flush=True)
         rows = []
-        for n in (int(x) for x in a.ranks.split(",")):
-            out = work / f"ranks{n}"
+        # one launch per world size and precision: fewer cases per process, less left behind between them
+        for n, dtype in ((int(x), d) for x in a.ranks.split(",") for d in a.dtypes.split(",")):
+            out = work / f"ranks{n}-{dtype}"
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port",
                    str(_free_port()), __file__, "--worker", "--model", str(model_dir), "--out", str(out),
-                   "--dtypes", a.dtypes]
+                   "--dtypes", dtype]
             env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
             proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
             if proc.returncode != 0:
@@ -343,7 +354,7 @@ def main(argv=None) -> int:
                 # the report shows the rank holding the most (ranks differ by partition padding only)
                 rows.append(max((pr[k] for pr in per_rank),
                                 key=lambda r: sum(r.get(c, 0) for c in ("params", "grads", "master", "optimizer"))))
-            print(f"{n} rank(s) done", flush=True)
+            print(f"{n} rank(s), {dtype}: done", flush=True)
         rows.sort(key=lambda r: (r["dtype"] != "fp32", r["offload"], bool(r.get("knobs")), r["stage"],
                                  json.dumps(r.get("knobs", {}), sort_keys=True), r["ranks"]))
         text, ok = report(rows, shape)

@@ -20,8 +20,9 @@ Model state per parameter (Psi params; ZeRO paper, Rajbhandari et al. 2020):
   whole model. With ds_configs/zero3.json (reuse distance 1e9, bucket 5e7) that is 0.55B
   parameters: a model below that is held whole at the peak. offload_optimizer (ZeRO 1-3)
   moves master + m + v to the CPU with the fp32 gradient partition CPU Adam steps on; under
-  ZeRO 2/3 no gradient partition stays on the GPU (ZeRO-3 keeps its gradient accumulation
-  partition, in the training dtype, on the CPU too), ZeRO-1 keeps its full bf16 gradients.
+  ZeRO 2/3 no gradient partition stays on the GPU, and a second one, in the training dtype,
+  accumulates micro-batches on the CPU (ZeRO-2 allocates it once a step has more than one
+  micro-batch, ZeRO-3 always); ZeRO-1 keeps its full bf16 gradients.
   offload_params (ZeRO-3) moves the weight partition to the CPU too.
   LoRA: frozen base in the training dtype, adapters (r*(in+out) per linear) pay the full
   cost. QLoRA: decoder linear weights in NF4 = 0.5 B/param + constants: fp32 absmax per
@@ -332,8 +333,8 @@ def estimate(shape: ModelShape, method: str = "full", zero_stage: int = 0, offlo
     gpu_master, gpu_states = master / shard_opt, states / shard_opt
     if offload_optimizer:
         # CPU Adam keeps an fp32 parameter partition, m, v and the fp32 gradient partition;
-        # ZeRO-3 accumulates gradients into a partition in the training dtype there as well
-        cpu += trainable * (4.0 + 4.0 + OPTIMIZER_STATE_BYTES[optimizer] + (e if zero_stage == 3 else 0)) / shard_opt
+        # ZeRO 2/3 accumulate micro-batches into a partition in the training dtype there as well
+        cpu += trainable * (4.0 + 4.0 + OPTIMIZER_STATE_BYTES[optimizer] + (e if zero_stage >= 2 else 0)) / shard_opt
         gpu_master = gpu_states = 0.0
         if zero_stage >= 2:
             gpu_grads = 0.0

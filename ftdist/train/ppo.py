@@ -75,6 +75,10 @@ def train(cfg: Config) -> dict:
             log.info("resumed from %s at iteration %d", resume, driver.iteration)
         writer = MetricsWriter(str(out), True, cfg.logging, cfg.to_dict())
         result = driver.run(writer)
+        if "stopped_at" in result:
+            log.warning("stop requested by signal: checkpoint saved at iteration %d; exiting for requeue",
+                        result["stopped_at"])
+            return result
         driver.export(str(out / "final"))
         log.info("done: %d iterations, %d samples in %.1fs; policy in %s", driver.iteration, driver.samples,
                  driver.elapsed, out / "final")
