@@ -1,28 +1,31 @@
 """Per-rank memory of parameters, gradients, master weights and optimizer state under ZeRO 0-3
 (and optimizer offload), measured in real gloo processes and compared with ftdist.plan.
 
-    python benchmarks/zero_memory.py                      # 1, 2 and 4 ranks, fp32 and bf16 (~5-10 min on 2 cores)
+    python benchmarks/zero_memory.py                      # 1, 2 and 4 ranks, fp32 and bf16
     python benchmarks/zero_memory.py --ranks 2 --dtypes fp32 --tiny
 
-For each world size one torchrun launch runs every (precision, stage, offload) case in turn: build
-a ~48M-parameter Llama (random init, loaded with ftdist's loader inside ftdist's ZeRO-3 init
-context), wrap it in ftdist's Engine (DeepSpeed), run one optimizer step, then one more
-forward/backward, and count at that point (gradients reduced, optimizer state allocated, before
-the second step) the bytes of every tensor the rank holds, each storage once:
+One torchrun launch per (world size, precision) runs every (stage, offload) case in turn, plus,
+on several ranks, ZeRO-3 with other reuse-distance / prefetch knobs: build a 48M-parameter Llama
+(random init, loaded with ftdist's loader inside ftdist's ZeRO-3 init context), wrap it in
+ftdist's Engine (DeepSpeed) with 2 micro-batches per step, run one step, then in the second step
+count, after the mid-step backward and after the boundary backward (the larger is kept), the
+bytes of every tensor the rank holds, each storage once:
 
   params     the module's parameters: whole tensors, or under ZeRO-3 the rank's partition
-             (ds_tensor) plus parameters kept whole below the persistence threshold;
-             "peak" is the most parameter bytes materialised at once during the forward
+             (ds_tensor) plus the small parameters kept whole; under ZeRO-3 on several ranks
+             also the peak: the most parameter bytes materialised at once in the forward
   grads      p.grad and the ZeRO optimizer's gradient partitions (averaged_gradients,
-             grads_in_partition, grad_partitions_flat_buffer, BF16 fp32 accumulators)
+             all_grad_tensors, accumulated_grads_in_cpu, the stage-3 grad partitions, the
+             fp32 gradient of the master partition)
   master     tensors the inner optimizer steps that are not the module's parameters
              (fp32 master partitions)
   optimizer  the inner optimizer's state (Adam m and v)
-  buckets    reduce buckets (ipg_*): communication scratch, sized by reduce_bucket_size,
-             not part of the theory
+  buckets    reduce buckets (ipg_*) and offload staging buffers: scratch sized by the DeepSpeed
+             config, not part of the theory
 
-Theory = ftdist.plan.estimate for the same setup (per rank; offloaded state counted where the
-planner puts it, in cpu_bytes). Exits 1 when a model-state total is off by more than 15%.
+Theory = ftdist.plan.estimate for the same setup, per rank; what the planner puts in cpu_bytes
+under offload is split back into grads, master and optimizer (on a CPU machine every tensor is
+in the same memory). Exits 1 when a model-state total is off by more than 15%.
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ def test_gpu_sft_tiny_reports_both_settings():
 
     for setting, (tokens_per_s, mfu, padding) in table.items():
         assert float(tokens_per_s) > 0
-        assert padding == "0.0%"
+        assert float(padding.rstrip("%")) <= 3.0  # best-fit packing leaves only a few percent
         if torch.cuda.is_available():
             assert re.fullmatch(r"\d+\.\d%", mfu) or mfu == "n/a"  # n/a: a GPU missing from the peak table
         else:
