@@ -29,6 +29,11 @@ log = logging.getLogger("ftdist")
 _PASS_ENV = ("FTDIST_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE",
              "TOKENIZERS_PARALLELISM", "PYTHONPATH", "NCCL_DEBUG", "NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME")
 PG_TIMEOUT_S = 300
+# a launcher's process-group variables that must not reach the groups' own process groups: a driver started
+# under torchrun passes TORCHELASTIC_USE_AGENT_STORE on to Ray's workers, and rank 0 of a group would then
+# wait for an elastic agent's store that does not exist
+_LAUNCHER_ENV_PREFIXES = ("TORCHELASTIC_", "GROUP_", "ROLE_", "LOCAL_WORLD_SIZE", "OMPI_", "PMI_", "SLURM_PROCID",
+                          "SLURM_NTASKS", "SLURM_LOCALID")
 
 
 @ray.remote
@@ -46,6 +51,8 @@ class WorkerActor:
             return ip, s.getsockname()[1]
 
     def start(self, env: dict, role: str, cfg) -> bool:
+        for key in [k for k in os.environ if k.startswith(_LAUNCHER_ENV_PREFIXES)]:
+            del os.environ[key]
         os.environ.update(env)
         from ftdist.rl.workers import WORKERS
 
