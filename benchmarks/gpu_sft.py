@@ -47,7 +47,8 @@ SETTINGS = {
                 max_length=2048, min_length=64, median_length=400, sigma=0.9, micro=4, accum=2, steps=30, warmup=10,
                 save_dtype="bfloat16"),
     "tiny": dict(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=512, samples=120, max_length=128,
-                 min_length=16, median_length=40, sigma=0.7, micro=2, accum=1, steps=3, warmup=1),
+                 min_length=16, median_length=40, sigma=0.7, micro=1, accum=2, steps=3, warmup=1,
+                 tokenizer_sentences=2000),
 }
 
 
@@ -139,10 +140,10 @@ def main(argv=None) -> int:
     lengths = json.loads((work / "lengths.json").read_text())
     config = json.loads((work / "model" / "config.json").read_text())
     flops_token, flops_token_6n = model_flops_per_token(config, lengths)
-    print(f"device: {device}; model: Llama {meta['n_params'] / 1e9:.3f}B parameters, {a.dtype}, packing into rows "
+    print(f"device: {device}; model: Llama {meta['n_params'] / 1e6:,.1f}M parameters, {a.dtype}, packing into rows "
           f"of {s['max_length']} tokens, micro-batch {s['micro']} x accumulation {s['accum']}, ZeRO-{a.zero_stage}; "
-          f"{s['steps']} steps, first {s['warmup']} not timed; {flops_token / 1e9:.2f} GFLOPs per token "
-          f"(6N alone: {flops_token_6n / 1e9:.2f})", flush=True)
+          f"{s['steps']} steps, first {s['warmup']} not timed; {flops_token / 1e6:,.1f} MFLOPs per token "
+          f"(6N alone: {flops_token_6n / 1e6:,.1f})", flush=True)
     rows = []
     for ckpt in (False, True):
         r = run_setting(work, s, a, ckpt)

@@ -16,6 +16,14 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 
 
+def pytest_sessionstart(session):
+    # an op build killed part-way (a timed-out test, a killed earlier run) leaves a lock that every later
+    # DeepSpeed start would wait on for ever; none of this suite's builds is running yet
+    from ftdist.engine.engine import clear_stale_build_locks
+
+    clear_stale_build_locks(max_age_s=0)
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs CUDA")
     for item in items:

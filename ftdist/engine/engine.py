@@ -65,10 +65,41 @@ def build_ds_config(cfg: Config, world_size: int, grad_accum: int) -> dict:
     return ds
 
 
+# A JIT build of a DeepSpeed op holds a `lock` file in its build folder; a process killed mid-build leaves it
+# behind and every later process waits on it forever. No build takes this long, so an older lock is stale.
+STALE_BUILD_LOCK_S = 15 * 60
+
+
+def clear_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S) -> list[str]:
+    """Remove op-build locks older than max_age_s under the torch extensions folder; returns what was removed."""
+    import glob
+    import time
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    removed = []
+    for lock in glob.glob(os.path.join(root, "**", "lock"), recursive=True):
+        try:
+            if time.time() - os.path.getmtime(lock) > max_age_s:
+                os.remove(lock)
+                removed.append(lock)
+        except OSError:
+            continue
+    for lock in removed:
+        log.warning("removed a stale op-build lock left by a killed build: %s", lock)
+    return removed
+
+
 def _init_deepspeed_comm(info_backend: str) -> None:
     """deepspeed.comm wraps the torch process group we already created; it must know about it."""
     import deepspeed
+    import deepspeed.ops
 
+    clear_stale_build_locks()
+    # DeepSpeed's CPU shared-memory all-reduce serves only its inference all-reduce, never training; skipping
+    # it saves a compiler run (g++, about a minute) on the first start of every machine
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend=info_backend, auto_mpi_discovery=False)
 
 

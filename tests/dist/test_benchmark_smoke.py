@@ -6,19 +6,17 @@ while TRL's padded default does.
 """
 
 import re
-import subprocess
 import sys
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, run_group
 
 pytestmark = pytest.mark.dist
 
 
 def _run(script: str, *args: str) -> str:
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    proc = run_group([sys.executable, str(ROOT / "benchmarks" / script), *args], 300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc.stdout
 

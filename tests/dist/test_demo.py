@@ -1,19 +1,17 @@
 """The README's demo: 2 gloo ranks, ZeRO-2, the tiny model learns digit sorting."""
 
 import re
-import subprocess
 import sys
 
 import pytest
 
-from tests.helpers import ROOT, read_metrics
+from tests.helpers import ROOT, read_metrics, run_group
 
 pytestmark = pytest.mark.dist
 
 
 def test_demo_learns_the_task(tmp_path):
-    out = subprocess.run([sys.executable, "launch/demo.py", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=600)
+    out = run_group([sys.executable, "launch/demo.py", "--out", str(tmp_path)], 600)
     assert out.returncode == 0, out.stderr[-4000:]
     rows = {m[0]: (float(m[1]), float(m[2]))
             for m in re.findall(r"^(before|after)\s+([\d.]+)\s+([\d.]+)%", out.stdout, re.M)}

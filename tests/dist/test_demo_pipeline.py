@@ -1,19 +1,17 @@
 """The demo pipeline SFT -> reward model -> DPO on the tiny task (2 gloo ranks, CPU) learns at every stage."""
 
 import re
-import subprocess
 import sys
 
 import pytest
 
-from tests.helpers import ROOT, read_metrics
+from tests.helpers import ROOT, read_metrics, run_group
 
 pytestmark = pytest.mark.dist
 
 
 def test_demo_pipeline_sft_rm_dpo(tmp_path):
-    out = subprocess.run([sys.executable, "launch/demo.py", "--stages", "sft,rm,dpo", "--out", str(tmp_path)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    out = run_group([sys.executable, "launch/demo.py", "--stages", "sft,rm,dpo", "--out", str(tmp_path)], 1200)
     assert out.returncode == 0, out.stderr[-4000:]
     # columns: RM held-out accuracy, DPO reward accuracy, task accuracy (then any the table grows)
     table = {m[0]: tuple(m[1].split()) for m in re.findall(r"^(sft|rm|dpo)((?:[ \t]+\S+){3,})$", out.stdout, re.M)}

@@ -2,12 +2,11 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
-from tests.helpers import ROOT, read_metrics, write_recipe
+from tests.helpers import ROOT, read_metrics, run_group, write_recipe
 
 pytestmark = pytest.mark.dist
 
@@ -16,9 +15,9 @@ def test_zero3_builds_the_model_partitioned(tmp_path):
     """No rank ever materialises the whole model: each holds about 1/world of the parameters from the start."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     out = tmp_path / "probe"
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29621",
-                    "tests/dist/zero3_probe.py", str(out)], cwd=ROOT, env=env, check=True, capture_output=True,
-                   timeout=300)
+    proc = run_group([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29621",
+                      "tests/dist/zero3_probe.py", str(out)], 300, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
     reports = [json.loads((tmp_path / f"probe.{r}").read_text()) for r in (0, 1)]
     full = reports[0]["full"]
     assert full == 918_656
@@ -35,8 +34,8 @@ def test_deepspeed_launcher_bf16(tmp_path):
                           deepspeed={"zero_stage": 2}, logging={"tensorboard": False})
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     ds = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    proc = subprocess.run([ds, "--num_gpus", "2", "--master_port", "29622", "--module", "ftdist", "train",
-                           str(recipe)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_group([ds, "--num_gpus", "2", "--master_port", "29622", "--module", "ftdist", "train",
+                      str(recipe)], 300, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "2 ranks x micro 8 x accumulation 2" in proc.stdout + proc.stderr
     train = [r for r in read_metrics(tmp_path / "run") if "loss" in r]

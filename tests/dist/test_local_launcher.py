@@ -4,11 +4,10 @@ and output_dir: 2 gloo ranks each, and the same weights whichever launcher start
 from __future__ import annotations
 
 import os
-import subprocess
 
 import pytest
 
-from tests.helpers import ROOT, _free_port, load_weights, max_abs_diff, read_metrics, write_recipe
+from tests.helpers import ROOT, _free_port, load_weights, max_abs_diff, read_metrics, run_group, write_recipe
 
 pytestmark = pytest.mark.dist
 
@@ -21,8 +20,8 @@ def test_local_sh_torchrun_and_deepspeed_launchers_agree(tmp_path):
                  checkpoint={"every_steps": 0}, logging={"tensorboard": False})
     for launcher in ("torchrun", "deepspeed"):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "LAUNCHER": launcher, "MASTER_PORT": str(_free_port())}
-        proc = subprocess.run(["bash", str(ROOT / "launch" / "local.sh"), "2", "r.yaml", f"output_dir=run-{launcher}"],
-                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+        proc = run_group(["bash", str(ROOT / "launch" / "local.sh"), "2", "r.yaml", f"output_dir=run-{launcher}"],
+                         400, env=env, cwd=tmp_path)
         assert proc.returncode == 0, f"{launcher}: {proc.stderr[-4000:]}"
         assert "2 ranks x micro 4 x accumulation 2" in proc.stdout + proc.stderr
         assert [r["step"] for r in read_metrics(tmp_path / f"run-{launcher}") if "loss" in r] == [1, 2, 3]

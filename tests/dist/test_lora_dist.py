@@ -5,14 +5,13 @@ falls, and the merged model answers like base + adapter."""
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import ROOT, _free_port, load_weights, max_abs_diff, read_metrics, run_ftdist
+from tests.helpers import ROOT, _free_port, load_weights, max_abs_diff, read_metrics, run_ftdist, run_group
 
 pytestmark = pytest.mark.dist
 
@@ -39,7 +38,7 @@ def _worker(tmp_path, stage: int, *overrides: str):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
            str(ROOT / "tests" / "dist" / "lora_worker.py"), str(out), str(stage), *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_group(cmd, 300, env=env)
     assert proc.returncode == 0, proc.stderr[-6000:]
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
     return out, ranks

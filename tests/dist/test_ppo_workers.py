@@ -4,12 +4,11 @@ text; a critic started from the reward model carries its head; with LoRA the ref
 with its adapter off; a PPO update on a fixed batch moves the log-probs of positive-advantage tokens up."""
 
 import json
-import subprocess
 import sys
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, run_group
 
 pytestmark = pytest.mark.dist
 
@@ -53,7 +52,6 @@ values = critic.values(exp)
 out["values_shape"] = list(values.shape) == list(exp.action_mask.shape)
 
 # with LoRA there is no reference group: the policy with its adapter off must give the base model's log-probs
-import torch.distributed as dist
 lora = load_config(None, base + ["ppo.reward_fn=ftdist.data.tiny_task:sort_reward", "model.lora.r=4",
                                  "model.lora.dropout=0.0", "train.lr=5e-3"])
 lora_policy = PolicyWorker(lora)
@@ -76,8 +74,8 @@ print("RESULT " + json.dumps(out))
 
 
 def test_reward_critic_and_lora_reference_workers(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "rm")], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    proc = run_group([sys.executable, "-c", SCRIPT, str(tmp_path / "rm")], 300,
+                     env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-6000:]
     r = json.loads(lines[-1][len("RESULT "):])

@@ -2,18 +2,21 @@
 and reference, reward and critic actors, each group its own process group. The tiny model, warmed up by
 a short SFT, learns the digit-sorting task from the rule-based reward on a pool of 16 prompts (so the
 same prompts come back every iteration and a few iterations show a clear rise); a run resumed from its
-iteration-5 checkpoint ends with the metrics and weights of the uninterrupted run."""
+iteration-5 checkpoint ends with the metrics and weights of the uninterrupted run. The GRPO run has its
+reference colocated with the policy as a 2-rank group, and its driver started by torchrun (as the demo does)."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import load_weights, max_abs_diff, read_metrics, run_ftdist
+from tests.helpers import _free_port, load_weights, max_abs_diff, read_metrics, run_ftdist, run_group
 
 pytestmark = pytest.mark.ray
 
@@ -43,10 +46,18 @@ def warm(tmp_path_factory) -> dict:
     return {"base": base, "policy": base / "sft" / "final", "pool": pool}
 
 
-def _train(recipe: str, out: Path, warm: dict, *extra: str):
+def _train(recipe: str, out: Path, warm: dict, *extra: str, torchrun: bool = False):
     overrides = [f"output_dir={out}", f"model.name_or_path={warm['policy']}", f"data.train={warm['pool']}",
                  *COMMON, *extra]
-    return run_ftdist(1, recipe, overrides, timeout=900, env=ENV)
+    if not torchrun:
+        return run_ftdist(1, recipe, overrides, timeout=900, env=ENV)
+    # the driver under a launcher (as `make demo` runs its stages): its torchrun variables must not leak into
+    # the actor groups' own process groups
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
+           str(_free_port()), "-m", "ftdist", "train", recipe, *overrides]
+    proc = run_group(cmd, 900, env={**os.environ, "OMP_NUM_THREADS": "1", **ENV})
+    assert proc.returncode == 0, proc.stderr[-8000:]
+    return proc
 
 
 def _iterations(out: Path) -> list[dict]:
@@ -103,7 +114,8 @@ def test_ppo_resumes_from_a_checkpoint_identically(ppo_run, warm):
 def test_grpo_reward_rises_without_a_critic(warm):
     out = warm["base"] / "grpo"
     # the reference shares the policy's bundles and is a 2-rank group of its own
-    _train("grpo_tiny", out, warm, "ppo.kl_estimator=k3", "ppo.colocation=policy_ref", "ppo.ref_ranks=2")
+    _train("grpo_tiny", out, warm, "ppo.kl_estimator=k3", "ppo.colocation=policy_ref", "ppo.ref_ranks=2",
+           torchrun=True)
     rows = _iterations(out)
     assert PER_ITERATION <= set(rows[0]) and "value_loss" not in rows[0]
     assert all(math.isfinite(r["kl"]) and r["kl"] >= 0 for r in rows)  # k3 is non-negative

@@ -115,7 +115,6 @@ def test_tokenised_data_is_cached_and_reused(tok, tmp_path):
         tokenize_sft(str(f), tok, cfg.data, str(tmp_path / "cache"))
     _write_jsonl(tmp_path / "d2.jsonl", [{"messages": CONV}] * 5)
     (tmp_path / "d2.jsonl").rename(f)
-    import os
     st = entries[0]
     ds2, _ = tokenize_sft(str(f), tok, cfg.data, str(tmp_path / "cache"))
     assert ds2["input_ids"] == ds1["input_ids"]

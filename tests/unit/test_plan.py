@@ -112,7 +112,7 @@ def test_one_b_load_reference_points():
 
 
 def test_zero_stages_divide_by_world_size():
-    psi, n, h = SEVEN_B.n_params(), 4, SEVEN_B.hidden_size
+    psi, n = SEVEN_B.n_params(), 4
     kw = dict(world_size=n, seq_len=512)
     s0, s1, s2, s3 = (estimate(SEVEN_B, "full", zero_stage=z, **kw) for z in range(4))
     assert (s0.weights, s0.gradients, s0.master_weights + s0.optimizer_state) == (2 * psi, 2 * psi, 12 * psi)

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from ftdist.algos.ppo import gae, grpo_advantages, rloo_advantages
+from ftdist.algos.ppo import grpo_advantages, rloo_advantages
 from ftdist.config import ConfigError, load_config
 from ftdist.rl.advantages import compute_advantages, penalised_scores
 from ftdist.rl.experience import (Experience, Rollout, action_logprobs, action_values, ends_with_eos,
