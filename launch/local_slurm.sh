@@ -189,7 +189,8 @@ start_munge() {
 probe_node() {
   local mem_kb
   NODE="$(hostname -s)"
-  NCPUS="$(nproc)"
+  # GNU nproc honours OMP_NUM_THREADS (test runners set it to 1): count the CPUs themselves
+  NCPUS="$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)"
   mem_kb="$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)"
   # "a bit under": slurmd drains a node that reports less memory than configured.
   REAL_MB=$((mem_kb * 95 / 100 / 1024))

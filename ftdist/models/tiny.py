@@ -26,7 +26,7 @@ TINY_NAME = "ftdist/tiny"
 TINY_ALIASES = (TINY_NAME, "tiny")
 # bump when the files change (this module, or the task text the tokenizer is
 # trained on in ftdist/data/tiny_task.py), so old caches are not reused
-TINY_VERSION = "tiny-v1"
+TINY_VERSION = "tiny-v2"
 
 PAD_TOKEN = "<|pad|>"
 BOS_TOKEN = "<|bos|>"
@@ -227,6 +227,7 @@ def _build_tiny_dir(out_dir: str) -> None:
 
     save_file({k: v.contiguous() for k, v in model.state_dict().items()},
               os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    config.architectures = [type(model).__name__]  # what model.save_pretrained would record
     config.save_pretrained(out_dir)
     model.generation_config.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

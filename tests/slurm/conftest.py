@@ -62,6 +62,10 @@ def local_slurm():
             pytest.skip(f"Slurm could not be installed (launch/local_slurm.sh up rc={up.returncode}):\n{out}")
         pytest.fail(f"launch/local_slurm.sh up failed (rc={up.returncode}):\n{out}")
 
+    cpus = subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True, timeout=60).stdout.split()
+    if not cpus or int(cpus[0].rstrip("+")) < 2:
+        pytest.fail(f"the local Slurm node has {cpus} CPUs; these tests run jobs of 2 tasks (slurm.conf CPUs=)")
+
     yield up.stdout.strip()
 
     if not was_running:

@@ -66,7 +66,7 @@ def _sha(path):
 
 
 def test_resolve_names(tiny_dir, cache):
-    assert tiny_dir == os.path.join(cache, "tiny-v1")
+    assert tiny_dir == os.path.join(cache, "tiny-v2")
     assert resolve_model_path("tiny") == tiny_dir
     assert resolve_model_path("meta-llama/Llama-3.2-1B") == "meta-llama/Llama-3.2-1B"
     assert resolve_model_path("/some/local/dir") == "/some/local/dir"
@@ -75,7 +75,7 @@ def test_resolve_names(tiny_dir, cache):
         "model.safetensors", "tokenizer.json", "tokenizer_config.json",
     ]
     # no temp dirs left behind
-    assert sorted(os.listdir(cache)) == ["tiny-v1"]
+    assert sorted(os.listdir(cache)) == ["tiny-v2"]
 
 
 def test_model_loads_offline(tiny_dir, tok):
@@ -113,10 +113,12 @@ def test_concurrent_materialize_is_safe_and_deterministic(tiny_dir, tmp_path, mo
     for p in procs:
         p.join(timeout=240)
     assert [p.exitcode for p in procs] == [0, 0]
-    assert sorted(os.listdir(tmp_path)) == ["tiny-v1"]
-    built = tmp_path / "tiny-v1"
+    assert sorted(os.listdir(tmp_path)) == ["tiny-v2"]
+    built = tmp_path / "tiny-v2"
     for name in os.listdir(tiny_dir):
         assert _sha(built / name) == _sha(os.path.join(tiny_dir, name)), name
+    # AutoModelForSequenceClassification and friends find the class from it (reward-model export)
+    assert json.loads((built / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
 
 
 def test_materialize_loser_uses_winner(tmp_path, monkeypatch):
