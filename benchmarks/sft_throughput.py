@@ -1,6 +1,6 @@
 """SFT throughput side by side: ftdist, TRL SFTTrainer (defaults, and with packing), and a bare PyTorch loop.
 
-    python benchmarks/sft_throughput.py                 # the full comparison (~30 min on 2 CPU cores)
+    python benchmarks/sft_throughput.py                 # the full comparison, 3 rounds (~11 min on 2 CPU cores)
     python benchmarks/sft_throughput.py --repeats 1     # one round
     python benchmarks/sft_throughput.py --tiny          # seconds: a smoke test of every arm (CI)
 
