@@ -479,9 +479,15 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args) -> int:
     """Print the table and recommendation; write the recipe when asked. 0 = something fits."""
     try:
-        for flag, value in (("--nodes", args.nodes), ("--gpus-per-node", args.gpus_per_node)):
+        for flag, value in (("--nodes", args.nodes), ("--gpus-per-node", args.gpus_per_node),
+                            ("--seq-len", args.seq_len), ("--micro-batch", args.micro_batch)):
             if value < 1:
                 raise ValueError(f"{flag}: got {value}, allowed: >= 1")
+        for flag, value in (("--gpu-memory-gb", args.gpu_memory_gb), ("--cpu-memory-gb", args.cpu_memory_gb)):
+            if value is not None and value <= 0:
+                raise ValueError(f"{flag}: got {value}, allowed: > 0")
+        if not 0 <= args.headroom < 1:
+            raise ValueError(f"--headroom: got {args.headroom}, allowed: 0 <= headroom < 1")
         shape = ModelShape.resolve(args.model)
         r = args.lora_r if args.lora_r is not None else (64 if args.method == "qlora" else 16)
         rec = recommend(shape, args.nodes, args.gpus_per_node, args.gpu_memory_gb, args.seq_len, args.micro_batch,

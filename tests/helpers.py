@@ -48,8 +48,8 @@ def run_group(cmd: list[str], timeout: float, env: dict | None = None, cwd=ROOT)
     """subprocess.run in its own process group: on timeout the launcher AND its ranks are killed (a rank
     orphaned by a killed torchrun would otherwise keep running, holding ports and CPU, for the rest of the
     suite), and the timeout error carries the output so far."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env if env is not None else dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env if env is not None else dict(os.environ), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import logging
 import os
@@ -91,15 +92,22 @@ def clear_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S) -> list[str]:
     return removed
 
 
-def _init_deepspeed_comm(info_backend: str) -> None:
-    """deepspeed.comm wraps the torch process group we already created; it must know about it."""
-    import deepspeed
+@functools.cache
+def _prepare_deepspeed_ops() -> None:
+    """Once per process, before DeepSpeed first builds or loads an op."""
     import deepspeed.ops
 
     clear_stale_build_locks()
     # DeepSpeed's CPU shared-memory all-reduce serves only its inference all-reduce, never training; skipping
     # it saves a compiler run (g++, about a minute) on the first start of every machine
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def _init_deepspeed_comm(info_backend: str) -> None:
+    """deepspeed.comm wraps the torch process group we already created; it must know about it."""
+    import deepspeed
+
+    _prepare_deepspeed_ops()
     deepspeed.init_distributed(dist_backend=info_backend, auto_mpi_discovery=False)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 
-
 from ftdist.algos.sft import sft_loss_sum
 from ftdist.data.batching import TokenData, collate_rows
 from ftdist.data.tokenize import tokenize_sft

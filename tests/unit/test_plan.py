@@ -272,6 +272,14 @@ def test_cli_run(tmp_path, capsys):
     assert all(a.help for a in plan.build_parser()._actions)
 
 
+@pytest.mark.parametrize("flag,value,allowed", [("--gpu-memory-gb", "-3", "> 0"), ("--seq-len", "0", ">= 1"),
+                                                 ("--micro-batch", "0", ">= 1"), ("--headroom", "1.5", "headroom < 1")])
+def test_cli_rejects_bad_numbers_naming_the_flag(flag, value, allowed, capsys):
+    assert plan.main(["--model", "7b", flag, value]) == 2
+    err = capsys.readouterr().err
+    assert f"{flag}: got" in err and allowed in err
+
+
 def test_import_does_not_load_torch():
     code = "import sys, ftdist.plan; sys.exit(any(m in sys.modules for m in ('torch', 'deepspeed', 'ray')))"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
