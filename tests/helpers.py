@@ -79,5 +79,43 @@ def max_abs_diff(a: dict, b: dict) -> float:
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
+def max_abs(a: dict) -> float:
+    return max(float(v.float().abs().max()) for v in a.values())
+
+
+# Tolerances for comparing the weights of two runs that do the same training with the same data but group
+# the fp32 arithmetic differently (micro-batches, ranks, ZeRO buckets and partitions, BLAS blocking, which
+# also differs from one CPU to the next). Derived from fp32 rounding, never read off a machine:
+EPS32 = 2.0 ** -23  # spacing of fp32 numbers at 1.0: rounding a weight w moves it by at most EPS32 * |w| / 2
+# Two fp32 sums of the same terms grouped differently differ by a few EPS32 of the summed magnitude per level of
+# regrouping (tokens in a matmul, micro-batches, ranks): ~1e-6 of the gradient for the few levels here. Allowed:
+# 100x that. A real fault (a wrong loss divisor, a dropped or doubled micro-batch, an unsynchronised rank)
+# changes the gradient by 10% or more, 1000x this.
+GRAD_RTOL = 1e-4
+
+
+def sgd_tolerance(update: float, weight: float, steps: int) -> float:
+    """Largest weight difference fp32 rounding can put between two such runs of `steps` SGD steps.
+
+    SGD (with momentum) is linear in the gradient, so gradients that differ by GRAD_RTOL of their size move
+    the weights apart by GRAD_RTOL of the update (`update` = the largest |w_final - w_init|); each step also
+    rounds every weight once in each run (`weight` = the largest |w|). Adam is not used for these comparisons:
+    its update lr * m / (sqrt(v) + eps) maps a rounding-level gradient near zero to +-lr, so two runs that differ
+    only in rounding can differ by ~lr per step in such entries (embedding rows of unused tokens, LoRA entries
+    whose gradient is still tiny), whatever the host.
+    """
+    return GRAD_RTOL * update + steps * EPS32 * weight
+
+
+def adam_tolerance(lr: float, eps: float, grad: float, weight: float, steps: int) -> float:
+    """The same for Adam(W) with an `eps` large against the gradients' rounding.
+
+    d(update)/d(g) is at most about 2 * lr / eps per step (the m and v terms), so a gradient difference of
+    GRAD_RTOL * grad (`grad` = the largest gradient entry of the run) moves a weight by at most
+    2 * lr * GRAD_RTOL * grad / eps per step, plus the rounding of the weights as for SGD.
+    """
+    return steps * (2 * lr * GRAD_RTOL * grad / eps + EPS32 * weight)
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]

@@ -6,6 +6,10 @@ one-process computation over the same pairs (loop normalisation by pairs across
 ranks); ZeRO-2 and ZeRO-3 give the same metrics and weights; evaluation improves;
 the reward model's final/ loads with transformers and scores the eval pairs
 exactly as the engine did.
+
+The runs use SGD: ZeRO-2 and ZeRO-3 group the fp32 gradient sums differently, and
+SGD keeps those rounding differences rounding-sized where Adam would blow them up
+to ~lr in entries whose gradient is near zero (tests/helpers.py).
 """
 
 import json
@@ -14,7 +18,7 @@ import math
 import pytest
 import torch
 
-from tests.helpers import load_weights, max_abs_diff, read_metrics, run_ftdist, write_recipe
+from tests.helpers import GRAD_RTOL, load_weights, max_abs, max_abs_diff, read_metrics, run_ftdist, sgd_tolerance, write_recipe
 
 pytestmark = pytest.mark.dist
 
@@ -23,8 +27,9 @@ N_EVAL = 16
 RECIPE = dict(
     model={"name_or_path": "ftdist/tiny", "dtype": "fp32"},
     data={"train": "ftdist/tiny-task/train_pref", "format": "preference", "max_length": 64, "max_prompt_length": 48},
-    train={"global_batch_size": 8, "micro_batch_size": 2, "max_steps": STEPS, "lr": 1e-3, "scheduler": "cosine",
-           "warmup_ratio": 0.0, "log_every": 1, "progress_bar": False},
+    # SGD (momentum 0.9) at 0.1 lowers the eval loss of every stage and variant within the 3 steps
+    train={"global_batch_size": 8, "micro_batch_size": 2, "max_steps": STEPS, "lr": 0.1, "optimizer": "sgd",
+           "scheduler": "cosine", "warmup_ratio": 0.0, "log_every": 1, "progress_bar": False},
     checkpoint={"every_steps": 0, "keep_last": 1, "resume": "never"},
     logging={"tensorboard": False},
 )
@@ -44,9 +49,8 @@ def runs(tmp_path_factory):
     out = {}
     for name, (stage, variant, zero) in CASES.items():
         run_dir = base / name
-        lr = ["train.lr=1e-4"] if stage == "dpo" and variant == "full" else []
         overrides = [f"stage={stage}", f"output_dir={run_dir}", f"data.cache_dir={base / 'cache'}",
-                     f"data.eval={base / 'eval.jsonl'}", f"deepspeed.zero_stage={zero}", *lr,
+                     f"data.eval={base / 'eval.jsonl'}", f"deepspeed.zero_stage={zero}",
                      *(LORA if variant == "lora" else [])]
         proc = run_ftdist(2, str(recipe), overrides, timeout=400, check=False)
         if proc.returncode != 0 and "ftdist: done:" in proc.stderr and "terminate called" in proc.stderr:
@@ -101,10 +105,11 @@ def test_dpo_step1_metrics_equal_one_process(runs):
     with torch.no_grad():
         chosen, rejected = sequence_logprobs(model(**{k: getattr(batch, k) for k in (
             "input_ids", "attention_mask", "position_ids")}).logits, batch.labels).chunk(2)
+    # the same sums of token log-probs, grouped differently (batch shapes, ranks): equal to GRAD_RTOL
     for z in (2, 3):
         first = _steps(runs[f"dpo_full_zero{z}"])[0]
-        assert first["logps/chosen"] == pytest.approx(float(chosen.mean()), abs=1e-4)
-        assert first["logps/rejected"] == pytest.approx(float(rejected.mean()), abs=1e-4)
+        assert first["logps/chosen"] == pytest.approx(float(chosen.mean()), rel=GRAD_RTOL)
+        assert first["logps/rejected"] == pytest.approx(float(rejected.mean()), rel=GRAD_RTOL)
 
 
 @pytest.mark.parametrize("stage_variant", ["rm_full", "rm_lora", "dpo_full", "dpo_lora"])
@@ -112,13 +117,23 @@ def test_zero2_equals_zero3(runs, stage_variant):
     z2, z3 = runs[f"{stage_variant}_zero2"], runs[f"{stage_variant}_zero3"]
     s2, s3 = _steps(z2), _steps(z3)
     assert [m["step"] for m in s2] == [m["step"] for m in s3] == list(range(1, STEPS + 1))
+    # the metrics come from weights and gradients that differ by rounding only: equal to GRAD_RTOL of their
+    # size (abs: for values that are ~0, such as the rewards at step 1)
     for a, b in zip(s2 + _evals(z2), s3 + _evals(z3)):
         for key in a:
             if key.startswith(("loss", "accuracy", "margin", "rewards/", "logps/", "eval/")):
-                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (key, a["step"])
-    w2 = load_weights(z2 / "final") if stage_variant.endswith("full") else _adapter(z2)
-    w3 = load_weights(z3 / "final") if stage_variant.endswith("full") else _adapter(z3)
-    assert max_abs_diff(w2, w3) < 1e-4
+                assert a[key] == pytest.approx(b[key], rel=GRAD_RTOL, abs=1e-6), (key, a["step"])
+    if stage_variant.endswith("full"):
+        from ftdist.models.tiny import resolve_model_path
+
+        w2, w3, init = load_weights(z2 / "final"), load_weights(z3 / "final"), load_weights(resolve_model_path("ftdist/tiny"))
+        update = max(float((w2[k] - init[k]).abs().max()) for k in init if k in w2)  # the new reward head aside
+    else:
+        w2, w3 = _adapter(z2), _adapter(z3)
+        update = max(float(v.abs().max()) for k, v in w2.items() if "lora_B" in k)  # lora_B starts at zero
+    tol = sgd_tolerance(update=update, weight=max_abs(w2), steps=STEPS)
+    assert update > 100 * tol  # the runs trained far more than the tolerance
+    assert max_abs_diff(w2, w3) < tol
 
 
 def _adapter(run_dir):
@@ -173,8 +188,11 @@ def test_reward_model_final_scores_text_like_the_engine(runs, name):
         chosen.append(score(row["prompt"] + row["chosen"]))
         rejected.append(score(row["prompt"] + row["rejected"]))
     last = _evals(run_dir)[-1]
-    assert sum(chosen) / N_EVAL == pytest.approx(last["eval/rewards/chosen"], abs=1e-4)
-    assert sum(rejected) / N_EVAL == pytest.approx(last["eval/rewards/rejected"], abs=1e-4)
+    # one text at a time against padded batches: the same scores up to rounding, GRAD_RTOL of the largest score
+    # (a mean of scores of both signs can be near zero, its rounding is not)
+    tol = GRAD_RTOL * max(abs(x) for x in chosen + rejected)
+    assert sum(chosen) / N_EVAL == pytest.approx(last["eval/rewards/chosen"], abs=tol)
+    assert sum(rejected) / N_EVAL == pytest.approx(last["eval/rewards/rejected"], abs=tol)
     assert sum(c > r for c, r in zip(chosen, rejected)) / N_EVAL == pytest.approx(last["eval/accuracy"])
 
 

@@ -1,27 +1,38 @@
 """The update does not depend on how a step's samples are split over micro-batches, ranks or ZeRO stages,
-and equals a plain PyTorch loop over the same batches (fp32, CPU, gloo)."""
+and equals a plain PyTorch loop over the same batches (fp32, CPU, gloo).
+
+The runs use SGD without clipping: its update is linear in the gradient, so a wrong loss divisor or a lost
+micro-batch shows up in full, and rounding differences stay rounding-sized (see tests/helpers.py for why Adam
+is not used for such comparisons). Clipping and DeepSpeed's CPU Adam get a case each.
+"""
 
 import pytest
 import torch
 
-from tests.helpers import load_weights, max_abs_diff, run_ftdist, write_recipe
+from tests.helpers import (adam_tolerance, load_weights, max_abs, max_abs_diff, read_metrics, run_ftdist,
+                           sgd_tolerance, write_recipe)
 
 pytestmark = pytest.mark.dist
 
 STEPS = 3
+SGD_LR = 0.02  # the tiny model's first gradient norm is ~16; SGD (momentum 0.9) at 0.02 lowers the loss every step
+CLIP = 5.0  # below every step's gradient norm at SGD_LR (asserted), so clipping acts on each step
+ADAM_LR, ADAM_EPS = 2e-3, 1e-1  # eps >> gradient rounding keeps Adam well-conditioned (tests/helpers.py)
 RECIPE = dict(
     stage="sft",
     model={"name_or_path": "ftdist/tiny", "dtype": "fp32"},
     data={"train": "ftdist/tiny-task", "max_length": 64},
-    train={"global_batch_size": 8, "micro_batch_size": 4, "max_steps": STEPS, "lr": 2e-3, "scheduler": "cosine",
-           "warmup_ratio": 0.0, "weight_decay": 0.1, "max_grad_norm": 1.0, "progress_bar": False},
+    train={"global_batch_size": 8, "micro_batch_size": 4, "max_steps": STEPS, "lr": SGD_LR, "scheduler": "cosine",
+           "warmup_ratio": 0.0, "weight_decay": 0.1, "max_grad_norm": 0.0, "optimizer": "sgd", "progress_bar": False},
     checkpoint={"every_steps": 0, "keep_last": 1},
     logging={"tensorboard": False},
 )
+ADAM = ["train.optimizer=adamw_torch", f"train.lr={ADAM_LR}", f"train.adam_eps={ADAM_EPS}"]
 
 
-def reference_weights(cache_dir: str) -> dict:
-    """A plain PyTorch loop over ftdist's own batches: no DeepSpeed, one process."""
+def reference_weights(cache_dir: str, optimizer: str = "sgd", clip: float = 0.0) -> tuple[dict, float]:
+    """A plain PyTorch loop over ftdist's own batches: no DeepSpeed, one process, one micro-batch per step.
+    Returns the final weights and the largest gradient entry seen (before clipping)."""
     from transformers import get_scheduler
 
     from ftdist.algos.sft import sft_loss_sum
@@ -37,20 +48,27 @@ def reference_weights(cache_dir: str) -> dict:
     ds, _ = tokenize_sft(cfg.data.train, tok, cfg.data, cache_dir)
     data = TokenData(ds)
     model = load_causal_lm(cfg.model)
-    opt = torch.optim.AdamW(decay_param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr)
+    groups = decay_param_groups(model, cfg.train.weight_decay)
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(groups, lr=SGD_LR, momentum=0.9)
+    else:
+        opt = torch.optim.AdamW(groups, lr=ADAM_LR, eps=ADAM_EPS)
     sched = get_scheduler("cosine", opt, num_warmup_steps=0, num_training_steps=STEPS)
     plan = plan_epoch(data.lengths, seed=cfg.seed, epoch=0, micro_batch_size=8, grad_accum=1, world_size=1,
                       rank=0, packing=False, capacity=64)
+    largest = 0.0
     for step in range(STEPS):
         batch = collate_rows(plan.steps[step][0], data, tok.pad_token_id, 64, False)
         logits = causal_logits(model, batch, "sdpa", torch.float32)
         loss_sum, n = sft_loss_sum(logits, batch.labels)
         (loss_sum / n).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        largest = max([largest, *(float(p.grad.abs().max()) for p in model.parameters())])
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         sched.step()
         opt.zero_grad()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, largest
 
 
 @pytest.fixture(scope="module")
@@ -66,43 +84,68 @@ def runs(tmp_path_factory):
         "2rank_micro4_acc1_zero2": (2, ["train.micro_batch_size=4", "deepspeed.zero_stage=2"]),
         "1rank_micro8_gradckpt": (1, ["train.micro_batch_size=8", "deepspeed.zero_stage=0",
                                       "model.gradient_checkpointing=true"]),
+        "2rank_micro2_zero3_clip": (2, ["train.micro_batch_size=2", "deepspeed.zero_stage=3",
+                                        f"train.max_grad_norm={CLIP}"]),
         "2rank_micro2_zero2_offload": (2, ["train.micro_batch_size=2", "deepspeed.zero_stage=2",
-                                           "deepspeed.offload_optimizer=true"]),
+                                           "deepspeed.offload_optimizer=true", *ADAM]),
     }
     out = {}
     for name, (nproc, overrides) in cases.items():
         run_dir = base / name
         run_ftdist(nproc, str(recipe), [f"output_dir={run_dir}", f"data.cache_dir={cache}", *overrides])
         out[name] = load_weights(run_dir / "final")
-    out["reference"] = reference_weights(cache)
+        out[f"{name}/metrics"] = [r for r in read_metrics(run_dir) if "loss" in r]
+    out["reference"], _ = reference_weights(cache)
+    out["reference_clip"], _ = reference_weights(cache, clip=CLIP)
+    out["reference_adam"], out["reference_adam/grad_max"] = reference_weights(cache, "adamw")
+    from ftdist.models.tiny import resolve_model_path
+
+    out["init"] = load_weights(resolve_model_path("ftdist/tiny"))
     return out
 
 
-def test_weights_moved(runs):
-    from ftdist.models.tiny import resolve_model_path
+def _sgd_tol(runs, reference="reference"):
+    return sgd_tolerance(update=max_abs_diff(runs[reference], runs["init"]), weight=max_abs(runs[reference]),
+                         steps=STEPS)
 
-    init = load_weights(resolve_model_path("ftdist/tiny"))
-    assert max_abs_diff(runs["reference"], init) > 1e-3
+
+def test_weights_moved(runs):
+    # the update is far above the tolerance, so the comparisons below can see a wrong update
+    assert max_abs_diff(runs["reference"], runs["init"]) > 1000 * _sgd_tol(runs)
+    steps = runs["1rank_micro8_acc1/metrics"]
+    assert steps[-1]["loss"] < steps[0]["loss"]
 
 
 def test_micro_batch_split_does_not_change_update(runs):
-    assert max_abs_diff(runs["1rank_micro8_acc1"], runs["1rank_micro2_acc4"]) < 1e-5
+    assert max_abs_diff(runs["1rank_micro8_acc1"], runs["1rank_micro2_acc4"]) < _sgd_tol(runs)
 
 
 def test_rank_split_does_not_change_update(runs):
-    assert max_abs_diff(runs["2rank_micro4_acc1_zero2"], runs["1rank_micro8_acc1"]) < 1e-5
-    assert max_abs_diff(runs["2rank_micro2_acc2_zero2"], runs["1rank_micro2_acc4"]) < 1e-5
+    assert max_abs_diff(runs["2rank_micro4_acc1_zero2"], runs["1rank_micro8_acc1"]) < _sgd_tol(runs)
+    assert max_abs_diff(runs["2rank_micro2_acc2_zero2"], runs["1rank_micro2_acc4"]) < _sgd_tol(runs)
 
 
 @pytest.mark.parametrize("zero", [0, 1, 2, 3])
 def test_zero_stages_match_plain_pytorch(runs, zero):
-    assert max_abs_diff(runs[f"2rank_micro2_acc2_zero{zero}"], runs["reference"]) < 1e-5
+    assert max_abs_diff(runs[f"2rank_micro2_acc2_zero{zero}"], runs["reference"]) < _sgd_tol(runs)
 
 
 def test_gradient_checkpointing_does_not_change_update(runs):
-    assert max_abs_diff(runs["1rank_micro8_gradckpt"], runs["reference"]) < 1e-5
+    assert max_abs_diff(runs["1rank_micro8_gradckpt"], runs["reference"]) < _sgd_tol(runs)
+
+
+def test_clipping_over_zero3_partitions_matches_plain_pytorch(runs):
+    """The global gradient norm is computed over all partitions: the clipped update equals torch's."""
+    norms = [r["grad_norm"] for r in runs["2rank_micro2_zero3_clip/metrics"]]
+    assert len(norms) == STEPS and min(norms) > CLIP  # clipping acted on every step
+    assert max_abs_diff(runs["reference_clip"], runs["reference"]) > 1000 * _sgd_tol(runs)  # and mattered
+    assert max_abs_diff(runs["2rank_micro2_zero3_clip"], runs["reference_clip"]) < _sgd_tol(runs, "reference_clip")
 
 
 def test_optimizer_offload_matches_plain_pytorch(runs):
-    """DeepSpeed's CPU Adam on offloaded fp32 state computes the same AdamW update."""
-    assert max_abs_diff(runs["2rank_micro2_zero2_offload"], runs["reference"]) < 1e-5
+    """DeepSpeed's CPU Adam on offloaded fp32 state computes the same AdamW update as torch."""
+    got, want = runs["2rank_micro2_zero2_offload"], runs["reference_adam"]
+    tol = adam_tolerance(lr=ADAM_LR, eps=ADAM_EPS, grad=runs["reference_adam/grad_max"], weight=max_abs(want),
+                         steps=STEPS)
+    assert max_abs_diff(want, runs["init"]) > 100 * tol  # Adam moved the weights far more than the tolerance
+    assert max_abs_diff(got, want) < tol
