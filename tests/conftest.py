@@ -2,14 +2,24 @@ import os
 import sys
 import tempfile
 
-import pytest
-import torch
+# one intra-op thread, whatever the host's core count: thread count changes how torch splits a reduction, and
+# so its rounding; launch/test.sh sets the same, this covers a bare `pytest` (subprocesses inherit it)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # one cache for the embedded tiny model and task across the whole session (subprocesses inherit it)
 os.environ.setdefault("FTDIST_CACHE", os.path.join(tempfile.gettempdir(), "ftdist-test-cache"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# MKL may pick a kernel by the memory alignment of its operands, so two runs doing the same operations could
+# round differently; strict conditional numerical reproducibility makes them bit-identical (the resume tests
+# compare a resumed run with a straight one exactly). Subprocesses, Slurm jobs and Ray workers inherit it.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 # the environment's own tools first, as in an activated venv: DeepSpeed JIT-builds its CPU ops with
 # whichever `ninja` is on PATH, and a system ninja of another version (a different command hash in
 # .ninja_log) makes every switch rebuild the op for a minute, under a lock all ranks wait on

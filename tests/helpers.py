@@ -76,7 +76,7 @@ def load_weights(model_dir: Path) -> dict:
 
 def max_abs_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys(), (sorted(a.keys() ^ b.keys()))
-    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    return max(float((a[k].detach().float() - b[k].detach().float()).abs().max()) for k in a)
 
 
 def max_abs(a: dict) -> float:

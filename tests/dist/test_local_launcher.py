@@ -27,4 +27,5 @@ def test_local_sh_torchrun_and_deepspeed_launchers_agree(tmp_path):
         assert [r["step"] for r in read_metrics(tmp_path / f"run-{launcher}") if "loss" in r] == [1, 2, 3]
     diff = max_abs_diff(load_weights(tmp_path / "run-torchrun" / "final"),
                         load_weights(tmp_path / "run-deepspeed" / "final"))
-    assert diff < 1e-6
+    # the launcher only starts the processes: the same ranks do the same fp32 operations, bit for bit
+    assert diff == 0.0

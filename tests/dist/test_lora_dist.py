@@ -72,7 +72,7 @@ def test_zero3_qlora_adapter_matches_engine_checkpoint_and_loss_falls(zero3_qlor
         saved = load_weights(adapter_dir)
         assert saved.keys() == engine.keys() and len(saved) == 58
         assert all(v.numel() > 0 for v in saved.values())
-        assert max_abs_diff(saved, engine) < 1e-7
+        assert max_abs_diff(saved, engine) == 0.0  # the same fp32 values, copied from the live parameters
     cfg = json.loads((zero3_qlora / "final" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 16 and cfg["base_model_name_or_path"] == "ftdist/tiny"
     assert not list((zero3_qlora / "final").glob("model*.safetensors"))

@@ -105,10 +105,12 @@ def test_ppo_resumes_from_a_checkpoint_identically(ppo_run, warm):
     straight = {r["step"]: r for r in _iterations(ppo_run)}
     again = _iterations(resumed)
     assert [r["step"] for r in again] == list(range(6, ITERATIONS + 1))
+    # restored weights, optimizer and sampling RNG, then the same fp32 operations in the same order as the
+    # straight run: the same samples and bit-identical numbers
     for r in again:
         for key in ("reward_mean", "kl", "kl_coef", "policy_loss", "value_loss", "clipfrac", "response_len"):
-            assert r[key] == pytest.approx(straight[r["step"]][key], abs=1e-6), (r["step"], key)
-    assert max_abs_diff(load_weights(ppo_run / "final"), load_weights(resumed / "final")) < 1e-6
+            assert r[key] == straight[r["step"]][key], (r["step"], key)
+    assert max_abs_diff(load_weights(ppo_run / "final"), load_weights(resumed / "final")) == 0.0
 
 
 def test_grpo_reward_rises_without_a_critic(warm):

@@ -107,4 +107,5 @@ def test_killed_worker_recovers_from_checkpoint(ray_head, straight, tmp_path):
     assert re.search(r"resumed from \S*step-2 at step 2\b", logs), logs[-6000:]
     # steps 1-2 from the first group, 3-6 after the restart, each once
     assert _train_steps(run_dir) == list(range(1, STEPS + 1))
-    assert max_abs_diff(load_weights(run_dir / "final"), load_weights(straight[0] / "final")) < 1e-6
+    # restored state, then the same fp32 operations in the same order as the straight run: bit-identical
+    assert max_abs_diff(load_weights(run_dir / "final"), load_weights(straight[0] / "final")) == 0.0

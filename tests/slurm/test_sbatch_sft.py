@@ -109,7 +109,8 @@ def test_usr1_checkpoints_requeues_and_resumes(straight, tmp_path, launch):
     # every step logged once: the first run up to the stop checkpoint, the second run after it
     assert _train_steps(run_dir) == list(range(1, STEPS + 1))
     straight_dir = straight[0]
-    assert max_abs_diff(load_weights(run_dir / "final"), load_weights(straight_dir / "final")) < 1e-6
+    # restored state, then the same fp32 operations in the same order as the straight run: bit-identical
+    assert max_abs_diff(load_weights(run_dir / "final"), load_weights(straight_dir / "final")) == 0.0
 
 
 def _tail(path: Path, n: int = 4000) -> str:

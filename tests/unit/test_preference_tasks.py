@@ -10,6 +10,7 @@ from ftdist.data.loading import DataError
 from tests.unit.test_preference_trl_e2e import TEXT_ROWS, LocalEngine, _chat_rows, _ftdist, _task, models  # noqa: F401
 
 pytestmark = pytest.mark.unit
+# the same fp32 forward on other batch layouts: rounding of ~1e-6 relative, 10x margin (as in the TRL tests)
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 

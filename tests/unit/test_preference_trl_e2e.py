@@ -24,6 +24,9 @@ pytestmark = pytest.mark.unit
 
 trl = pytest.importorskip("trl")
 transformers = pytest.importorskip("transformers")
+# Each side runs the same fp32 model on its own batch layout (padding, lengths), so its matmuls round
+# differently: ~1e-6 relative per logit, and sequence sums keep that relative size. 1e-5 is 10x that; atol
+# covers values that are ~0 (implicit rewards while the policy equals the reference).
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
