@@ -211,7 +211,7 @@ def _window(marks: list[tuple[float, float, int, int]], warmup: int) -> dict:
 def arm_ftdist(work: Path, s: dict, a) -> dict:
     from ftdist.config import load_config
     from ftdist.train.loop import train
-    from ftdist.train.metrics import MetricsWriter
+    from ftdist.run.metrics import MetricsWriter
 
     # the loop writes one record per step (log_every=1); stamp each as it is written
     marks: list[tuple[float, float, int, int]] = []

@@ -179,9 +179,8 @@ def param_peak_hooks(module) -> dict:
 def run_case(model_dir: Path, info, dtype: str, stage: int, offload: bool, knobs: dict | None = None) -> dict:
     import torch
 
-    import ftdist.engine.engine as fe
     from ftdist.config import load_config
-    from ftdist.engine.engine import Engine, model_init_context
+    from ftdist.engine.engine import Engine
     from ftdist.models.loading import load_causal_lm
 
     cfg = load_config(data=dict(
@@ -190,10 +189,8 @@ def run_case(model_dir: Path, info, dtype: str, stage: int, offload: bool, knobs
         train={"micro_batch_size": 1, "global_batch_size": 2 * info.world_size, "lr": 1e-4, "max_grad_norm": 1.0,
                "warmup_ratio": 0.0, "progress_bar": False},
         deepspeed={"zero_stage": stage, "offload_optimizer": offload, "config": _ds_config(model_dir, knobs)}))
-    with model_init_context(cfg, info.world_size, 1):
-        model = load_causal_lm(cfg.model)
     # two micro-batches per step: ZeRO-1 holds whole gradients between the boundaries, ZeRO-2 only partitions
-    engine = Engine(model, cfg, info, grad_accum=2, total_steps=4)
+    engine = Engine(lambda: load_causal_lm(cfg.model), cfg, info, grad_accum=2, total_steps=4)
     peak = param_peak_hooks(engine.module)
     g = torch.Generator().manual_seed(info.rank)
     vocab = engine.module.config.vocab_size
@@ -203,7 +200,7 @@ def run_case(model_dir: Path, info, dtype: str, stage: int, offload: bool, knobs
             peak["bytes"] = 0
         ids = torch.randint(0, vocab, (1, SEQ), generator=g)
         loss = engine.forward(input_ids=ids, labels=ids).loss
-        engine.backward(loss / (2 * info.world_size))
+        engine.backward(loss / 2)
         if micro >= 2:  # the second step: optimizer state exists; after a mid-step and after a boundary backward
             held.append(measure(engine))
         engine.step()
@@ -213,9 +210,8 @@ def run_case(model_dir: Path, info, dtype: str, stage: int, offload: bool, knobs
     # every case runs in the same processes: hand DeepSpeed's buffers back before the next one
     engine.engine.destroy()
     engine.engine.optimizer = engine.optimizer = engine.engine.module = None
-    del engine, model, held, worst
+    del engine, held, worst
     # the next case must not be built inside this case's ZeRO-3 init context
-    fe._HF_DS_CONFIG = None
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     unset_hf_deepspeed_config()
@@ -244,7 +240,7 @@ def worker(a) -> int:
     import logging
 
     from ftdist.engine.dist import barrier, init_distributed
-    from ftdist.train.loop import setup_logging
+    from ftdist.run.logs import setup_logging
 
     info = init_distributed("gloo", 600)
     setup_logging(info.is_main)

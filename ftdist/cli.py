@@ -50,7 +50,7 @@ def cmd_train(args) -> int:
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             return 0
         if cfg.stage == "ppo":  # one controller process; its ranks are Ray actors
-            from ftdist.train.ppo import train
+            from ftdist.rl.entry import train
         else:
             from ftdist.train.loop import train
 
@@ -116,12 +116,6 @@ def cmd_recipes(args) -> int:
     return 0
 
 
-def cmd_plan(args) -> int:
-    from ftdist import plan
-
-    return plan.run(args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     from ftdist.config import builtin_recipes, config_help
 
@@ -139,22 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("recipes", help="list the built-in recipes")
     r.set_defaults(func=cmd_recipes)
 
-    try:
-        from ftdist import plan
+    from ftdist import merge
+    from ftdist.plan import cli as plan_cli
 
-        pl = sub.add_parser("plan", help="predict per-GPU memory and recommend a ZeRO/offload configuration",
-                            parents=[plan.build_parser()], add_help=False)
-        pl.set_defaults(func=cmd_plan)
-    except ImportError:
-        pass
-    try:
-        from ftdist import merge
-
-        m = sub.add_parser("merge", help="merge LoRA adapters into a 16/32-bit base model",
-                           parents=[merge.build_parser()], add_help=False)
-        m.set_defaults(func=merge.run)
-    except ImportError:
-        pass
+    pl = sub.add_parser("plan", help="predict per-GPU memory and recommend a ZeRO/offload configuration",
+                        parents=[plan_cli.build_parser()], add_help=False)
+    pl.set_defaults(func=plan_cli.run)
+    m = sub.add_parser("merge", help="merge LoRA adapters into a 16/32-bit base model",
+                       parents=[merge.build_parser()], add_help=False)
+    m.set_defaults(func=merge.run)
     return p
 
 

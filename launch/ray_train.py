@@ -31,11 +31,9 @@ def _worker(config: dict) -> None:
     from ftdist.config import load_config
     from ftdist.train.loop import train
 
-    ctx = ray.train.get_context()
-    pid_dir = os.environ.get("FTDIST_PID_DIR")
-    if pid_dir:
-        Path(pid_dir).mkdir(parents=True, exist_ok=True)
-        Path(pid_dir, f"rank{ctx.get_world_rank()}.pid").write_text(str(os.getpid()))
+    from ftdist.run.testing import record_pid
+
+    record_pid(ray.train.get_context().get_world_rank())
     # Ray Train exports RANK/WORLD_SIZE/LOCAL_RANK and has initialised the process group;
     # init_distributed reuses it
     train(load_config(config["recipe"], config["overrides"]))

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ftdist.data.tokenize import IGNORE_INDEX
+from ftdist.algos.sft import IGNORE_INDEX
 
 
 @dataclass

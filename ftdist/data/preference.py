@@ -27,7 +27,8 @@ import torch
 from ftdist.data.formats import RowProblem, detect_format
 from ftdist.data.loading import DataError, RowError, load_rows, resolve_data_path
 from ftdist.data.preference_rows import PreferencePair, filter_reason, normalize_preference
-from ftdist.data.tokenize import IGNORE_INDEX, _fingerprint, _save_atomically
+from ftdist.algos.sft import IGNORE_INDEX
+from ftdist.data.tokenize import _fingerprint, _save_atomically
 
 
 @dataclass

@@ -25,6 +25,8 @@ import random
 import re
 from typing import Sequence
 
+from ftdist.data.answers import exact_match, normalise_answer
+
 TASK_VERSION = "tiny-task-v1"
 PROMPT_PREFIX = "Sort the digits:"
 MIN_DIGITS, MAX_DIGITS = 3, 6
@@ -34,8 +36,6 @@ SYSTEM_PROMPTS = (
     "Answer with the sorted digits only.",
     "Sort in ascending order.",
 )
-# text a decoded response may end with that is not part of the answer
-_EOS_TEXTS = ("<|end|>", "<|eos|>", "</s>", "<|pad|>")
 _PROMPT_RE = re.compile(re.escape(PROMPT_PREFIX) + r"\s*([0-9](?:[ \t]*[0-9])*)")
 
 
@@ -131,7 +131,7 @@ def write_task_dataset(out_dir: str, n_train: int = 2000, n_eval: int = 200, see
 
 def bundled_task_dir() -> str:
     """`<cache>/tiny-task-v1` with the default split (2000/200, seed 0), written on first use."""
-    from ftdist.models.tiny import materialize
+    from ftdist.run.cache import materialize
 
     return materialize(TASK_VERSION, lambda tmp: write_task_dataset(tmp))
 
@@ -149,23 +149,6 @@ def answer_from_prompt(prompt_text: str) -> str:
     return " ".join(sorted(digits))
 
 
-def _normalize(text: str) -> str:
-    text = text.strip()
-    stripped = True
-    while stripped:  # strip any number of trailing eos/pad texts
-        stripped = False
-        for eos in _EOS_TEXTS:
-            if text.endswith(eos):
-                text = text[: -len(eos)].rstrip()
-                stripped = True
-    return " ".join(text.split())
-
-
-def exact_match(prediction: str, answer: str) -> bool:
-    """Equal after stripping whitespace and trailing eos text, inner whitespace collapsed."""
-    return _normalize(prediction) == _normalize(answer)
-
-
 def score_answer(prompt_or_digits: str, response: str) -> float:
     """Rule-based reward in [0, 1].
 
@@ -178,7 +161,7 @@ def score_answer(prompt_or_digits: str, response: str) -> float:
     if exact_match(response, answer):
         return 1.0
     expected = answer.split()
-    got = re.findall(r"[0-9]", _normalize(response))
+    got = re.findall(r"[0-9]", normalise_answer(response))
     if not got:
         return 0.0
     correct = sum(g == e for g, e in zip(got, expected))

@@ -19,10 +19,10 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ftdist.algos.sft import IGNORE_INDEX
 from ftdist.data.formats import SFT_NORMALIZERS, RowProblem, detect_format
 from ftdist.data.loading import DataError, RowError, load_rows, resolve_data_path
 
-IGNORE_INDEX = -100
 
 
 @dataclass

@@ -6,6 +6,15 @@ Layout of output_dir/checkpoints/step-N/:
   trainer_state.json counters and data position
   adapter/           LoRA runs only: the adapter in PEFT format with the tokenizer (for users; resume reads engine/)
   manifest.json      written last: files with sizes; a directory without it is incomplete
+A PPO checkpoint holds one engine state per trained group instead (policy/engine, policy/rng, critic/...).
+
+The API, used by the training loop and by the PPO driver and workers alike:
+  begin_checkpoint    one process: a fresh temporary directory for step N
+  save_engine_state   every rank of an engine's group: its engine shards and RNG state into a directory
+  commit_checkpoint   one process, after every writer finished: trainer state, manifest, rename, keep_last
+  resolve_resume      checkpoint.resume (auto | never | a path) -> the checkpoint to load, or None
+  load_engine_state / read_trainer_state   the way back
+save_checkpoint / load_checkpoint compose them for the loop, where every rank holds one engine.
 """
 
 from __future__ import annotations
@@ -13,46 +22,20 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import re
 import shutil
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 
+from ftdist.config import ConfigError
 from ftdist.engine.dist import barrier
+from ftdist.run.seeding import rng_state, set_rng_state
 
 log = logging.getLogger("ftdist")
 _STEP_RE = re.compile(r"^step-(\d+)$")
-
-
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    py_version, py_keys, py_gauss = random.getstate()
-    # plain ints and tensors only, so that loading works with torch.load(weights_only=True)
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": list(py_keys),
-        "python_version": py_version,
-        "python_gauss": py_gauss,
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _manifest(root: Path) -> dict:
@@ -90,31 +73,39 @@ def find_latest(ckpt_root: Path, warn: bool = True) -> Optional[Path]:
     return None
 
 
-def save_checkpoint(engine, ckpt_root: Path, step: int, trainer_state: dict, rank: int, is_main: bool,
-                    keep_last: int, extra_save: Optional[Callable[[Path], None]] = None) -> Path:
-    """Collective: every rank calls it, and `extra_save(tmp_dir)` runs on every rank before the manifest."""
-    final = ckpt_root / f"step-{step}"
+def begin_checkpoint(ckpt_root: Path, step: int) -> Path:
+    """One process: an empty temporary directory for the step-N checkpoint (a leftover is cleared)."""
     tmp = ckpt_root / f".tmp-step-{step}"
-    if is_main:
-        ckpt_root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        (tmp / "rng").mkdir(parents=True)
-    barrier()
-    engine.save_state(str(tmp), client_state={"ftdist": trainer_state})
-    torch.save(rng_state(), tmp / "rng" / f"rank{rank}.pt")
-    if extra_save is not None:
-        extra_save(tmp)
-    barrier()
-    if is_main:
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
-        commit_checkpoint(tmp, final, ckpt_root, keep_last)
-    barrier()
-    return final
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
 
 
-def commit_checkpoint(tmp: Path, final: Path, ckpt_root: Path, keep_last: int) -> Path:
-    """One process, after every writer has finished: manifest last, rename into place, prune old ones."""
+def save_engine_state(engine, state_dir: Path, client_state: Optional[dict] = None) -> None:
+    """Every rank of the engine's group (collective): DeepSpeed shards into state_dir/engine, RNG into state_dir/rng."""
+    (Path(state_dir) / "rng").mkdir(parents=True, exist_ok=True)
+    engine.save_state(str(state_dir), client_state=client_state or {})
+    torch.save(rng_state(), Path(state_dir) / "rng" / f"rank{engine.info.rank}.pt")
+
+
+def load_engine_state(engine, state_dir: Path) -> dict:
+    """Every rank of the engine's group: engine shards and this rank's RNG; returns DeepSpeed's client state."""
+    client_state = engine.load_state(str(state_dir))
+    rng_file = Path(state_dir) / "rng" / f"rank{engine.info.rank}.pt"
+    if rng_file.exists():
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    else:
+        log.warning("%s has no RNG state for rank %d (world size changed?); continuing with fresh RNG", state_dir,
+                    engine.info.rank)
+    return client_state
+
+
+def commit_checkpoint(tmp: Path, ckpt_root: Path, step: int, trainer_state: dict, keep_last: int) -> Path:
+    """One process, after every writer has finished: trainer state, manifest last, rename into place, prune."""
+    final = ckpt_root / f"step-{step}"
+    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
     (tmp / "manifest.json").write_text(json.dumps(_manifest(tmp), indent=1))
     if final.exists():
         shutil.rmtree(final)
@@ -122,6 +113,27 @@ def commit_checkpoint(tmp: Path, final: Path, ckpt_root: Path, keep_last: int) -
     _fsync_dir(ckpt_root)
     prune(ckpt_root, keep_last)
     return final
+
+
+def read_trainer_state(path: Path) -> dict:
+    return json.loads((Path(path) / "trainer_state.json").read_text())
+
+
+def save_checkpoint(engine, ckpt_root: Path, step: int, trainer_state: dict, keep_last: int,
+                    extra_save: Optional[Callable[[Path], None]] = None) -> Path:
+    """Collective over all ranks of one engine; `extra_save(tmp_dir)` runs on every rank before the commit."""
+    tmp = ckpt_root / f".tmp-step-{step}"
+    if engine.info.is_main:
+        begin_checkpoint(ckpt_root, step)
+    barrier()
+    save_engine_state(engine, tmp, client_state={"ftdist": trainer_state})
+    if extra_save is not None:
+        extra_save(tmp)
+    barrier()
+    if engine.info.is_main:
+        commit_checkpoint(tmp, ckpt_root, step, trainer_state, keep_last)
+    barrier()
+    return ckpt_root / f"step-{step}"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -150,16 +162,10 @@ def prune(ckpt_root: Path, keep_last: int) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def load_checkpoint(engine, path: Path, rank: int) -> dict:
-    """Restores engine state and this rank's RNG; returns the trainer state (counters, data position)."""
-    engine.load_state(str(path))
-    state = json.loads((path / "trainer_state.json").read_text())
-    rng_file = path / "rng" / f"rank{rank}.pt"
-    if rng_file.exists():
-        set_rng_state(torch.load(rng_file, weights_only=True))
-    else:
-        log.warning("%s has no RNG state for rank %d (world size changed?); continuing with fresh RNG", path, rank)
-    return state
+def load_checkpoint(engine, path: Path) -> dict:
+    """Every rank: engine state and this rank's RNG; returns the trainer state (counters, data position)."""
+    load_engine_state(engine, path)
+    return read_trainer_state(path)
 
 
 def resolve_resume(spec: str, ckpt_root: Path) -> Optional[Path]:
@@ -169,11 +175,7 @@ def resolve_resume(spec: str, ckpt_root: Path) -> Optional[Path]:
         return find_latest(ckpt_root)
     p = Path(spec)
     if not p.exists():
-        from ftdist.config import ConfigError
-
         raise ConfigError(f"checkpoint.resume: {spec} does not exist (use auto, never, or a checkpoint directory)")
     if not is_complete(p):
-        from ftdist.config import ConfigError
-
         raise ConfigError(f"checkpoint.resume: {spec} is not a complete checkpoint (no valid manifest.json)")
     return p

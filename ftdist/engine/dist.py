@@ -97,11 +97,28 @@ def device_for(info: DistInfo) -> torch.device:
     return torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def all_reduce_sum(values: list[float], device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+def all_reduce_sum(values, device) -> list[float]:
+    """Sums over all ranks of numbers or 0-d tensors (left where they are until here: this is the one host
+    sync), as float64."""
+    if all(isinstance(v, (int, float)) for v in values):
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+    else:
+        t = torch.stack([torch.as_tensor(v).detach().to(device, torch.float64).reshape(()) for v in values])
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
     return t.tolist()
+
+
+def rank_batches(n: int, batch_size: int, info: DistInfo) -> list[list[int]]:
+    """This rank's share of n items (every world_size-th), in batches of batch_size.
+
+    Every rank gets the same number of batches, because a ZeRO-3 forward or generate call is collective
+    (each one gathers weights from all ranks); a rank with fewer items gets empty batches at the end, for
+    which the caller runs a throw-away forward on any item.
+    """
+    mine = list(range(info.rank, n, info.world_size))
+    per_rank = -(-n // info.world_size)
+    return [mine[k * batch_size:(k + 1) * batch_size] for k in range(-(-per_rank // batch_size))]
 
 
 def barrier() -> None:

@@ -1,11 +1,8 @@
-"""The one owner of DeepSpeed: config, initialize, backward/step, gathered weights, HF export.
+"""The one owner of DeepSpeed: config, model construction under ZeRO-3, initialize, backward/step,
+gathered weights, HF export, engine state for checkpoints.
 
-Loss normalisation contract: the caller passes a loss that is the SUM over its
-micro-batch divided by the number of units (target tokens, pairs) in the whole
-optimizer step across all micro-batches and ranks. DeepSpeed would divide by
-the accumulation steps (we switch that off) and averages gradients over ranks
-(we multiply by the world size to undo it), so the update is the true mean over
-the step however samples are split.
+`backward` is DeepSpeed's, without its 1/accumulation scaling; how the loss is
+normalised over a step is decided in one place, train/step.py.
 """
 
 from __future__ import annotations
@@ -24,9 +21,6 @@ from ftdist.config import Config, ConfigError, ds_config_path
 from ftdist.engine.dist import DistInfo
 
 log = logging.getLogger("ftdist")
-
-_HF_DS_CONFIG = None  # transformers keeps only a weak reference: we hold the object alive
-
 
 def build_ds_config(cfg: Config, world_size: int, grad_accum: int) -> dict:
     path = ds_config_path(cfg)
@@ -49,6 +43,10 @@ def build_ds_config(cfg: Config, world_size: int, grad_accum: int) -> dict:
                               f"set it to \"auto\" so ftdist fills it from the recipe")
     ds.setdefault("bf16", {})["enabled"] = cfg.model.dtype == "bf16"
     ds.setdefault("fp16", {})["enabled"] = cfg.model.dtype == "fp16"
+    if cfg.deepspeed.zero_stage == 0 and cfg.model.dtype == "fp32":
+        # DeepSpeed clips fp32 ZeRO-0 gradients without keeping the norm; the Engine clips (same rule) and
+        # reports it, like every other configuration
+        ds["gradient_clipping"] = 0.0
     z = ds.setdefault("zero_optimization", {})
     # the recipe decides stage and offload; the JSON supplies the tuning knobs
     z["stage"] = cfg.deepspeed.zero_stage
@@ -113,18 +111,20 @@ def _init_deepspeed_comm(info_backend: str) -> None:
 
 @contextlib.contextmanager
 def model_init_context(cfg: Config, world_size: int, grad_accum: int):
-    """Under ZeRO-3, parameters are partitioned as from_pretrained creates them: no rank ever holds the whole model."""
-    global _HF_DS_CONFIG
+    """Under ZeRO-3, parameters are partitioned as from_pretrained creates them: no rank ever holds the whole model.
+
+    Yields the HfDeepSpeedConfig that tells transformers so (None below ZeRO-3). transformers keeps only a
+    weak reference to it, and later calls (generation, saving) ask it again: whoever builds the model keeps
+    the yielded object as long as the model lives (the Engine does).
+    """
     if cfg.deepspeed.zero_stage != 3:
-        yield
+        yield None
         return
     import torch.distributed as dist
     from transformers.integrations import HfDeepSpeedConfig
 
     _init_deepspeed_comm(dist.get_backend())
-    ds = build_ds_config(cfg, world_size, grad_accum)
-    _HF_DS_CONFIG = HfDeepSpeedConfig(ds)
-    yield
+    yield HfDeepSpeedConfig(build_ds_config(cfg, world_size, grad_accum))
 
 
 def _build_optimizer(cfg: Config, param_groups: list[dict]):
@@ -134,14 +134,19 @@ def _build_optimizer(cfg: Config, param_groups: list[dict]):
 
 
 class Engine:
-    """A DeepSpeed engine around one trainable model, with the loop-facing calls ftdist needs."""
+    """A DeepSpeed engine around one trainable model, with the calls the step function and checkpoints need.
 
-    def __init__(self, model, cfg: Config, info: DistInfo, *, grad_accum: int, total_steps: int,
+    `build()` makes the model; the Engine calls it inside ZeRO-3's partitioning context.
+    """
+
+    def __init__(self, build, cfg: Config, info: DistInfo, *, grad_accum: int, total_steps: int,
                  param_groups: Optional[list[dict]] = None):
         import deepspeed
         from transformers import get_scheduler
 
         self.cfg, self.info, self.grad_accum = cfg, info, grad_accum
+        with model_init_context(cfg, info.world_size, grad_accum) as self._zero3_init:
+            model = build()
         _init_deepspeed_comm(info.backend)
         self.ds_config = build_ds_config(cfg, info.world_size, grad_accum)
         if param_groups is None:
@@ -160,6 +165,8 @@ class Engine:
             # one rank: DeepSpeed would still flatten every gradient, all-reduce it with itself and copy it
             # back, each step (6% of a CPU step of a 27M model, measured)
             self.engine.enable_backward_allreduce = False
+        self._own_clipping = self.zero_stage == 0 and cfg.model.dtype == "fp32"  # see build_ds_config
+        self._grad_norm: Optional[float] = None
 
     # -- training -------------------------------------------------------------------------------
     @property
@@ -173,10 +180,17 @@ class Engine:
         return self.engine(*args, **kwargs)
 
     def backward(self, loss: torch.Tensor) -> None:
-        # loss is already normalised over the whole step; undo DeepSpeed's 1/world averaging
-        self.engine.backward(loss * self.info.world_size, scale_wrt_gas=False)
+        # the caller (train/step.py) has normalised the loss over the whole step
+        self.engine.backward(loss, scale_wrt_gas=False)
 
     def step(self) -> None:
+        if self._own_clipping and self.engine.is_gradient_accumulation_boundary():
+            # the gradients are complete here (ZeRO-0 all-reduces them in the boundary's backward)
+            params = [p for p in self.module.parameters() if p.grad is not None]
+            max_norm = self.cfg.train.max_grad_norm
+            norm = (torch.nn.utils.clip_grad_norm_(params, max_norm) if max_norm > 0
+                    else torch.nn.utils.get_total_norm([p.grad for p in params]))
+            self._grad_norm = float(norm)
         self.engine.step()
 
     @property
@@ -184,6 +198,9 @@ class Engine:
         return float(self.optimizer.param_groups[0]["lr"]) if self.scheduler is None else float(self.scheduler.get_last_lr()[0])
 
     def grad_norm(self) -> Optional[float]:
+        """The last step's gradient norm before clipping."""
+        if self._own_clipping:
+            return self._grad_norm
         g = self.engine.get_global_grad_norm()
         if g is None:
             return None
@@ -280,7 +297,7 @@ class FrozenEngine:
     def __init__(self, build, cfg: Config, info: DistInfo, grad_accum: int):
         from ftdist.engine.dist import device_for
 
-        with model_init_context(cfg, info.world_size, grad_accum):
+        with model_init_context(cfg, info.world_size, grad_accum) as self._zero3_init:
             model = build()
         model.requires_grad_(False)
         model.eval()

@@ -11,7 +11,7 @@ import logging
 
 import torch
 
-from ftdist.config import ConfigError
+from ftdist.config import OFFLOAD_OPTIMIZERS, ConfigError
 
 log = logging.getLogger("ftdist")
 
@@ -40,7 +40,7 @@ def build_optimizer(train_cfg, param_groups: list[dict], offload: bool = False):
     lr = train_cfg.lr
     betas = (train_cfg.adam_beta1, train_cfg.adam_beta2)
     if offload:
-        if name not in ("adamw_torch", "paged_adamw_32bit"):
+        if name not in OFFLOAD_OPTIMIZERS:
             raise ConfigError(f"train.optimizer={name!r} cannot be combined with deepspeed.offload_optimizer=true "
                               f"(use adamw_torch, which becomes DeepSpeed's CPU Adam)")
         from deepspeed.ops.adam import DeepSpeedCPUAdam

@@ -95,14 +95,20 @@ def segment_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0
     return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
 
 
-def use_segment_sdpa(model) -> None:
-    """Switch an sdpa model to `segment_sdpa` (same masks, same results; packed batches skip cross-sample work)."""
+def segment_sdpa_kernel() -> str:
+    """Adds `segment_sdpa` to transformers' attention registry under its own name (it replaces no kernel) and
+    returns that name, to load a model with: from_pretrained(..., attn_implementation=segment_sdpa_kernel())."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(SEGMENT_SDPA, segment_sdpa)
     AttentionMaskInterface.register(SEGMENT_SDPA, sdpa_mask)
-    model.set_attn_implementation(SEGMENT_SDPA)
+    return SEGMENT_SDPA
+
+
+def use_segment_sdpa(model) -> None:
+    """Switch an already built sdpa model to `segment_sdpa` (same masks, same results)."""
+    model.set_attn_implementation(segment_sdpa_kernel())
 
 
 def causal_logits(model, batch, attn_impl: str, dtype: torch.dtype) -> torch.Tensor:

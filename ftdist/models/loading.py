@@ -51,11 +51,23 @@ def load_tokenizer(model_cfg):
 
 
 def attn_implementation(model_cfg) -> str:
+    """The attention family batches are built for: flash_attention_2, flex_attention, sdpa or eager."""
     impl = model_cfg.attn_implementation
     if impl == "auto":
         if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
             return "flash_attention_2"
         return "sdpa"
+    return impl
+
+
+def attention_kernel(model_cfg) -> str:
+    """The kernel a model is loaded with: sdpa models get `segment_sdpa` (models/forward.py), which runs plain
+    sdpa on unpacked batches and skips the cross-sample work of packed ones."""
+    impl = attn_implementation(model_cfg)
+    if impl == "sdpa":
+        from ftdist.models.forward import segment_sdpa_kernel
+
+        return segment_sdpa_kernel()
     return impl
 
 
@@ -76,7 +88,7 @@ def load_causal_lm(model_cfg, dtype: torch.dtype | None = None, auto_class=None,
         model = (auto_class or AutoModelForCausalLM).from_pretrained(
             path,
             dtype=dtype or DTYPES[model_cfg.dtype],
-            attn_implementation=attn_implementation(model_cfg),
+            attn_implementation=attention_kernel(model_cfg),
             trust_remote_code=model_cfg.trust_remote_code,
             **kwargs,
         )
@@ -84,10 +96,6 @@ def load_causal_lm(model_cfg, dtype: torch.dtype | None = None, auto_class=None,
         raise ModelError(f"model.name_or_path={model_cfg.name_or_path!r}: cannot load the model: {e}") from None
     if "quantization_config" in kwargs:
         keep_trainable_layout(model)
-    if attn_implementation(model_cfg) == "sdpa":
-        from ftdist.models.forward import use_segment_sdpa
-
-        use_segment_sdpa(model)
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

@@ -11,9 +11,10 @@ import logging
 
 import torch
 
+from ftdist.models.loading import DTYPES
+
 log = logging.getLogger("ftdist")
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "uint8": torch.uint8}
 
 
 def wants_quantization(model_cfg) -> bool:
@@ -25,7 +26,7 @@ def quant_storage_dtype(model_cfg, zero_stage: int) -> torch.dtype:
     """uint8 is bitsandbytes' own default; ZeRO-3 needs the packed bytes viewed as the training dtype."""
     q = model_cfg.quantization
     if q.quant_storage is not None:
-        return DTYPES[q.quant_storage]
+        return {**DTYPES, "uint8": torch.uint8}[q.quant_storage]
     return DTYPES[model_cfg.dtype] if zero_stage == 3 else torch.uint8
 
 

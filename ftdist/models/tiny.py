@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
-import tempfile
-from typing import Any, Callable
+from typing import Any
+
+from ftdist.run.cache import materialize
 
 TINY_NAME = "ftdist/tiny"
 TINY_ALIASES = (TINY_NAME, "tiny")
@@ -73,38 +73,6 @@ Read the text, find the key idea, and explain it in your own words.
 
 def is_tiny_name(name: str | os.PathLike | None) -> bool:
     return name is not None and str(name) in TINY_ALIASES
-
-
-def cache_dir() -> str:
-    """`$FTDIST_CACHE`, else `~/.cache/ftdist`."""
-    return os.path.expanduser(os.environ.get("FTDIST_CACHE") or os.path.join("~", ".cache", "ftdist"))
-
-
-def materialize(subdir: str, build: Callable[[str], None]) -> str:
-    """Return `<cache>/<subdir>`, calling `build(tmp_dir)` first if it is missing.
-
-    The build writes into a temporary directory next to the target which is then
-    renamed into place; rename is atomic, so a directory that exists is complete.
-    When several ranks start at once, each builds its own copy, one rename wins,
-    and the others discard theirs and use the winner's.
-    """
-    root = cache_dir()
-    final = os.path.join(root, subdir)
-    if os.path.isdir(final):
-        return final
-    os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{subdir}.tmp-", dir=root)
-    try:
-        build(tmp)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            # another process won the race (ENOTEMPTY / EEXIST); theirs is complete
-            if not os.path.isdir(final):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 def resolve_model_path(name: str | os.PathLike) -> str:

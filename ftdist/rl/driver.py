@@ -13,23 +13,23 @@ with the weights its own update just wrote. Only CPU tensors travel, as Ray obje
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
 from ftdist.algos.ppo import AdaptiveKLController, FixedKLController
+from ftdist.data.answers import exact_match
+from ftdist.engine.checkpoint import begin_checkpoint, commit_checkpoint, read_trainer_state
 from ftdist.rl import ray_shells as rs
 from ftdist.rl.advantages import compute_advantages
 from ftdist.rl.experience import Experience, merge_rollouts
 from ftdist.rl.prompts import PromptSampler, PromptSet
-from ftdist.rl.workers import derive_seed
-from ftdist.train.generation import normalise_answer
-from ftdist.train.metrics import MetricsWriter, Progress
+from ftdist.run.metrics import MetricsWriter, Progress
+from ftdist.run.seeding import derive_seed
+from ftdist.run.signals import StopRequest
 
 log = logging.getLogger("ftdist")
 
@@ -128,8 +128,6 @@ class PPODriver:
         evaluating = self.eval_prompts is not None
         if self.iteration == 0 and evaluating:
             self._log_eval(writer, 0)
-        from ftdist.train.loop import StopRequest
-
         stop = StopRequest()  # Slurm preemption: finish the iteration, checkpoint, exit for requeue
         progress = Progress(p.iterations, self.iteration, cfg.train.progress_bar, desc="ppo")
         record: dict = {}
@@ -171,7 +169,7 @@ class PPODriver:
                "eval/response_len": float(exp.response_lengths()[:n].float().mean())}
         answers = prompts.extras.get("answer")
         if answers is not None:
-            hits = [normalise_answer(r) == normalise_answer(str(a)) for r, a in zip(exp.responses[:n], answers)]
+            hits = [exact_match(r, str(a)) for r, a in zip(exp.responses[:n], answers)]
             out["eval/accuracy"] = sum(hits) / n
         return out
 
@@ -188,18 +186,11 @@ class PPODriver:
                 "kl_coef": self.kl_ctl.value, "prompts": self.sampler.state()}
 
     def save_checkpoint(self) -> Path:
-        """checkpoints/step-N/{policy,critic}/ (each group's DeepSpeed state) + trainer_state.json, atomically."""
-        from ftdist.engine.checkpoint import commit_checkpoint
-
-        tmp = self.ckpt_root / f".tmp-step-{self.iteration}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+        """checkpoints/step-N/{policy,critic}/ (each group's engine state) + trainer_state.json, atomically."""
+        tmp = begin_checkpoint(self.ckpt_root, self.iteration)
         trained = [r for r in ("policy", "critic") if r in self.groups]
         rs.get([ref for r in trained for ref in self.groups[r].run("save", str(tmp / r))])
-        (tmp / "trainer_state.json").write_text(json.dumps(self.state(), indent=1))
-        return commit_checkpoint(tmp, self.ckpt_root / f"step-{self.iteration}", self.ckpt_root,
-                                 self.cfg.checkpoint.keep_last)
+        return commit_checkpoint(tmp, self.ckpt_root, self.iteration, self.state(), self.cfg.checkpoint.keep_last)
 
     def load_checkpoint(self, path: Path) -> None:
         trained = [r for r in ("policy", "critic") if r in self.groups]
@@ -207,7 +198,7 @@ class PPODriver:
         if missing:
             raise RuntimeError(f"{path} has no {missing[0]}/ state (was it written with another ppo.algorithm?)")
         rs.get([ref for r in trained for ref in self.groups[r].run("load", str(path / r))])
-        state = json.loads((path / "trainer_state.json").read_text())
+        state = read_trainer_state(path)
         self.iteration, self.samples, self.elapsed = state["iteration"], state["samples"], state["elapsed_s"]
         self.kl_ctl.value = state["kl_coef"]
         self.sampler.epoch, self.sampler.position = state["prompts"]["epoch"], state["prompts"]["position"]

@@ -122,18 +122,6 @@ def put_shards(exp, n: int) -> list:
 
 # ----------------------------------------------------------------------------------- placement
 
-COLOCATED = {"policy_ref": ("policy", "ref"), "critic_reward": ("critic", "reward"), "ref_reward": ("ref", "reward")}
-
-
-def sharing(colocation: str, roles: list[str]) -> list[tuple[str, ...]]:
-    """Partition the roles into sets that share bundles, e.g. policy_ref -> [(policy, ref), (critic,), (reward,)]."""
-    if colocation == "all":
-        return [tuple(roles)]
-    shared = tuple(r for r in COLOCATED.get(colocation, ()) if r in roles)
-    sets = [shared] if len(shared) > 1 else []
-    return sets + [(r,) for r in roles if not any(r in s for s in sets)]
-
-
 def use_gpus(device: str) -> bool:
     if device != "auto":
         return device == "gpu"
@@ -144,7 +132,7 @@ def make_placements(ranks: dict[str, int], colocation: str, cpus_per_actor: floa
                     needs_gpu: dict[str, bool]) -> tuple[dict[str, Placement], list]:
     """One placement group per set of roles that share devices; returns {role: Placement} and the groups."""
     placements, pgs = {}, []
-    for roles in sharing(colocation, list(ranks)):
+    for roles in colocated_sets(colocation, list(ranks)):
         k = len(roles)
         bundle = {"CPU": cpus_per_actor * k}
         if gpu:
@@ -194,14 +182,8 @@ def shutdown(groups: list[ActorGroup], pgs: list, started: bool) -> None:
 
 def role_requirements(cfg) -> tuple[dict[str, int], dict[str, bool]]:
     """Which groups this recipe starts, with their sizes, and which of them hold a model on a device."""
-    p = cfg.ppo
-    ranks = {"policy": p.policy_ranks}
-    if p.algorithm == "ppo":
-        ranks["critic"] = p.critic_ranks
-    if cfg.model.lora is None:
-        ranks["ref"] = p.ref_ranks
-    ranks["reward"] = p.reward_ranks
-    needs_gpu = {r: not (r == "reward" and p.reward_fn is not None) for r in ranks}
+    ranks = ppo_groups(cfg)
+    needs_gpu = {r: not (r == "reward" and cfg.ppo.reward_fn is not None) for r in ranks}
     return ranks, needs_gpu
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import importlib
 import inspect
 import math
@@ -30,15 +29,13 @@ from ftdist.algos.ppo import entropy_from_logits, kl_penalty, policy_loss, value
 from ftdist.algos.reward import gather_last
 from ftdist.algos.sft import masked_mean
 from ftdist.config import ConfigError
-from ftdist.engine.dist import all_reduce_sum, barrier, device_for, init_distributed
+from ftdist.engine.checkpoint import load_engine_state, save_engine_state
+from ftdist.engine.dist import device_for, init_distributed
+from ftdist.run.logs import setup_logging
+from ftdist.run.seeding import derive_seed, seed_everything
 from ftdist.rl.experience import (Experience, Rollout, action_logprobs, action_values, ends_with_eos,
                                   position_ids, response_mask)
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from (run seed, iteration, rank, ...): resumed runs sample exactly what a straight run does."""
-    digest = hashlib.sha256(",".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+from ftdist.train.step import optimizer_step
 
 
 def update_steps(cfg) -> int:
@@ -88,8 +85,6 @@ class _Worker:
     """One rank of a group: its process group, logging and seeds."""
 
     def __init__(self, cfg, distributed: bool = True):
-        from ftdist.train.loop import seed_everything, setup_logging
-
         self.cfg, self.p = cfg, cfg.ppo
         self.info = init_distributed(cfg.dist.backend, cfg.dist.timeout_s) if distributed else None
         setup_logging(self.info is None or self.info.is_main)
@@ -103,42 +98,36 @@ class _Worker:
 
 
 class _TrainedWorker(_Worker):
-    """A worker around a trainable Engine: checkpoint save/load of the group's shard."""
+    """A worker around a trainable Engine: the shared optimizer step, and its share of a checkpoint."""
 
     def _build_engine(self, build, lr: float):
-        from ftdist.engine.engine import Engine, model_init_context
+        from ftdist.engine.engine import Engine
 
-        ecfg = engine_config(self.cfg, lr)
         self.grad_accum = self.p.mini_batch_size // (self.micro * self.info.world_size)
-        with model_init_context(ecfg, self.info.world_size, self.grad_accum):
-            model = build()
-        return Engine(model, ecfg, self.info, grad_accum=self.grad_accum, total_steps=update_steps(self.cfg))
+        return Engine(build, engine_config(self.cfg, lr), self.info, grad_accum=self.grad_accum,
+                      total_steps=update_steps(self.cfg))
 
-    def save(self, ckpt_dir: str) -> None:
-        """Collective over the group: DeepSpeed model/optimizer/scheduler shards and each rank's RNG."""
-        from ftdist.engine.checkpoint import rng_state
+    def save(self, state_dir: str) -> None:
+        """Collective over the group: this rank's engine shards and RNG state (the driver commits the checkpoint)."""
+        save_engine_state(self.engine, Path(state_dir))
 
-        (Path(ckpt_dir) / "rng").mkdir(parents=True, exist_ok=True)
-        self.engine.save_state(ckpt_dir, client_state={})
-        torch.save(rng_state(), Path(ckpt_dir) / "rng" / f"rank{self.info.rank}.pt")
-        barrier()
-
-    def load(self, ckpt_dir: str) -> None:
-        from ftdist.engine.checkpoint import set_rng_state
-
-        self.engine.load_state(ckpt_dir)
-        rng = Path(ckpt_dir) / "rng" / f"rank{self.info.rank}.pt"
-        if rng.exists():
-            set_rng_state(torch.load(rng, weights_only=True))
+    def load(self, state_dir: str) -> None:
+        load_engine_state(self.engine, Path(state_dir))
 
     def _update(self, exp: Experience, iteration: int, loss_fn) -> dict[str, float]:
         """ppo_epochs passes over this rank's shard in seeded mini-batches; one optimizer step per mini-batch.
 
-        The loss of a micro-batch is its token mean times its share of the mini-batch's
-        response tokens over all ranks, so a step is the token mean of the whole
-        mini-batch however it is split (the Engine's normalisation contract).
+        loss_fn(micro) returns the token means of a micro-batch (the algos' form); they become sums over its
+        response tokens here, and the step function divides by the mini-batch's tokens over all ranks.
         """
         per_rank = self.p.mini_batch_size // self.info.world_size
+
+        def token_sums(micro: Experience):
+            micro = micro.to(self.device)
+            n = micro.action_mask.sum()
+            loss, metrics = loss_fn(micro)
+            return loss * n, {k: v.detach() * n for k, v in metrics.items()}
+
         sums: dict[str, float] = defaultdict(float)
         tokens = 0.0
         grad_norms = []
@@ -147,23 +136,14 @@ class _TrainedWorker(_Worker):
             gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, iteration, epoch))
             order = torch.randperm(exp.batch_size, generator=gen)
             for start in range(0, exp.batch_size, per_rank):
-                mini = exp.select(order[start:start + per_rank])
-                step_tokens = all_reduce_sum([float(mini.action_mask.sum())], self.device)[0]
-                for micro in mini.chunks(self.micro):
-                    micro = micro.to(self.device)
-                    n = float(micro.action_mask.sum())
-                    loss, metrics = loss_fn(micro)
-                    self.engine.backward(loss * n / max(step_tokens, 1.0))
-                    self.engine.step()
-                    for k, v in metrics.items():
-                        sums[k] += float(v) * n
-                    tokens += n
-                norm = self.engine.grad_norm()
-                if norm is not None:
-                    grad_norms.append(norm)
-        keys = sorted(sums)
-        totals = all_reduce_sum([tokens] + [sums[k] for k in keys], self.device)
-        out = {k: v / max(totals[0], 1.0) for k, v in zip(keys, totals[1:])}
+                micro = list(exp.select(order[start:start + per_rank]).chunks(self.micro))
+                result = optimizer_step(self.engine, micro, [float(m.action_mask.sum()) for m in micro], token_sums)
+                for k, v in result.sums.items():
+                    sums[k] += v
+                tokens += result.units
+                if result.grad_norm is not None:
+                    grad_norms.append(result.grad_norm)
+        out = {k: v / max(tokens, 1.0) for k, v in sums.items()}
         out["lr"] = self.engine.lr
         if grad_norms:
             out["grad_norm"] = sum(grad_norms) / len(grad_norms)
@@ -184,31 +164,16 @@ class PolicyWorker(_TrainedWorker):
     @torch.no_grad()
     def generate(self, prompts: list[str], seed) -> Rollout:
         """Sample (seed given) or greedy-decode (seed None) one response per prompt; stops at EOS."""
+        from ftdist.models.generate import generate
+
         tok, p = self.tokenizer, self.p
-        side = (tok.padding_side, tok.truncation_side)
-        tok.padding_side = tok.truncation_side = "left"  # keep the end of a long prompt, next to the response
-        try:
-            enc = tok(prompts, return_tensors="pt", padding=True, truncation=True, add_special_tokens=False,
-                      max_length=self.cfg.data.max_length - p.max_new_tokens)
-        finally:
-            tok.padding_side, tok.truncation_side = side
-        sampling = {"do_sample": False}
         if seed is not None:
             torch.manual_seed(seed)
-            sampling = {"do_sample": True, "temperature": p.temperature, "top_p": p.top_p, "top_k": 0}
-        module = self.engine.module
-        was_training = module.training
-        module.eval()
-        try:
-            out = module.generate(input_ids=enc["input_ids"].to(self.device),
-                                  attention_mask=enc["attention_mask"].to(self.device),
-                                  max_new_tokens=p.max_new_tokens, eos_token_id=tok.eos_token_id,
-                                  pad_token_id=tok.pad_token_id, use_cache=True,  # off in training with checkpointing
-                                  synced_gpus=self.engine.zero_stage == 3 and self.info.world_size > 1, **sampling)
-        finally:
-            module.train(was_training)
-        prompt_width = enc["input_ids"].size(1)
-        response = out[:, prompt_width:].cpu()  # (b, R)
+        enc, response = generate(self.engine.module, tok, prompts, max_new_tokens=p.max_new_tokens,
+                                 device=self.device, synced_gpus=self.engine.zero_stage == 3 and self.info.world_size > 1,
+                                 max_prompt_tokens=self.cfg.data.max_length - p.max_new_tokens,
+                                 do_sample=seed is not None, temperature=p.temperature, top_p=p.top_p)
+        response = response.cpu()  # (b, R)
         mask = response_mask(response, tok.eos_token_id)  # (b, R)
         response = response.masked_fill(~mask, tok.pad_token_id)
         texts = tok.batch_decode([r[m].tolist() for r, m in zip(response, mask)], skip_special_tokens=True)

@@ -7,7 +7,7 @@ from ftdist.algos.sft import sequence_logprobs
 from ftdist.models.adapters import apply_lora
 from ftdist.models.forward import causal_logits
 from ftdist.models.loading import load_causal_lm
-from ftdist.train.pairs import PairTask, per_pair_sums
+from ftdist.train.pairs import PairTask, pair_sums
 from ftdist.train.reference import Reference
 
 
@@ -20,7 +20,7 @@ class PolicyPairTask(PairTask):
         logits = causal_logits(engine.forward, batch, self.attn_impl, self.dtype)  # (2B, T, V)
         return sequence_logprobs(logits, batch.labels, average=average)
 
-    def extra_eval(self, engine) -> dict:
+    def extra_eval(self, engine, means: dict) -> dict:
         return self.task_accuracy(engine)
 
 
@@ -34,7 +34,7 @@ class DPOTask(PolicyPairTask):
     def prepare_data(self, cache_dir: str, show_progress: bool) -> str:
         return super().prepare_data(cache_dir, show_progress) + f"\nreference: {self.reference.describe()}"
 
-    def loss(self, engine, batch, denom: float):
+    def loss(self, engine, batch):
         batch = batch.to(engine.device)
         # the reference first: its activations are freed before the policy's are kept for backward
         ref_chosen, ref_rejected = self.reference.logps(engine, batch).chunk(2)  # (B,), (B,)
@@ -44,8 +44,7 @@ class DPOTask(PolicyPairTask):
         loss, metrics = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=d.beta, loss_type=d.loss_type,
                                  label_smoothing=d.label_smoothing, chosen_lengths=chosen_len,
                                  rejected_lengths=rejected_len)
-        n = batch.n_pairs
-        return loss * n / denom, per_pair_sums(loss, metrics, n)
+        return pair_sums(loss, metrics, batch.n_pairs)
 
 
 class ORPOTask(PolicyPairTask):
@@ -58,9 +57,8 @@ class ORPOTask(PolicyPairTask):
 
     name = "orpo"
 
-    def loss(self, engine, batch, denom: float):
+    def loss(self, engine, batch):
         batch = batch.to(engine.device)
         chosen, rejected = self.policy_logps(engine, batch, average=True).chunk(2)  # (B,), (B,)
         loss, metrics = orpo_loss(chosen, rejected, -chosen.mean(), beta=self.cfg.orpo.beta)
-        n = batch.n_pairs
-        return loss * n / denom, per_pair_sums(loss, metrics, n)
+        return pair_sums(loss, metrics, batch.n_pairs)

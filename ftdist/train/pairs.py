@@ -17,9 +17,9 @@ from ftdist.models.loading import DTYPES, attn_implementation
 log = logging.getLogger("ftdist")
 
 
-def per_pair_sums(loss, metrics: dict, n_pairs: int) -> dict[str, float]:
-    """Batch means -> sums over the batch's pairs, the form the loop averages over a whole step."""
-    return {"loss": float(loss.detach()) * n_pairs, **{k: float(v) * n_pairs for k, v in metrics.items()}}
+def pair_sums(loss, metrics: dict, n_pairs: int) -> tuple:
+    """The algos' batch means -> sums over the batch's pairs (the Task loss convention), as tensors."""
+    return loss * n_pairs, {"loss": loss.detach() * n_pairs, **{k: v.detach() * n_pairs for k, v in metrics.items()}}
 
 
 class PairTask:
@@ -68,7 +68,7 @@ class PairTask:
     def tokens(self, batch) -> tuple[int, int]:
         return batch.n_tokens, batch.n_padded
 
-    def extra_eval(self, engine) -> dict:
+    def extra_eval(self, engine, means: dict) -> dict:
         return {}
 
     def export(self, engine, out_dir: str) -> None:

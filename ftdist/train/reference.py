@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ftdist.algos.sft import sequence_logprobs
-from ftdist.engine.dist import all_reduce_sum, barrier
+from ftdist.engine.dist import all_reduce_sum, barrier, rank_batches
 from ftdist.models.forward import causal_logits
 
 log = logging.getLogger("ftdist")
@@ -123,13 +123,9 @@ class Reference:
             engine.train(was_training)
 
     def _score_split(self, engine, split: str, data) -> torch.Tensor:
-        info = engine.info
-        n, bs = len(data), self.cfg.train.micro_batch_size
-        mine = list(range(info.rank, n, info.world_size))
-        n_batches = -(-(-(-n // info.world_size)) // bs)  # the same on every rank
+        n = len(data)
         table = torch.zeros(n, 2, dtype=torch.float64)
-        for k in range(n_batches):
-            chunk = mine[k * bs:(k + 1) * bs]
+        for chunk in rank_batches(n, self.cfg.train.micro_batch_size, engine.info):
             batch = self.task.collate([[i] for i in (chunk or [0])], split).to(engine.device)
             out = self._forward_logps(engine, batch).double().cpu()  # (2B,)
             if chunk:

@@ -8,7 +8,7 @@ from ftdist.algos.reward import gather_last, pairwise_reward_loss, score_diff_we
 from ftdist.models.adapters import apply_lora, is_peft_model
 from ftdist.models.forward import model_inputs
 from ftdist.models.heads import export_reward_model, load_reward_model, pad_appears_in_text, token_values
-from ftdist.train.pairs import PairTask, per_pair_sums
+from ftdist.train.pairs import PairTask, pair_sums
 
 log = logging.getLogger("ftdist")
 
@@ -39,7 +39,7 @@ class RewardTask(PairTask):
         values = token_values(engine.forward, engine.module, model_inputs(batch, self.attn_impl, self.dtype))
         return gather_last(values, batch.attention_mask)  # (2B, T) -> (2B,)
 
-    def loss(self, engine, batch, denom: float):
+    def loss(self, engine, batch):
         batch = batch.to(engine.device)
         chosen, rejected = self.rewards(engine, batch).chunk(2)  # (B,), (B,)
         rm = self.cfg.rm
@@ -50,8 +50,7 @@ class RewardTask(PairTask):
             margin = (batch.score_chosen - batch.score_rejected) * rm.margin_scale
         weights = score_diff_weights(batch.score_chosen, batch.score_rejected) if rm.score_diff_weighting else None
         loss, metrics = pairwise_reward_loss(chosen, rejected, margin=margin, weights=weights)
-        n = batch.n_pairs
-        return loss * n / denom, per_pair_sums(loss, metrics, n)
+        return pair_sums(loss, metrics, batch.n_pairs)
 
     def export(self, engine, out_dir: str) -> None:
         if is_peft_model(engine.module):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 from ftdist.algos.sft import sft_loss_sum
 from ftdist.data.batching import TokenData, collate_rows
@@ -60,19 +61,20 @@ class SFTTask:
         enable_neftune(model, self.cfg.train.neftune_alpha)
         return model
 
-    def loss(self, engine, batch, denom: float):
+    def loss(self, engine, batch):
         batch = batch.to(engine.device)
         logits = causal_logits(engine.forward, batch, self.attn_impl, self.dtype)  # (B, T, V)
-        loss_sum, n = sft_loss_sum(logits, batch.labels, label_smoothing=self.cfg.train.label_smoothing)
-        return loss_sum / denom, {"loss": float(loss_sum.detach())}
+        loss_sum, _ = sft_loss_sum(logits, batch.labels, label_smoothing=self.cfg.train.label_smoothing)
+        return loss_sum, {"loss": loss_sum.detach()}
 
-    def extra_eval(self, engine) -> dict:
-        if not (self.cfg.train.eval_accuracy and self.cfg.data.eval):
-            return {}
-        convs = load_eval_conversations(self.cfg.data.eval, self.cfg.data, self.cfg.train.eval_max_samples)
-        acc = exact_match_accuracy(engine, self.tokenizer, convs, self.cfg.train.eval_max_new_tokens,
-                                   self.cfg.train.micro_batch_size * 4)
-        return {"eval/accuracy": acc}
+    def extra_eval(self, engine, means: dict) -> dict:
+        out = {"eval/perplexity": math.exp(min(means["eval/loss"], 50.0))}  # exp(50) ~ 5e21: no overflow
+        if self.cfg.train.eval_accuracy and self.cfg.data.eval:
+            convs = load_eval_conversations(self.cfg.data.eval, self.cfg.data, self.cfg.train.eval_max_samples)
+            out["eval/accuracy"] = exact_match_accuracy(engine, self.tokenizer, convs,
+                                                        self.cfg.train.eval_max_new_tokens,
+                                                        self.cfg.train.micro_batch_size * 4)
+        return out
 
     def export(self, engine, out_dir: str) -> None:
         engine.export_hf(out_dir, self.tokenizer)

@@ -1,10 +1,11 @@
 """The Task protocol: what differs between SFT, reward modelling, DPO and ORPO.
 
-The loop (train/loop.py) owns epochs, step plans, normalisation, logging,
-evaluation cadence and checkpoints. A Task owns its data, its model and its
-loss. Loss convention: `loss(...)` returns (sum over this micro-batch's units /
-`denom`, {metric: sum over units}); the loop divides every metric sum by the
-number of units in the whole step (target tokens for SFT, pairs for RM/DPO).
+The loop (train/loop.py) owns epochs, step plans, logging, evaluation cadence
+and checkpoints; the step function (train/step.py) owns the normalisation. A Task
+owns its data, its model and its loss. Loss convention: `loss(engine, batch)`
+returns (loss SUMMED over the batch's units, {metric: sum over those units}), all
+tensors; the step divides by the number of units in the whole step (target tokens
+for SFT, pairs for RM/DPO) over all micro-batches and ranks.
 """
 
 from __future__ import annotations
@@ -38,10 +39,11 @@ class Task(Protocol):
 
     def build_model(self) -> torch.nn.Module: ...
 
-    def loss(self, engine, batch, denom: float) -> tuple[torch.Tensor, dict[str, float]]: ...
+    def loss(self, engine, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
 
-    def extra_eval(self, engine) -> dict[str, float]:
-        """Metrics beyond the eval loss (e.g. exact-match accuracy); collective."""
+    def extra_eval(self, engine, means: dict[str, float]) -> dict[str, float]:
+        """Metrics beyond the means of the loss metrics (`means`, keyed eval/...): perplexity, exact-match
+        accuracy; collective."""
 
     def export(self, engine, out_dir: str) -> None: ...
 

@@ -11,10 +11,11 @@ import torch
 
 from ftdist.config import load_config
 from ftdist.data.batching import plan_epoch
-from ftdist.engine.dist import all_reduce_sum, barrier, init_distributed
-from ftdist.engine.engine import Engine, model_init_context
+from ftdist.engine.dist import barrier, init_distributed
+from ftdist.engine.engine import Engine
 from ftdist.models.loading import load_tokenizer
-from ftdist.train.loop import seed_everything
+from ftdist.run.seeding import seed_everything
+from ftdist.train.step import optimizer_step
 from ftdist.train.task import make_task
 
 STEPS, MICRO, ACCUM = 4, 4, 2
@@ -36,20 +37,12 @@ def main(out: str, stage: int, overrides: list[str]) -> None:
         task.prepare_data(cache, False)
     plan = plan_epoch(task.train_lengths(), seed=cfg.seed, epoch=0, micro_batch_size=MICRO, grad_accum=ACCUM,
                       world_size=info.world_size, rank=info.rank, packing=False, capacity=task.capacity)
-    with model_init_context(cfg, info.world_size, ACCUM):
-        model = task.build_model()
-    engine = Engine(model, cfg, info, grad_accum=ACCUM, total_steps=STEPS)
+    engine = Engine(task.build_model, cfg, info, grad_accum=ACCUM, total_steps=STEPS)
     losses = []
     for step in plan.steps[:STEPS]:
         micro = [task.collate(rows, "train") for rows in step]
-        units = all_reduce_sum([sum(task.units(b) for b in micro)], engine.device)[0]
-        total = 0.0
-        for b in micro:
-            loss, m = task.loss(engine, b, units)
-            engine.backward(loss)
-            engine.step()
-            total += m["loss"]
-        losses.append(all_reduce_sum([total], engine.device)[0] / units)
+        result = optimizer_step(engine, micro, [task.units(b) for b in micro], lambda b: task.loss(engine, b))
+        losses.append(result.means["loss"])
 
     named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
     base = next(p for n, p in engine.module.named_parameters() if n.endswith("q_proj.base_layer.weight"))

@@ -18,7 +18,8 @@ from transformers import AutoModelForSequenceClassification
 from ftdist.config import load_config
 from ftdist.models.tiny import resolve_model_path, tiny_config
 from ftdist.rl.experience import Experience, merge_rollouts
-from ftdist.rl.workers import CriticWorker, PolicyWorker, ReferenceWorker, RewardWorker, derive_seed
+from ftdist.rl.workers import CriticWorker, PolicyWorker, ReferenceWorker, RewardWorker
+from ftdist.run.seeding import derive_seed
 
 rm_dir = sys.argv[1]
 torch.manual_seed(0)

@@ -157,6 +157,6 @@ def test_task_accuracy_reads_chat_pairs(models, tmp_path):
                                 dpo={"reference_model": models["base"]})
     task.cfg = dataclasses.replace(task.cfg, data=dataclasses.replace(task.cfg.data, eval=task.cfg.data.train),
                                    train=dataclasses.replace(task.cfg.train, eval_accuracy=True, eval_max_new_tokens=4))
-    out = task.extra_eval(engine)
+    out = task.extra_eval(engine, {})
     assert set(out) == {"eval/accuracy"} and 0.0 <= out["eval/accuracy"] <= 1.0
     assert json.loads(json.dumps(out))  # plain floats, loggable

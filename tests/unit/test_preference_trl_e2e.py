@@ -122,8 +122,8 @@ def _task(tmp_path, rows, **recipe):
 def _ftdist(task, engine, batch):
     n = batch.n_pairs
     with torch.no_grad():
-        loss, sums = task.loss(engine, batch, denom=float(n))
-    return loss, {k: v / n for k, v in sums.items()}
+        loss, sums = task.loss(engine, batch)
+    return loss / n, {k: v / n for k, v in sums.items()}
 
 
 def _trl_dpo(models, rows, loss_type, beta):

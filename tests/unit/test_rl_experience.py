@@ -13,7 +13,8 @@ from ftdist.rl.advantages import compute_advantages, penalised_scores
 from ftdist.rl.experience import (Experience, Rollout, action_logprobs, action_values, ends_with_eos,
                                   merge_rollouts, position_ids, response_mask)
 from ftdist.rl.prompts import PromptSampler, PromptSet
-from ftdist.rl.workers import call_reward_fn, derive_seed, update_steps
+from ftdist.rl.workers import call_reward_fn, update_steps
+from ftdist.run.seeding import derive_seed
 
 pytestmark = pytest.mark.unit
 
@@ -224,14 +225,14 @@ def test_import_ftdist_rl_pulls_in_neither_ray_nor_deepspeed():
     import subprocess
 
     code = ("import sys, ftdist, ftdist.config, ftdist.rl.experience, ftdist.rl.advantages, ftdist.rl.workers, "
-            "ftdist.rl.prompts, ftdist.train.ppo; "
+            "ftdist.rl.prompts, ftdist.rl.entry; "
             "print(sorted(m for m in ('ray', 'deepspeed') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 def test_colocation_decides_which_groups_share_bundles():
-    from ftdist.rl.ray_shells import sharing
+    from ftdist.config import colocated_sets as sharing
 
     roles = ["policy", "critic", "ref", "reward"]
     assert sharing("none", roles) == [("policy",), ("critic",), ("ref",), ("reward",)]

@@ -20,7 +20,8 @@ from ftdist.data.tiny_task import (
     write_task_dataset,
 )
 from ftdist.models import tiny
-from ftdist.models.tiny import TINY_NAME, materialize, resolve_model_path
+from ftdist.models.tiny import TINY_NAME, resolve_model_path
+from ftdist.run.cache import materialize
 
 pytestmark = pytest.mark.unit
 

@@ -37,8 +37,9 @@ def train(cfg: Config) -> dict:
     from ftdist.models.loading import load_tokenizer
     from ftdist.rl.prompts import load_prompts
     from ftdist.rl.workers import load_reward_fn
-    from ftdist.train.loop import seed_everything, setup_logging
-    from ftdist.train.metrics import MetricsWriter
+    from ftdist.run.logs import setup_logging
+    from ftdist.run.metrics import MetricsWriter
+    from ftdist.run.seeding import seed_everything
 
     setup_logging(True)
     seed_everything(cfg.seed)

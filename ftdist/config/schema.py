@@ -1,0 +1,243 @@
+"""The recipe schema: typed sections, every default and every key's help in one place.
+
+Each field's help becomes `ftdist train --help` and the README's key table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+# optimizers that optimizer offload turns into DeepSpeed's CPU Adam (the engine, the validation and the
+# memory planner all read this)
+OFFLOAD_OPTIMIZERS = ("adamw_torch", "paged_adamw_32bit")
+PREFERENCE_STAGES = ("rm", "dpo", "orpo")
+
+
+class ConfigError(ValueError):
+    """A recipe problem the user can fix: the message names key, value and what is allowed."""
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, (dict, list)) or dataclasses.is_dataclass(default):
+        factory = (lambda d=default: type(d)(d)) if not dataclasses.is_dataclass(default) else type(default)
+        return field(default_factory=factory, metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class LoraConfig:
+    r: int = _f(16, "LoRA rank.")
+    alpha: float = _f(16.0, "LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = _f(0.05, "Dropout on the LoRA input.")
+    target_modules: Union[str, list[str]] = _f(
+        "all-linear", "Modules to adapt: a list of names, or 'all-linear' for every linear layer but the output head.")
+    modules_to_save: list[str] = _f([], "Extra modules trained in full and saved with the adapter (e.g. lm_head, score).")
+    bias: Literal["none", "all", "lora_only"] = _f("none", "Which biases are trained.")
+
+
+@dataclass
+class QuantizationConfig:
+    load_in_4bit: bool = _f(False, "Load linear weights in 4 bits (bitsandbytes); needs model.lora.")
+    load_in_8bit: bool = _f(False, "Load linear weights in 8 bits (bitsandbytes); needs model.lora.")
+    quant_type: Literal["nf4", "fp4"] = _f("nf4", "4-bit data type.")
+    double_quant: bool = _f(True, "Quantise the quantisation constants too (saves ~0.4 bit/param).")
+    compute_dtype: Literal["bf16", "fp16", "fp32"] = _f("bf16", "Dtype of the matmuls on de-quantised weights.")
+    quant_storage: Optional[Literal["bf16", "fp16", "fp32", "uint8"]] = _f(
+        None, "Storage dtype of packed 4-bit weights; must equal the training dtype under ZeRO-3 (default: chosen for you).")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _f("ftdist/tiny", "Hugging Face model directory or hub id; 'ftdist/tiny' is the embedded tiny Llama.")
+    dtype: Literal["bf16", "fp16", "fp32"] = _f("bf16", "Training precision (bf16/fp16 mixed precision, or fp32).")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = _f(
+        "auto", "Attention kernel; 'auto' = flash_attention_2 on CUDA when installed, else sdpa.")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
+    trust_remote_code: bool = _f(False, "Allow model code from the model directory to run.")
+    lora: Optional[LoraConfig] = _f(None, "LoRA adapter settings (a mapping); absent = full fine-tuning.")
+    quantization: Optional[QuantizationConfig] = _f(None, "bitsandbytes quantisation settings (a mapping), for QLoRA.")
+
+
+@dataclass
+class DataConfig:
+    train: Optional[str] = _f(None, "Training data: a JSON/JSONL/CSV/Parquet file or a saved datasets directory; 'ftdist/tiny-task' = the bundled task.")
+    eval: Optional[str] = _f(None, "Evaluation data, same forms as data.train.")
+    format: Literal["auto", "messages", "alpaca", "text", "preference", "prompt"] = _f(
+        "auto", "Row format; 'auto' detects it from the columns.")
+    columns: dict[str, str] = _f({}, "Column mapping from the format's names to the file's names, e.g. {messages: conversations}.")
+    max_length: int = _f(2048, "Maximum tokens per sample; longer samples are truncated (and counted).")
+    packing: bool = _f(False, "Pack several samples per row (best fit) with attention kept within each sample.")
+    train_on_prompt: bool = _f(False, "Also compute the loss on system/user tokens (default: assistant turns only).")
+    on_error: Literal["raise", "skip"] = _f("raise", "Malformed rows: stop with file and row number, or count and skip them.")
+    max_prompt_length: int = _f(
+        512, "Preference stages: prompt tokens kept (the end of the prompt) before the response; below data.max_length.")
+    drop_ties: bool = _f(False, "Preference data: drop pairs whose scores are equal or whose responses are identical.")
+    min_chosen_score: Optional[float] = _f(None, "Preference data: drop pairs whose chosen score is below this.")
+    num_workers: int = _f(0, "DataLoader worker processes.")
+    cache_dir: Optional[str] = _f(None, "Where tokenised data is cached (default: output_dir/cache).")
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = _f(4, "Rows per forward/backward on one rank.")
+    global_batch_size: int = _f(16, "Rows per optimizer step over all ranks; accumulation = global / (micro * world).")
+    epochs: float = _f(1.0, "Passes over the training data (ignored when train.max_steps > 0).")
+    max_steps: int = _f(-1, "Optimizer steps to run; -1 = derived from train.epochs.")
+    lr: float = _f(2e-5, "Peak learning rate.")
+    scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts"] = _f(
+        "cosine", "Learning-rate schedule (transformers schedulers).")
+    warmup_ratio: float = _f(0.03, "Fraction of steps with linear warmup.")
+    weight_decay: float = _f(0.0, "Decoupled weight decay; never applied to biases and norm weights.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 disables clipping.")
+    optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit", "adafactor", "sgd", "lion"] = _f(
+        "adamw_torch", "Optimizer (DeepSpeed CPU Adam is used automatically with optimizer offload).")
+    adam_beta1: float = _f(0.9, "Adam beta1.")
+    adam_beta2: float = _f(0.999, "Adam beta2.")
+    adam_eps: float = _f(1e-8, "Adam epsilon.")
+    label_smoothing: float = _f(0.0, "Label smoothing of the token cross-entropy.")
+    neftune_alpha: float = _f(0.0, "NEFTune noise scale on input embeddings during training; 0 disables.")
+    log_every: int = _f(1, "Log metrics every N optimizer steps.")
+    eval_every: int = _f(0, "Evaluate every N optimizer steps; 0 = only before and after training.")
+    eval_accuracy: bool = _f(False, "Also measure exact-match accuracy of greedy answers to the eval prompts.")
+    eval_max_new_tokens: int = _f(32, "Tokens generated per eval prompt for accuracy.")
+    eval_max_samples: int = _f(200, "At most this many eval rows are used for accuracy.")
+    progress_bar: bool = _f(True, "Show a progress bar on rank 0.")
+
+
+@dataclass
+class DeepSpeedConfig:
+    config: str = _f("auto", "A JSON in ds_configs/ (name or path); 'auto' = zero{stage}[_offload].json.")
+    zero_stage: int = _f(2, "ZeRO stage 0-3.")
+    offload_optimizer: bool = _f(False, "Keep optimizer state on CPU (DeepSpeed CPU Adam); ZeRO 1-3.")
+    offload_params: bool = _f(False, "Keep parameters on CPU; ZeRO-3 only.")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = _f(0, "Save a checkpoint every N optimizer steps (and always at the end); 0 = only at the end.")
+    keep_last: int = _f(2, "Keep the newest N checkpoints; 0 keeps all.")
+    resume: str = _f("auto", "'auto' = newest complete checkpoint in output_dir, 'never', or a checkpoint path.")
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = _f(True, "Write TensorBoard events to output_dir/tensorboard.")
+    wandb: bool = _f(False, "Log to Weights & Biases (needs WANDB_API_KEY in the environment).")
+    wandb_project: str = _f("ftdist", "W&B project name.")
+
+
+@dataclass
+class DistConfig:
+    timeout_s: int = _f(1800, "Process-group timeout: a collective waiting longer fails instead of hanging.")
+    backend: Literal["auto", "nccl", "gloo"] = _f("auto", "'auto' = nccl on CUDA, gloo on CPU.")
+
+
+@dataclass
+class RewardModelConfig:
+    head: Literal["sequence_classification", "causal_lm"] = _f(
+        "sequence_classification", "Scalar head: 'sequence_classification' = AutoModelForSequenceClassification "
+        "(num_labels=1) on the model's body; 'causal_lm' = the causal LM with its output layer replaced by one "
+        "scalar (full fine-tuning only). final/ loads with AutoModelForSequenceClassification either way.")
+    margin: Literal["none", "column", "score_diff"] = _f(
+        "none", "Target margin m in -log sigmoid(r_chosen - r_rejected - m): none, the data's 'margin' column, "
+        "or score_chosen - score_rejected.")
+    margin_scale: float = _f(1.0, "Multiplies the margin from rm.margin.")
+    score_diff_weighting: bool = _f(
+        False, "Weight each pair by (score_chosen - score_rejected)^2, normalised to mean 1 over the micro-batch.")
+
+
+@dataclass
+class DPOConfig:
+    beta: float = _f(0.1, "KL strength: implicit reward = beta * (log pi - log pi_ref).")
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = _f(
+        "sigmoid", "sigmoid = DPO, ipo = IPO (length-normalised as in TRL), hinge = SLiC.")
+    label_smoothing: float = _f(0.0, "cDPO: assumed probability that a pair's label is flipped, in [0, 0.5); sigmoid only.")
+    reference: Literal["auto", "model", "adapter_disabled", "precomputed"] = _f(
+        "auto", "Reference log-probs: a separate frozen model, the policy with its LoRA adapter disabled, or "
+        "computed once before training and cached; auto = adapter_disabled with model.lora, else model.")
+    reference_model: Optional[str] = _f(None, "Reference model directory (default: model.name_or_path).")
+
+
+@dataclass
+class ORPOConfig:
+    beta: float = _f(0.1, "Weight of the odds-ratio term added to the SFT loss on the chosen responses.")
+
+
+@dataclass
+class PPOConfig:
+    algorithm: Literal["ppo", "grpo", "rloo", "reinforce_pp"] = _f(
+        "ppo", "Advantage estimator: ppo (critic + GAE); grpo (scores normalised within each prompt's group), rloo "
+        "(leave-one-out baseline) and reinforce_pp (whitened returns) start no critic.")
+    iterations: int = _f(100, "Rollout-and-update iterations; each draws ppo.rollout_batch_size prompts.")
+    rollout_batch_size: int = _f(16, "Prompts drawn per iteration.")
+    samples_per_prompt: int = _f(1, "Responses sampled per prompt (the group of grpo/rloo, which need >= 2).")
+    max_new_tokens: int = _f(
+        128, "Longest response; prompts keep their last data.max_length - max_new_tokens tokens.")
+    temperature: float = _f(1.0, "Sampling temperature of the rollouts.")
+    top_p: float = _f(1.0, "Nucleus sampling threshold of the rollouts (1 = off).")
+    missing_eos_penalty: Optional[float] = _f(
+        None, "Subtracted from the score of a response that reached max_new_tokens without EOS; null = none "
+        "(such responses are always counted in the metric no_eos).")
+    ppo_epochs: int = _f(1, "Passes of the update over each rollout batch.")
+    mini_batch_size: int = _f(
+        8, "Samples per optimizer step over all ranks of a group (replaces train.global_batch_size); each rank "
+        "runs micro-batches of train.micro_batch_size.")
+    clip_eps: float = _f(0.2, "Policy ratio clip: ratios outside [1 - eps, 1 + eps] carry no gradient.")
+    value_clip_eps: float = _f(0.2, "Critic clip: a value moves at most this far from its rollout estimate.")
+    gamma: float = _f(1.0, "Discount of later token rewards (GAE and reinforce_pp).")
+    lam: float = _f(0.95, "GAE lambda (bias-variance trade-off of the advantage).")
+    whiten_advantages: bool = _f(True, "Whiten ppo advantages over all response tokens of the batch.")
+    kl_coef: float = _f(0.05, "KL(policy || reference) coefficient; the starting value when ppo.kl_target is set. "
+                        "A per-token reward penalty, except for grpo where it is a loss term.")
+    kl_estimator: Literal["k1", "k2", "k3"] = _f(
+        "k1", "Per-token KL estimator: k1 = log r (unbiased), k2 = (log r)^2 / 2, k3 = r - 1 - log r (unbiased, >= 0).")
+    kl_target: Optional[float] = _f(
+        None, "Adaptive KL controller: per-sequence KL to aim for; null = fixed ppo.kl_coef.")
+    kl_horizon: int = _f(10000, "Adaptive KL controller horizon in samples (how fast kl_coef moves).")
+    entropy_coef: float = _f(0.0, "Weight of the entropy bonus in the policy loss.")
+    reward_fn: Optional[str] = _f(
+        None, "Python reward 'module:function', called as fn(prompts, responses, **columns) -> one float per "
+        "response, e.g. 'ftdist.data.tiny_task:sort_reward'.")
+    reward_model: Optional[str] = _f(
+        None, "Learned reward model directory (AutoModelForSequenceClassification with one label, the policy's "
+        "tokenizer); scored at the last real token.")
+    critic_init: Literal["auto", "reward_model", "policy"] = _f(
+        "auto", "Weights of the critic's body and head: the reward model or the policy (with a new value head); "
+        "auto = reward_model when ppo.reward_model is set.")
+    critic_lr: float = _f(1e-5, "Critic learning rate (the policy uses train.lr).")
+    policy_ranks: int = _f(1, "Actors (DeepSpeed ranks) of the policy group.")
+    critic_ranks: int = _f(1, "Actors of the critic group (ppo only).")
+    ref_ranks: int = _f(1, "Actors of the reference group (none with model.lora: the policy with its adapter off).")
+    reward_ranks: int = _f(1, "Actors of the reward group.")
+    colocation: Literal["none", "policy_ref", "critic_reward", "ref_reward", "all"] = _f(
+        "none", "Groups that share devices (fractional GPU bundles of one placement group): none, policy+reference, "
+        "critic+reward, reference+reward, or all groups; shared groups need equal ranks.")
+    cpus_per_actor: float = _f(1.0, "CPUs in each actor's bundle; fractions let several actors share a core.")
+    device: Literal["auto", "gpu", "cpu"] = _f("auto", "Actor bundles: a GPU each (auto: when the Ray cluster has GPUs) "
+                                               "or CPU only.")
+    eval_every: int = _f(
+        0, "Greedy evaluation on data.eval every N iterations (reward mean; exact-match accuracy when the rows have "
+        "an 'answer' column); 0 = before and after training only.")
+
+
+@dataclass
+class Config:
+    stage: Literal["sft", "rm", "dpo", "orpo", "ppo"] = _f("sft", "Training stage.")
+    output_dir: str = _f("runs/ftdist", "Run directory: config.yaml, metrics.jsonl, checkpoints/, final/.")
+    seed: int = _f(42, "Random seed (model init of new heads, data order, dropout).")
+    model: ModelConfig = _f(ModelConfig(), "Model section.")
+    data: DataConfig = _f(DataConfig(), "Data section.")
+    train: TrainConfig = _f(TrainConfig(), "Training section.")
+    deepspeed: DeepSpeedConfig = _f(DeepSpeedConfig(), "DeepSpeed section.")
+    checkpoint: CheckpointConfig = _f(CheckpointConfig(), "Checkpoint section.")
+    logging: LoggingConfig = _f(LoggingConfig(), "Logging section.")
+    dist: DistConfig = _f(DistConfig(), "Distributed section.")
+    rm: RewardModelConfig = _f(RewardModelConfig(), "Reward-model section (stage: rm).")
+    dpo: DPOConfig = _f(DPOConfig(), "DPO section (stage: dpo).")
+    orpo: ORPOConfig = _f(ORPOConfig(), "ORPO section (stage: orpo).")
+    ppo: PPOConfig = _f(PPOConfig(), "PPO section (stage: ppo).")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,192 @@
+"""Every rule about combinations of recipe keys, checked at load before anything starts.
+
+The PPO actor-group rules (which groups a recipe starts, which share devices) live
+here too, and the Ray shells read them from here.
+"""
+
+from __future__ import annotations
+
+from ftdist.config.schema import OFFLOAD_OPTIMIZERS, PREFERENCE_STAGES, Config, ConfigError, ModelConfig
+
+# ppo.colocation -> the groups that share devices ("all": every group the recipe starts)
+COLOCATED = {"policy_ref": ("policy", "ref"), "critic_reward": ("critic", "reward"), "ref_reward": ("ref", "reward")}
+
+
+def ppo_groups(cfg: Config) -> dict[str, int]:
+    """The actor groups a PPO recipe starts, with their ranks: no critic without GAE (ppo.algorithm=ppo), no
+    reference group with LoRA (the reference is the policy with its adapter off)."""
+    p = cfg.ppo
+    groups = {"policy": p.policy_ranks}
+    if p.algorithm == "ppo":
+        groups["critic"] = p.critic_ranks
+    if cfg.model.lora is None:
+        groups["ref"] = p.ref_ranks
+    groups["reward"] = p.reward_ranks
+    return groups
+
+
+def colocated_sets(colocation: str, roles: list[str]) -> list[tuple[str, ...]]:
+    """Partition the roles into sets that share devices, e.g. policy_ref -> [(policy, ref), (critic,), (reward,)]."""
+    if colocation == "all":
+        return [tuple(roles)]
+    shared = tuple(r for r in COLOCATED.get(colocation, ()) if r in roles)
+    sets = [shared] if len(shared) > 1 else []
+    return sets + [(r,) for r in roles if not any(r in s for s in sets)]
+
+
+def validate(cfg: Config) -> None:
+    """Combinations that cannot work are rejected before anything loads."""
+    t, ds, m = cfg.train, cfg.deepspeed, cfg.model
+    positive = {"train.micro_batch_size": t.micro_batch_size, "train.global_batch_size": t.global_batch_size,
+                "data.max_length": cfg.data.max_length, "train.log_every": t.log_every}
+    for k, v in positive.items():
+        if v <= 0:
+            raise ConfigError(f"{k}: got {v}, must be > 0")
+    if t.global_batch_size % t.micro_batch_size:
+        raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+                          f"train.micro_batch_size={t.micro_batch_size}")
+    if t.lr <= 0:
+        raise ConfigError(f"train.lr: got {t.lr}, must be > 0")
+    if not 0 <= t.warmup_ratio < 1:
+        raise ConfigError(f"train.warmup_ratio: got {t.warmup_ratio}, allowed: 0 <= x < 1")
+    if not 0 <= t.label_smoothing < 1:
+        raise ConfigError(f"train.label_smoothing: got {t.label_smoothing}, allowed: 0 <= x < 1")
+    if t.max_steps == 0 or (t.max_steps < 0 and t.epochs <= 0):
+        raise ConfigError("train.max_steps / train.epochs: nothing to train (set train.max_steps > 0 or train.epochs > 0)")
+    if ds.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed.zero_stage: got {ds.zero_stage}, allowed: 0, 1, 2, 3")
+    if ds.offload_params and ds.zero_stage != 3:
+        raise ConfigError(f"deepspeed.offload_params=true needs deepspeed.zero_stage=3 (got {ds.zero_stage})")
+    if ds.offload_optimizer and ds.zero_stage == 0:
+        raise ConfigError("deepspeed.offload_optimizer=true needs deepspeed.zero_stage >= 1 (got 0)")
+    if cfg.checkpoint.keep_last < 0:
+        raise ConfigError(f"checkpoint.keep_last: got {cfg.checkpoint.keep_last}, must be >= 0")
+    q = m.quantization
+    if q is not None and (q.load_in_4bit or q.load_in_8bit):
+        if q.load_in_4bit and q.load_in_8bit:
+            raise ConfigError("model.quantization: load_in_4bit and load_in_8bit are exclusive")
+        if m.lora is None:
+            raise ConfigError("model.quantization: quantised weights cannot be trained; add a model.lora section (QLoRA)")
+        _validate_quantization(m, ds.zero_stage)
+    if m.lora is not None:
+        lc = m.lora
+        if lc.r <= 0 or lc.alpha <= 0 or not 0 <= lc.dropout < 1:
+            raise ConfigError(f"model.lora: got r={lc.r}, alpha={lc.alpha}, dropout={lc.dropout}; "
+                              "allowed: r > 0, alpha > 0, 0 <= dropout < 1")
+        if not lc.target_modules:
+            raise ConfigError("model.lora.target_modules: empty; give module names or 'all-linear'")
+    if ds.offload_optimizer and t.optimizer not in OFFLOAD_OPTIMIZERS:
+        raise ConfigError(f"train.optimizer={t.optimizer!r} cannot be combined with deepspeed.offload_optimizer=true "
+                          "(use adamw_torch, which becomes DeepSpeed's CPU Adam)")
+    if cfg.stage in PREFERENCE_STAGES:
+        _validate_preference(cfg)
+    if cfg.stage == "ppo":
+        _validate_ppo(cfg)
+    if cfg.data.train is None and cfg.stage != "ppo":
+        raise ConfigError("data.train: no training data given (a file path, a datasets directory, or 'ftdist/tiny-task')")
+
+
+def _validate_preference(cfg: Config) -> None:
+    d, dpo = cfg.data, cfg.dpo
+    if d.format not in ("auto", "preference"):
+        raise ConfigError(f"data.format: got {d.format!r} for stage={cfg.stage}, allowed: 'preference' or 'auto'")
+    if d.packing:
+        raise ConfigError(f"data.packing=true is not supported for stage={cfg.stage} (pairs are batched, not packed)")
+    if not 0 < d.max_prompt_length < d.max_length:
+        raise ConfigError(f"data.max_prompt_length: got {d.max_prompt_length}, allowed: 0 < x < data.max_length "
+                          f"({d.max_length}), so every response keeps at least one token")
+    if cfg.stage == "rm" and cfg.rm.head == "causal_lm" and cfg.model.lora is not None:
+        raise ConfigError("rm.head=causal_lm trains the full model; use rm.head=sequence_classification with model.lora")
+    if cfg.stage == "dpo":
+        if dpo.beta <= 0:
+            raise ConfigError(f"dpo.beta: got {dpo.beta}, must be > 0")
+        if not 0 <= dpo.label_smoothing < 0.5:
+            raise ConfigError(f"dpo.label_smoothing: got {dpo.label_smoothing}, allowed: 0 <= x < 0.5")
+        if dpo.label_smoothing and dpo.loss_type != "sigmoid":
+            raise ConfigError(f"dpo.label_smoothing={dpo.label_smoothing} needs dpo.loss_type='sigmoid' "
+                              f"(got {dpo.loss_type!r})")
+        if dpo.reference == "adapter_disabled" and cfg.model.lora is None:
+            raise ConfigError("dpo.reference=adapter_disabled needs a model.lora section (there is no adapter to disable)")
+        if dpo.reference == "adapter_disabled" and dpo.reference_model is not None:
+            raise ConfigError("dpo.reference_model is set but dpo.reference=adapter_disabled uses the policy's own "
+                              "base weights; use dpo.reference=model")
+    if cfg.stage == "orpo" and cfg.orpo.beta <= 0:
+        raise ConfigError(f"orpo.beta: got {cfg.orpo.beta}, must be > 0")
+
+
+def _validate_ppo(cfg: Config) -> None:
+    p = cfg.ppo
+    positive = {"ppo.iterations": p.iterations, "ppo.rollout_batch_size": p.rollout_batch_size,
+                "ppo.samples_per_prompt": p.samples_per_prompt, "ppo.max_new_tokens": p.max_new_tokens,
+                "ppo.ppo_epochs": p.ppo_epochs, "ppo.mini_batch_size": p.mini_batch_size,
+                "ppo.policy_ranks": p.policy_ranks, "ppo.critic_ranks": p.critic_ranks, "ppo.ref_ranks": p.ref_ranks,
+                "ppo.reward_ranks": p.reward_ranks, "ppo.kl_horizon": p.kl_horizon, "ppo.temperature": p.temperature,
+                "ppo.clip_eps": p.clip_eps, "ppo.critic_lr": p.critic_lr, "ppo.cpus_per_actor": p.cpus_per_actor}
+    for k, v in positive.items():
+        if v <= 0:
+            raise ConfigError(f"{k}: got {v}, must be > 0")
+    if not 0 < p.top_p <= 1:
+        raise ConfigError(f"ppo.top_p: got {p.top_p}, allowed: 0 < x <= 1")
+    if p.kl_coef < 0 or p.entropy_coef < 0 or p.value_clip_eps < 0:
+        raise ConfigError("ppo.kl_coef, ppo.entropy_coef and ppo.value_clip_eps must be >= 0")
+    if p.kl_target is not None and p.kl_target <= 0:
+        raise ConfigError(f"ppo.kl_target: got {p.kl_target}, must be > 0 (or null for a fixed ppo.kl_coef)")
+    if cfg.data.train is None:
+        raise ConfigError("data.train: stage=ppo needs prompts: a file with a 'prompt' column (text or a message "
+                          "list), e.g. 'ftdist/tiny-task/prompts'")
+    if p.max_new_tokens >= cfg.data.max_length:
+        raise ConfigError(f"ppo.max_new_tokens={p.max_new_tokens} leaves no room for the prompt within "
+                          f"data.max_length={cfg.data.max_length}")
+    if (p.reward_fn is None) == (p.reward_model is None):
+        raise ConfigError("ppo.reward_fn / ppo.reward_model: set exactly one (a 'module:function' or a reward model "
+                          "directory)")
+    if p.reward_fn is not None and (p.reward_fn.count(":") != 1 or not all(p.reward_fn.split(":"))):
+        raise ConfigError(f"ppo.reward_fn: got {p.reward_fn!r}, expected 'module:function' "
+                          f"(e.g. 'ftdist.data.tiny_task:sort_reward')")
+    if p.algorithm in ("grpo", "rloo") and p.samples_per_prompt < 2:
+        raise ConfigError(f"ppo.samples_per_prompt={p.samples_per_prompt}: ppo.algorithm={p.algorithm} compares the "
+                          f"samples of one prompt and needs >= 2")
+    if p.critic_init == "reward_model" and p.reward_model is None:
+        raise ConfigError("ppo.critic_init=reward_model needs ppo.reward_model")
+    n = p.rollout_batch_size * p.samples_per_prompt
+    if n % p.mini_batch_size:
+        raise ConfigError(f"ppo.mini_batch_size={p.mini_batch_size} must divide the samples of an iteration "
+                          f"(ppo.rollout_batch_size x ppo.samples_per_prompt = {n})")
+    groups = ppo_groups(cfg)
+    for name, ranks in groups.items():
+        if n % ranks:
+            raise ConfigError(f"ppo.{name}_ranks={ranks} must divide the samples of an iteration ({n})")
+    micro = cfg.train.micro_batch_size
+    for name in [g for g in ("policy", "critic") if g in groups]:
+        per_step = micro * groups[name]
+        if p.mini_batch_size % per_step:
+            raise ConfigError(f"ppo.mini_batch_size={p.mini_batch_size} is not a multiple of train.micro_batch_size "
+                              f"({micro}) x ppo.{name}_ranks ({groups[name]}) = {per_step}")
+    shared = tuple(groups) if p.colocation == "all" else COLOCATED.get(p.colocation, ())
+    missing = [g for g in shared if g not in groups]
+    if missing:
+        why = "ppo.algorithm=" + p.algorithm if "critic" in missing else "model.lora (the reference is the policy)"
+        raise ConfigError(f"ppo.colocation={p.colocation!r}: there is no {missing[0]} group with {why}")
+    if len({groups[g] for g in shared}) > 1:
+        raise ConfigError(f"ppo.colocation={p.colocation!r} shares devices between "
+                          f"{', '.join(f'ppo.{g}_ranks={groups[g]}' for g in shared)}; they must be equal")
+
+
+def _validate_quantization(m: ModelConfig, zero_stage: int) -> None:
+    q = m.quantization
+    # DeepSpeed's bf16/fp16 modes cast every floating-point parameter to the training dtype; packed 4-bit
+    # bytes stored as another float dtype get converted as numbers: fp32 storage under bf16 fails with a
+    # shape error, fp16 storage under bf16 silently corrupts the weights (both measured)
+    if q.load_in_4bit and q.quant_storage not in (None, "uint8", m.dtype):
+        raise ConfigError(f"model.quantization.quant_storage={q.quant_storage!r} differs from model.dtype={m.dtype!r}; "
+                          f"DeepSpeed would cast the packed 4-bit bytes as numbers. Use {m.dtype!r} (or leave it unset)")
+    if zero_stage == 3 and q.load_in_4bit and q.quant_storage == "uint8":
+        raise ConfigError(f"model.quantization.quant_storage='uint8' with deepspeed.zero_stage=3: ZeRO-3 shards the packed "
+                          f"4-bit weights as parameters of the training dtype; use quant_storage={m.dtype!r} (or leave it unset)")
+    if zero_stage == 3 and q.load_in_8bit:
+        raise ConfigError("model.quantization.load_in_8bit=true with deepspeed.zero_stage=3: bitsandbytes keeps the whole "
+                          "int8 matrix beside the parameter, so ZeRO-3 cannot shard it; use load_in_4bit (QLoRA) "
+                          "or deepspeed.zero_stage <= 2")
+    if q.load_in_4bit and q.compute_dtype == "fp16" and "bf16" in (m.dtype, q.quant_storage):
+        raise ConfigError("model.quantization.compute_dtype='fp16' with bf16 activations/storage: bf16 values overflow "
+                          "fp16 (max 65504) in the 4-bit matmuls; use compute_dtype='bf16' (or model.dtype='fp16')")

@@ -1,0 +1,29 @@
+"""Hooks for tests that stop or kill a run at a known point, set through the environment.
+
+These are the only places where ftdist reads test-only settings:
+  FTDIST_HANG_AFTER_CHECKPOINT=N  wait (for ever) right after the step-N checkpoint is committed
+  FTDIST_PID_DIR=DIR              each Ray Train worker writes DIR/rank{R}.pid
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+log = logging.getLogger("ftdist")
+
+
+def after_checkpoint(step: int) -> None:
+    if os.environ.get("FTDIST_HANG_AFTER_CHECKPOINT") == str(step):
+        log.warning("FTDIST_HANG_AFTER_CHECKPOINT=%d: waiting to be killed", step)
+        while True:
+            time.sleep(1)
+
+
+def record_pid(rank: int) -> None:
+    pid_dir = os.environ.get("FTDIST_PID_DIR")
+    if pid_dir:
+        Path(pid_dir).mkdir(parents=True, exist_ok=True)
+        Path(pid_dir, f"rank{rank}.pid").write_text(str(os.getpid()))
