@@ -51,13 +51,14 @@ def cmd_train(args) -> int:
             return 0
         if cfg.stage == "ppo":  # one controller process; its ranks are Ray actors
             from ftdist.rl.entry import train
+
+            result = train(cfg)
         else:
             from ftdist.train.loop import train
 
-        result = train(cfg)
+            # several ranks end their processes inside train(), once finished (run/lifecycle.py)
+            result = train(cfg, end_process_when_done=True)
         code = 3 if "stopped_at" in result else 0
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            _exit_without_teardown(code)
     except errors as e:
         return _fail(str(e))
     except RuntimeError as e:
@@ -67,19 +68,6 @@ def cmd_train(args) -> int:
     finally:
         _destroy_process_group()
     return code
-
-
-def _exit_without_teardown(code: int) -> None:
-    """End a finished rank at once. Every rank is past its last collective, and everything the run
-    writes is written and closed; what is left is tearing down the process group and the library
-    threads (gloo, DeepSpeed, tokenizers), which on rare exits aborts with "terminate called without
-    an active exception" and turns a completed run into a failed job."""
-    import logging
-
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 def _exit_on_collective_failure(exc: RuntimeError, timeout_s: int) -> None:

@@ -65,6 +65,22 @@ def run_group(cmd: list[str], timeout: float, env: dict | None = None, cwd=ROOT)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+def procs_with_arg(needle: str) -> list[int]:
+    """Live (non-zombie) processes, this one aside, whose command line contains `needle`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            state = Path(f"/proc/{entry}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if needle.encode() in cmdline and state != b"Z":
+            found.append(int(entry))
+    return found
+
+
 def load_weights(model_dir: Path) -> dict:
     from safetensors.torch import load_file
 

@@ -124,7 +124,8 @@ def model_init_context(cfg: Config, world_size: int, grad_accum: int):
     from transformers.integrations import HfDeepSpeedConfig
 
     _init_deepspeed_comm(dist.get_backend())
-    yield HfDeepSpeedConfig(build_ds_config(cfg, world_size, grad_accum))
+    zero3 = HfDeepSpeedConfig(build_ds_config(cfg, world_size, grad_accum))  # alive for the block at least
+    yield zero3
 
 
 def _build_optimizer(cfg: Config, param_groups: list[dict]):

@@ -29,7 +29,7 @@ from ftdist.rl.experience import Experience, merge_rollouts
 from ftdist.rl.prompts import PromptSampler, PromptSet
 from ftdist.run.metrics import MetricsWriter, Progress
 from ftdist.run.seeding import derive_seed
-from ftdist.run.signals import StopRequest
+from ftdist.run.lifecycle import StopRequest
 
 log = logging.getLogger("ftdist")
 

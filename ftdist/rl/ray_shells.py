@@ -23,6 +23,8 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from ftdist.config import colocated_sets, ppo_groups
+
 log = logging.getLogger("ftdist")
 
 # driver environment the workers need as well (cache of the tiny model, offline hub, thread counts)

@@ -24,7 +24,7 @@ from ftdist.run import testing
 from ftdist.run.logs import fmt_metrics, setup_logging
 from ftdist.run.metrics import MetricsWriter, Progress
 from ftdist.run.seeding import seed_everything
-from ftdist.run.signals import StopRequest
+from ftdist.run.lifecycle import StopRequest, end_process
 from ftdist.train.step import optimizer_step
 from ftdist.train.task import make_task
 
@@ -50,7 +50,12 @@ def _grad_accum(cfg: Config, world_size: int) -> int:
     return t.global_batch_size // per_step
 
 
-def train(cfg: Config) -> dict:
+def train(cfg: Config, end_process_when_done: bool = False) -> dict:
+    """Runs the recipe; returns the last metrics ({"stopped_at": step} after a stop request).
+
+    end_process_when_done: with several ranks, end the process at the end instead of returning (the
+    command line; see run/lifecycle.end_process), with exit code 0, or 3 after a stop request.
+    """
     # first: a preemption signal during start-up (model load, op builds) must not kill a rank
     stop = StopRequest()
     info = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
@@ -161,6 +166,8 @@ def train(cfg: Config) -> dict:
                 progress.close()
                 log.warning("stop requested by signal: checkpoint saved at step %d; exiting for requeue", state.step)
                 writer.close()
+                if end_process_when_done and info.world_size > 1:
+                    end_process(3)
                 return {"stopped_at": state.step}
         if state.step_in_epoch >= len(plan):
             state.epoch += 1
@@ -179,6 +186,8 @@ def train(cfg: Config) -> dict:
     if info.is_main:
         log.info("done: %d steps, %s tokens in %.1fs; model in %s", state.step, f"{state.tokens:,}",
                  state.elapsed_s, out / "final")
+    if end_process_when_done and info.world_size > 1:
+        end_process(0)  # here, while the engine is still referenced: nothing is torn down
     return {"step": state.step, **ev}
 
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT, read_metrics, run_group, write_recipe
+from tests.helpers import ROOT, _free_port, read_metrics, run_group, write_recipe
 
 pytestmark = pytest.mark.dist
 
@@ -15,7 +15,7 @@ def test_zero3_builds_the_model_partitioned(tmp_path):
     """No rank ever materialises the whole model: each holds about 1/world of the parameters from the start."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     out = tmp_path / "probe"
-    proc = run_group([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29621",
+    proc = run_group([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
                       "tests/dist/zero3_probe.py", str(out)], 300, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     reports = [json.loads((tmp_path / f"probe.{r}").read_text()) for r in (0, 1)]
@@ -34,7 +34,7 @@ def test_deepspeed_launcher_bf16(tmp_path):
                           deepspeed={"zero_stage": 2}, logging={"tensorboard": False})
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     ds = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    proc = run_group([ds, "--num_gpus", "2", "--master_port", "29622", "--module", "ftdist", "train",
+    proc = run_group([ds, "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "ftdist", "train",
                       str(recipe)], 300, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "2 ranks x micro 8 x accumulation 2" in proc.stdout + proc.stderr

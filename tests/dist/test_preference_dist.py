@@ -52,12 +52,7 @@ def runs(tmp_path_factory):
         overrides = [f"stage={stage}", f"output_dir={run_dir}", f"data.cache_dir={base / 'cache'}",
                      f"data.eval={base / 'eval.jsonl'}", f"deepspeed.zero_stage={zero}",
                      *(LORA if variant == "lora" else [])]
-        proc = run_ftdist(2, str(recipe), overrides, timeout=400, check=False)
-        if proc.returncode != 0 and "ftdist: done:" in proc.stderr and "terminate called" in proc.stderr:
-            # a rank occasionally aborts in C++ teardown at interpreter exit, after the run completed
-            # (seen about once in a dozen loaded 2-rank runs); the run itself is what is under test
-            proc = run_ftdist(2, str(recipe), overrides, timeout=400, check=False)
-        assert proc.returncode == 0, proc.stderr[-6000:]
+        run_ftdist(2, str(recipe), overrides, timeout=400)
         out[name] = run_dir
     out["eval_file"] = base / "eval.jsonl"
     out["cache"] = base / "cache"

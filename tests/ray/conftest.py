@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, procs_with_arg
 
 START_TIMEOUT_S = 120
 
@@ -37,22 +37,6 @@ def _free_ports(n: int) -> list[int]:
     for s in socks:
         s.close()
     return ports
-
-
-def procs_with_arg(needle: str) -> list[int]:
-    """Live processes whose command line contains `needle` (this session's temp dir)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-            state = Path(f"/proc/{entry}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if needle.encode() in cmdline and state != b"Z":
-            found.append(int(entry))
-    return found
 
 
 def listening_sockets(pids: list[int]) -> list[tuple[str, int]]:

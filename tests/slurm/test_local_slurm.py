@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.slurm.jobs import job_info
+
 pytestmark = pytest.mark.slurm
 
 JOB_TIMEOUT_S = 60
@@ -23,14 +25,6 @@ JOB_TIMEOUT_S = 60
 
 def _sh(*cmd: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(cmd), stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
-
-
-def _job_info(job_id: str) -> dict[str, str] | None:
-    """Key=value fields of `scontrol show job -o`, or None once the record is gone (MinJobAge)."""
-    r = _sh("scontrol", "show", "job", "-o", job_id)
-    if r.returncode != 0 or "JobId=" not in r.stdout:
-        return None
-    return dict(m.groups() for m in re.finditer(r"(\w+)=(\S*)", r.stdout))
 
 
 def _live_procs_with_env(needle: str) -> list[int]:
@@ -133,7 +127,7 @@ def test_usr1_trap_requeues_and_restarts(tmp_path: Path):
         last: dict[str, str] = {}
 
         def finished() -> bool:
-            info = _job_info(job_id)
+            info = job_info(job_id)
             if info is None:
                 return done.exists()
             last.clear()

@@ -10,11 +10,11 @@ import re
 import socket
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, procs_with_arg
+from tests.slurm.jobs import cancelled_unless_completed, preempt, wait_ended, wait_running
 
 pytestmark = pytest.mark.slurm
 
@@ -38,28 +38,6 @@ def _free_port_block(n: int = 9) -> int:
     raise RuntimeError("no free port block")
 
 
-def _job_info(job_id: str) -> dict[str, str] | None:
-    r = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30)
-    if r.returncode != 0 or "JobId=" not in r.stdout:
-        return None
-    return dict(m.groups() for m in re.finditer(r"(\w+)=(\S*)", r.stdout))
-
-
-def _procs_with_arg(needle: str) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-            state = Path(f"/proc/{entry}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if needle.encode() in cmdline and state != b"Z":
-            found.append(int(entry))
-    return found
-
-
 def test_ray_cluster_up_driver_preempted_down_and_requeued(tmp_path):
     log_path, ready = tmp_path / "job.out", tmp_path / "driver.pid"
     env = {**os.environ, "FTDIST_DRIVER": f"python tests/slurm/ray_probe.py {ready}",
@@ -70,29 +48,16 @@ def test_ray_cluster_up_driver_preempted_down_and_requeued(tmp_path):
     assert r.returncode == 0, r.stderr
     job_id = r.stdout.strip().split(";")[0]
     ray_tmp = f"/tmp/ray-ftdist-{job_id}"
-    last: dict[str, str] = {}
-    try:
+
+    def context() -> str:
+        return log_path.read_text()[-4000:] if log_path.exists() else "no output"
+
+    with cancelled_unless_completed(job_id) as last:
         deadline = time.monotonic() + JOB_TIMEOUT_S
-        while not ready.exists():
-            assert time.monotonic() < deadline, log_path.read_text()[-4000:] if log_path.exists() else "no output"
-            info = _job_info(job_id)
-            assert info is None or info["JobState"] in ("PENDING", "RUNNING"), (info, log_path.read_text()[-4000:])
-            time.sleep(0.3)
-        assert _procs_with_arg(ray_tmp), "no Ray processes while the driver runs"
-        sig = subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], capture_output=True, text=True)
-        assert sig.returncode == 0, sig.stderr
-        while True:
-            assert time.monotonic() < deadline, log_path.read_text()[-4000:]
-            info = _job_info(job_id)
-            if info is None:
-                break
-            last = info
-            if info["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
-                break
-            time.sleep(0.25)
-    finally:
-        if _job_info(job_id) is not None and last.get("JobState") != "COMPLETED":
-            subprocess.run(["scancel", job_id])
+        wait_running(job_id, ready.exists, deadline, context)
+        assert procs_with_arg(ray_tmp), "no Ray processes while the driver runs"
+        preempt(job_id)
+        wait_ended(job_id, deadline, context, last)
 
     log = log_path.read_text()
     assert last.get("JobState") == "COMPLETED" and last.get("Restarts") == "1", (last, log[-6000:])
@@ -104,7 +69,7 @@ def test_ray_cluster_up_driver_preempted_down_and_requeued(tmp_path):
     assert "probe: stop=True" in log and "requeueing job" in log
     assert log.count("stopping the Ray cluster") == 2
     time.sleep(2)
-    leftovers = _procs_with_arg(ray_tmp)
+    leftovers = procs_with_arg(ray_tmp)
     for pid in leftovers:
         try:
             os.kill(pid, 9)

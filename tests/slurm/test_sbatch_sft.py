@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import ROOT, load_weights, max_abs_diff, read_metrics
+from tests.slurm.jobs import cancelled_unless_completed, preempt, wait_ended, wait_running
 
 pytestmark = pytest.mark.slurm
 
@@ -33,13 +34,6 @@ def _sbatch(run_dir: Path, log: Path, launch: str, *extra: str, timeout: float =
     cmd = ["sbatch", "--parsable", *CPU_ONLY, *LAUNCH[launch], f"--output={log}", *extra, "slurm/sft_7b.sh"]
     return subprocess.run(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                           timeout=timeout)
-
-
-def _job_info(job_id: str) -> dict[str, str] | None:
-    r = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30)
-    if r.returncode != 0 or "JobId=" not in r.stdout:
-        return None  # gone: MinJobAge after the end
-    return dict(m.groups() for m in re.finditer(r"(\w+)=(\S*)", r.stdout))
 
 
 def _train_steps(run_dir: Path) -> list[int]:
@@ -73,29 +67,11 @@ def test_usr1_checkpoints_requeues_and_resumes(straight, tmp_path, launch):
     r = _sbatch(run_dir, log_path, launch)
     assert r.returncode == 0, r.stderr
     job_id = r.stdout.strip().split(";")[0]
-    last: dict[str, str] = {}
-    try:
+    with cancelled_unless_completed(job_id) as last:
         deadline = time.monotonic() + JOB_TIMEOUT_S
-        while len(_train_steps(run_dir)) < 2:  # training is under way
-            assert time.monotonic() < deadline, f"no training steps in time:\n{_tail(log_path)}"
-            info = _job_info(job_id)
-            assert info is None or info["JobState"] in ("PENDING", "RUNNING"), (info, _tail(log_path))
-            time.sleep(0.2)
-        # what Slurm does GRACE seconds before the time limit (--signal=B:USR1@GRACE)
-        sig = subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], capture_output=True, text=True)
-        assert sig.returncode == 0, sig.stderr
-        while True:
-            assert time.monotonic() < deadline, f"job {job_id} did not finish:\n{_tail(log_path)}"
-            info = _job_info(job_id)
-            if info is None:
-                break
-            last = info
-            if info["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
-                break
-            time.sleep(0.25)
-    finally:
-        if _job_info(job_id) is not None and last.get("JobState") != "COMPLETED":
-            subprocess.run(["scancel", job_id])
+        wait_running(job_id, lambda: len(_train_steps(run_dir)) >= 2, deadline, lambda: _tail(log_path))
+        preempt(job_id)
+        wait_ended(job_id, deadline, lambda: _tail(log_path), last)
 
     log = log_path.read_text()
     assert last.get("JobState") == "COMPLETED" and last.get("Restarts") == "1", (last, log[-6000:])

@@ -1,14 +1,9 @@
 """ftdist's losses against TRL 1.16's own code, on the same tiny models and batches.
 
-TRL computes its losses inside trainer methods, not free functions, and building a
-real trainer needs datasets, TrainingArguments and an Accelerator. Each test
-therefore makes a bare instance with `object.__new__(Trainer)` and sets only the
-attributes the method reads (listed in `_bare`); the accelerator is a stand-in
-whose gather is the identity, as on one process. If a TRL upgrade reads a new
-attribute, these tests fail with an AttributeError naming it.
+TRL computes its losses inside trainer methods; each test calls them on a bare trainer
+instance (tests/trl_bare.py).
 """
 
-from collections import defaultdict
 from types import SimpleNamespace
 
 import pytest
@@ -18,6 +13,7 @@ from ftdist.algos.dpo import dpo_loss, orpo_loss
 from ftdist.algos.ppo import entropy_from_logits
 from ftdist.algos.reward import gather_last, pairwise_reward_loss
 from ftdist.algos.sft import sequence_logprobs
+from tests.trl_bare import bare
 
 pytestmark = pytest.mark.unit
 
@@ -29,31 +25,6 @@ VOCAB = 64
 # (log-sigmoid against softplus, sum-then-mean against mean): a few ulps of values of size <= ~100 (sequence
 # log-probs), ~1e-6 relative. 1e-5 is 10x that; atol covers values that are ~0 (rewards at the reference).
 TOL = dict(atol=1e-5, rtol=1e-5)
-
-
-class _OneProcessAccelerator:
-    device = torch.device("cpu")
-
-    def gather(self, x):
-        return x
-
-    def gather_for_metrics(self, x):
-        return x
-
-    def unwrap_model(self, model):
-        return model
-
-
-def _bare(trainer_cls, **attrs):
-    trainer = object.__new__(trainer_cls)
-    trainer.__dict__.update(
-        accelerator=_OneProcessAccelerator(),
-        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
-        _total_train_tokens=0,
-        _tp_size=1,
-        **attrs,
-    )
-    return trainer
 
 
 def _tiny_llama_config(**extra):
@@ -119,7 +90,7 @@ def _ftdist_logps(policy, reference, batch):
 def _trl_dpo(policy, reference, batch, loss_type, beta):
     from trl.trainer.dpo_trainer import DPOTrainer
 
-    trainer = _bare(
+    trainer = bare(
         DPOTrainer,
         model=policy,
         ref_model=reference,
@@ -196,7 +167,7 @@ def test_reward_loss_and_last_token_pooling_match_trl():
         chosen, rejected = rewards.chunk(2)
 
         for extra in ({}, {"margin": margin}):
-            trainer = _bare(RewardTrainer, model=model, args=SimpleNamespace(center_rewards_coefficient=None))
+            trainer = bare(RewardTrainer, model=model, args=SimpleNamespace(center_rewards_coefficient=None))
             trl_loss = trainer.compute_loss(model, {"input_ids": input_ids, "attention_mask": attention_mask, **extra})
             loss, metrics = pairwise_reward_loss(chosen, rejected, margin=extra.get("margin"))
             torch.testing.assert_close(loss, trl_loss, **TOL)
@@ -212,7 +183,7 @@ def test_orpo_matches_trl_odds_ratio_loss():
         warnings.simplefilter("ignore")  # "experimental" warning on import
         from trl.experimental.orpo.orpo_trainer import ORPOTrainer
 
-    trainer = _bare(ORPOTrainer, beta=0.25)
+    trainer = bare(ORPOTrainer, beta=0.25)
     torch.manual_seed(2)
     chosen = -torch.rand(8) * 3 - 1e-3  # length-averaged log-probs, some near 0
     rejected = -torch.rand(8) * 3 - 1e-3

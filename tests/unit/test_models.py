@@ -64,10 +64,12 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
 def test_cli_help_and_python_m():
     out = _run("train", "--help")
     assert out.returncode == 0 and "train.global_batch_size" in out.stdout and "checkpoint.resume" in out.stdout
-    assert "sft_tiny" in _run("recipes").stdout
+    recipes = _run("recipes")
+    assert recipes.returncode == 0 and "sft_tiny" in recipes.stdout
 
 
 def test_import_ftdist_is_light():
     code = "import sys, ftdist, ftdist.config, ftdist.cli; print(' '.join(m for m in ('deepspeed', 'ray', 'torch') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == ""

@@ -4,12 +4,11 @@ Each side does its own work from the same rows: TRL tokenises with its trainer's
 `_prepare_dataset`, batches with its collator and computes the loss with its
 trainer; ftdist tokenises, masks, batches and computes the loss through the RM
 and DPO Tasks. Loss, implicit rewards, accuracies and log-probs must agree
-within 1e-5. Trainers are bare instances, as in test_algos_trl_reference.py.
+within 1e-5. Trainers are bare instances (tests/trl_bare.py).
 The Tasks run on `LocalEngine`, the engine's interface on one process.
 """
 
 import json
-from collections import defaultdict
 from types import SimpleNamespace
 
 import pytest
@@ -19,6 +18,7 @@ from ftdist.config import load_config
 from ftdist.engine.dist import DistInfo
 from ftdist.models.loading import load_tokenizer
 from ftdist.train.task import make_task
+from tests.trl_bare import bare
 
 pytestmark = pytest.mark.unit
 
@@ -42,26 +42,6 @@ class LocalEngine:
 
     def train(self, mode: bool = True):
         self.module.train(mode)
-
-
-class _OneProcessAccelerator:
-    device = torch.device("cpu")
-
-    def gather(self, x):
-        return x
-
-    def gather_for_metrics(self, x):
-        return x
-
-    def unwrap_model(self, model):
-        return model
-
-
-def _bare(trainer_cls, **attrs):
-    trainer = object.__new__(trainer_cls)
-    trainer.__dict__.update(accelerator=_OneProcessAccelerator(), _total_train_tokens=0, _tp_size=1,
-                            _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, **attrs)
-    return trainer
 
 
 def _chat_rows():
@@ -136,7 +116,7 @@ def _trl_dpo(models, rows, loss_type, beta):
     reference = transformers.AutoModelForCausalLM.from_pretrained(models["base"], dtype=torch.float32).eval()
     add_fused_lm_head(policy, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
     add_fused_lm_head(reference)
-    trainer = _bare(DPOTrainer, model=policy, ref_model=reference, precompute_ref_logps=False,
+    trainer = bare(DPOTrainer, model=policy, ref_model=reference, precompute_ref_logps=False,
                     aux_loss_enabled=False, ld_alpha=None, f_divergence_type="reverse_kl", loss_types=[loss_type],
                     loss_weights=[1.0], beta=beta, label_smoothing=0.0, use_weighting=False, _tokenizer=tok,
                     args=SimpleNamespace(gradient_checkpointing_kwargs=None))
@@ -188,7 +168,7 @@ def test_reward_task_matches_trl(models, tmp_path, rows):
 
     tok = models["tok"]
     model = transformers.AutoModelForSequenceClassification.from_pretrained(models["rm"], dtype=torch.float32).eval()
-    trainer = _bare(RewardTrainer, model=model, args=SimpleNamespace(center_rewards_coefficient=None))
+    trainer = bare(RewardTrainer, model=model, args=SimpleNamespace(center_rewards_coefficient=None))
     ds = trainer._prepare_dataset(Dataset.from_list(rows), tok, SimpleNamespace(dataset_num_proc=None, max_length=None),
                                   "train")
     trl_batch = DataCollatorForPreference(pad_token_id=tok.pad_token_id)([ds[i] for i in range(len(ds))])
