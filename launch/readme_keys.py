@@ -1,4 +1,4 @@
-"""Rewrite the README's recipe-key table from ftdist/config.py (run after adding a key)."""
+"""Rewrite the README's recipe-key table from the recipe schema (ftdist/config/schema.py) (run after adding a key)."""
 
 from pathlib import Path
 

@@ -19,6 +19,7 @@ import torch
 
 from ftdist.config import Config, ConfigError, ds_config_path
 from ftdist.engine.dist import DistInfo
+from ftdist.models.loading import decay_param_groups
 
 log = logging.getLogger("ftdist")
 
@@ -140,8 +141,7 @@ class Engine:
     `build()` makes the model; the Engine calls it inside ZeRO-3's partitioning context.
     """
 
-    def __init__(self, build, cfg: Config, info: DistInfo, *, grad_accum: int, total_steps: int,
-                 param_groups: Optional[list[dict]] = None):
+    def __init__(self, build, cfg: Config, info: DistInfo, *, grad_accum: int, total_steps: int):
         import deepspeed
         from transformers import get_scheduler
 
@@ -150,11 +150,7 @@ class Engine:
             model = build()
         _init_deepspeed_comm(info.backend)
         self.ds_config = build_ds_config(cfg, info.world_size, grad_accum)
-        if param_groups is None:
-            from ftdist.models.loading import decay_param_groups
-
-            param_groups = decay_param_groups(model, cfg.train.weight_decay)
-        optimizer = _build_optimizer(cfg, param_groups)
+        optimizer = _build_optimizer(cfg, decay_param_groups(model, cfg.train.weight_decay))
         warmup = int(round(cfg.train.warmup_ratio * total_steps))
         scheduler = get_scheduler(cfg.train.scheduler, optimizer, num_warmup_steps=warmup,
                                   num_training_steps=total_steps)

@@ -9,7 +9,7 @@ is not used for such comparisons). Clipping and DeepSpeed's CPU Adam get a case 
 import pytest
 import torch
 
-from tests.helpers import (adam_tolerance, load_weights, max_abs, max_abs_diff, read_metrics, run_ftdist,
+from tests.helpers import (GRAD_RTOL, adam_tolerance, load_weights, max_abs, max_abs_diff, read_metrics, run_ftdist,
                            sgd_tolerance, write_recipe)
 
 pytestmark = pytest.mark.dist
@@ -30,9 +30,9 @@ RECIPE = dict(
 ADAM = ["train.optimizer=adamw_torch", f"train.lr={ADAM_LR}", f"train.adam_eps={ADAM_EPS}"]
 
 
-def reference_weights(cache_dir: str, optimizer: str = "sgd", clip: float = 0.0) -> tuple[dict, float]:
+def reference_weights(cache_dir: str, optimizer: str = "sgd", clip: float = 0.0) -> tuple[dict, float, list]:
     """A plain PyTorch loop over ftdist's own batches: no DeepSpeed, one process, one micro-batch per step.
-    Returns the final weights and the largest gradient entry seen (before clipping)."""
+    Returns the final weights, the largest gradient entry seen and each step's gradient norm (before clipping)."""
     from transformers import get_scheduler
 
     from ftdist.algos.sft import sft_loss_sum
@@ -56,19 +56,18 @@ def reference_weights(cache_dir: str, optimizer: str = "sgd", clip: float = 0.0)
     sched = get_scheduler("cosine", opt, num_warmup_steps=0, num_training_steps=STEPS)
     plan = plan_epoch(data.lengths, seed=cfg.seed, epoch=0, micro_batch_size=8, grad_accum=1, world_size=1,
                       rank=0, packing=False, capacity=64)
-    largest = 0.0
+    largest, norms = 0.0, []
     for step in range(STEPS):
         batch = collate_rows(plan.steps[step][0], data, tok.pad_token_id, 64, False)
         logits = causal_logits(model, batch, "sdpa", torch.float32)
         loss_sum, n = sft_loss_sum(logits, batch.labels)
         (loss_sum / n).backward()
         largest = max([largest, *(float(p.grad.abs().max()) for p in model.parameters())])
-        if clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip or float("inf"))))
         opt.step()
         sched.step()
         opt.zero_grad()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}, largest
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, largest, norms
 
 
 @pytest.fixture(scope="module")
@@ -95,9 +94,9 @@ def runs(tmp_path_factory):
         run_ftdist(nproc, str(recipe), [f"output_dir={run_dir}", f"data.cache_dir={cache}", *overrides])
         out[name] = load_weights(run_dir / "final")
         out[f"{name}/metrics"] = [r for r in read_metrics(run_dir) if "loss" in r]
-    out["reference"], _ = reference_weights(cache)
-    out["reference_clip"], _ = reference_weights(cache, clip=CLIP)
-    out["reference_adam"], out["reference_adam/grad_max"] = reference_weights(cache, "adamw")
+    out["reference"], _, out["reference/norms"] = reference_weights(cache)
+    out["reference_clip"], _, out["reference_clip/norms"] = reference_weights(cache, clip=CLIP)
+    out["reference_adam"], out["reference_adam/grad_max"], _ = reference_weights(cache, "adamw")
     from ftdist.models.tiny import resolve_model_path
 
     out["init"] = load_weights(resolve_model_path("ftdist/tiny"))
@@ -140,6 +139,15 @@ def test_clipping_over_zero3_partitions_matches_plain_pytorch(runs):
     assert len(norms) == STEPS and min(norms) > CLIP  # clipping acted on every step
     assert max_abs_diff(runs["reference_clip"], runs["reference"]) > 1000 * _sgd_tol(runs)  # and mattered
     assert max_abs_diff(runs["2rank_micro2_zero3_clip"], runs["reference_clip"]) < _sgd_tol(runs, "reference_clip")
+
+
+@pytest.mark.parametrize("name,reference", [("1rank_micro8_acc1", "reference"),  # ZeRO-0: the Engine's norm
+                                            ("2rank_micro2_acc2_zero2", "reference"),  # DeepSpeed's, partitioned
+                                            ("2rank_micro2_zero3_clip", "reference_clip")])
+def test_logged_grad_norm_is_the_norm_before_clipping(runs, name, reference):
+    # the same gradients up to rounding (GRAD_RTOL of their size), so the same norm to GRAD_RTOL
+    logged = [r["grad_norm"] for r in runs[f"{name}/metrics"]]
+    assert logged == pytest.approx(runs[f"{reference}/norms"], rel=GRAD_RTOL)
 
 
 def test_optimizer_offload_matches_plain_pytorch(runs):

@@ -139,7 +139,7 @@ def test_dpo_task_matches_trl(models, tmp_path, rows, loss_type, beta):
     torch.testing.assert_close(loss, trl_loss.float(), **TOL)
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
                 "logps/rejected"):
-        torch.testing.assert_close(torch.tensor(metrics[key]), torch.tensor(trl_metrics[key]), **TOL, msg=key)
+        torch.testing.assert_close(torch.as_tensor(metrics[key]), torch.tensor(trl_metrics[key]), **TOL, msg=key)
     assert abs(metrics["rewards/margins"]) > 1e-3 and 0 < metrics["rewards/accuracies"] <= 1  # not degenerate
 
 
@@ -176,6 +176,6 @@ def test_reward_task_matches_trl(models, tmp_path, rows):
         trl_loss = trainer.compute_loss(model, dict(trl_batch))
     torch.testing.assert_close(loss, trl_loss, **TOL)
     for key in ("accuracy", "margin"):
-        torch.testing.assert_close(torch.tensor(metrics[key]), torch.tensor(trainer._metrics["eval"][key][-1]),
+        torch.testing.assert_close(torch.as_tensor(metrics[key]), torch.tensor(trainer._metrics["eval"][key][-1]),
                                    **TOL, msg=key)
     assert 0 < metrics["accuracy"] < 1 or abs(metrics["margin"]) > 1e-3
