@@ -73,9 +73,13 @@ def find_latest(ckpt_root: Path, warn: bool = True) -> Optional[Path]:
     return None
 
 
+def _tmp_dir(ckpt_root: Path, step: int) -> Path:
+    return ckpt_root / f".tmp-step-{step}"
+
+
 def begin_checkpoint(ckpt_root: Path, step: int) -> Path:
     """One process: an empty temporary directory for the step-N checkpoint (a leftover is cleared)."""
-    tmp = ckpt_root / f".tmp-step-{step}"
+    tmp = _tmp_dir(ckpt_root, step)
     ckpt_root.mkdir(parents=True, exist_ok=True)
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -122,7 +126,7 @@ def read_trainer_state(path: Path) -> dict:
 def save_checkpoint(engine, ckpt_root: Path, step: int, trainer_state: dict, keep_last: int,
                     extra_save: Optional[Callable[[Path], None]] = None) -> Path:
     """Collective over all ranks of one engine; `extra_save(tmp_dir)` runs on every rank before the commit."""
-    tmp = ckpt_root / f".tmp-step-{step}"
+    tmp = _tmp_dir(ckpt_root, step)
     if engine.info.is_main:
         begin_checkpoint(ckpt_root, step)
     barrier()
