@@ -26,8 +26,9 @@ def _user_errors():
     from ftdist.config import ConfigError
     from ftdist.data.loading import DataError
     from ftdist.models.loading import ModelError
+    from ftdist.train.step import NonFiniteError
 
-    return (ConfigError, DataError, ModelError)
+    return (ConfigError, DataError, ModelError, NonFiniteError)
 
 
 def _fail(msg: str) -> int:
@@ -151,7 +152,14 @@ def _take_local_rank(argv: list[str]) -> list[str]:
 
 def main(argv=None) -> int:
     argv = _take_local_rank(list(sys.argv[1:] if argv is None else argv))
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops collecting `key=value` overrides at the first option (`--print-config a=1`): take the rest
+    if getattr(args, "command", None) == "train":
+        args.overrides += [a for a in extra if "=" in a and not a.startswith("-")]
+        extra = [a for a in extra if not ("=" in a and not a.startswith("-"))]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_stage(nproc: int, recipe: str, out_dir: Path, overrides: list[str]) -> list[dict]:
+    shutil.rmtree(out_dir, ignore_errors=True)  # the demo's own run directory: each demo starts afresh
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
            str(29500 + os.getpid() % 1000), "-m", "ftdist", "train", recipe, f"output_dir={out_dir}", *overrides]
     print("+", " ".join(cmd[2:]), flush=True)

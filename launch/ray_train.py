@@ -34,6 +34,8 @@ def _worker(config: dict) -> None:
     from ftdist.run.testing import record_pid
 
     record_pid(ray.train.get_context().get_world_rank())
+    # a restarted worker group (maybe on other nodes) is the same job: it takes the run directory's lock over
+    os.environ.setdefault("FTDIST_JOB_ID", ray.get_runtime_context().get_job_id())
     # Ray Train exports RANK/WORLD_SIZE/LOCAL_RANK and has initialised the process group;
     # init_distributed reuses it
     train(load_config(config["recipe"], config["overrides"]))
@@ -70,6 +72,14 @@ def main(argv: list[str]) -> int:
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    from ftdist.run import rundir
+
+    try:  # before Ray Train writes its own records into output_dir/ray
+        rundir.claim(output_dir, cfg.overwrite_output_dir)
+    except ConfigError as e:
+        print(f"ftdist: error: {e}", file=sys.stderr)
+        return 2
 
     ray.init()
     gpus = int(ray.cluster_resources().get("GPU", 0))

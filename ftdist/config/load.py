@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -90,6 +91,8 @@ def _coerce(value, tp, key: str):
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: got {value!r}, expected a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
@@ -191,14 +194,38 @@ def builtin_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (YAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"{self.name}: line {key_node.start_mark.line + 1}: key '{key}' is given twice "
+                                  f"in the same section (first on line {seen[key] + 1})")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_recipe(path: Path) -> dict:
+    try:
+        loader = _UniqueKeyLoader(path.read_text())
+        loader.name = str(path)
+        try:
+            tree = loader.get_single_data()
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return tree or {}
+
+
 def load_config(recipe: Optional[str] = None, overrides: Optional[list[str]] = None, data: Optional[dict] = None) -> Config:
     tree: dict = {}
     if recipe is not None:
         path = resolve_recipe_path(recipe)
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        tree = _read_recipe(path)
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: a recipe must be a mapping of sections")
     if data:

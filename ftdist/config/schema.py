@@ -225,7 +225,9 @@ class PPOConfig:
 @dataclass
 class Config:
     stage: Literal["sft", "rm", "dpo", "orpo", "ppo"] = _f("sft", "Training stage.")
-    output_dir: str = _f("runs/ftdist", "Run directory: config.yaml, metrics.jsonl, checkpoints/, final/.")
+    output_dir: str = _f("runs/ftdist", "Run directory: run.json, config.yaml, metrics.jsonl, checkpoints/, final/.")
+    overwrite_output_dir: bool = _f(
+        False, "Write into an output_dir that is not empty and not an ftdist run directory (refused otherwise).")
     seed: int = _f(42, "Random seed (model init of new heads, data order, dropout).")
     model: ModelConfig = _f(ModelConfig(), "Model section.")
     data: DataConfig = _f(DataConfig(), "Data section.")

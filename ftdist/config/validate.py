@@ -47,6 +47,19 @@ def validate(cfg: Config) -> None:
                           f"train.micro_batch_size={t.micro_batch_size}")
     if t.lr <= 0:
         raise ConfigError(f"train.lr: got {t.lr}, must be > 0")
+    non_negative = {"train.max_grad_norm": t.max_grad_norm, "train.weight_decay": t.weight_decay,
+                    "train.eval_every": t.eval_every, "checkpoint.every_steps": cfg.checkpoint.every_steps,
+                    "train.neftune_alpha": t.neftune_alpha, "train.eval_max_samples": t.eval_max_samples}
+    for k, v in non_negative.items():
+        if v < 0:
+            raise ConfigError(f"{k}: got {v}, must be >= 0")
+    for k, v in (("train.adam_beta1", t.adam_beta1), ("train.adam_beta2", t.adam_beta2)):
+        if not 0 <= v < 1:
+            raise ConfigError(f"{k}: got {v}, allowed: 0 <= x < 1")
+    if t.adam_eps <= 0:
+        raise ConfigError(f"train.adam_eps: got {t.adam_eps}, must be > 0")
+    if cfg.dist.timeout_s <= 0:
+        raise ConfigError(f"dist.timeout_s: got {cfg.dist.timeout_s}, must be > 0 (seconds a collective may wait)")
     if not 0 <= t.warmup_ratio < 1:
         raise ConfigError(f"train.warmup_ratio: got {t.warmup_ratio}, allowed: 0 <= x < 1")
     if not 0 <= t.label_smoothing < 1:

@@ -5,7 +5,8 @@ Layout of output_dir/checkpoints/step-N/:
   rng/rank{r}.pt     torch, CUDA, Python and NumPy RNG states of each rank
   trainer_state.json counters and data position
   adapter/           LoRA runs only: the adapter in PEFT format with the tokenizer (for users; resume reads engine/)
-  manifest.json      written last: files with sizes; a directory without it is incomplete
+  manifest.json      written last, after every file is on disk (fsync): each file's size and sha256; a
+                     directory without it is incomplete, one whose files do not match it is damaged
 A PPO checkpoint holds one engine state per trained group instead (policy/engine, policy/rng, critic/...).
 
 The API, used by the training loop and by the PPO driver and workers alike:
@@ -19,6 +20,7 @@ save_checkpoint / load_checkpoint compose them for the loop, where every rank ho
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -31,27 +33,66 @@ from typing import Callable, Optional
 import torch
 
 from ftdist.config import ConfigError
-from ftdist.engine.dist import barrier
+from ftdist.engine.dist import barrier, gather_to_main
 from ftdist.run.seeding import rng_state, set_rng_state
 
 log = logging.getLogger("ftdist")
 _STEP_RE = re.compile(r"^step-(\d+)$")
+OWNER_FILE = ".run_id"  # in a checkpoint being written: the run it belongs to
 
 
-def _manifest(root: Path) -> dict:
-    files = {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
-    return {"files": files, "time": time.time()}
+def _files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != "manifest.json")
+
+
+def digest_files(root: Path, names: list[str]) -> dict[str, dict]:
+    """{name: {size, sha256}} of files under root, each flushed to disk first (the manifest comes after them)."""
+    out = {}
+    for name in names:
+        path = root / name
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+            out[name] = {"size": os.fstat(f.fileno()).st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+    return out
+
+
+def _manifest_files(path: Path) -> Optional[dict]:
+    try:
+        files = json.loads((path / "manifest.json").read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return files if isinstance(files, dict) else None
 
 
 def is_complete(path: Path) -> bool:
-    m = path / "manifest.json"
-    if not m.exists():
+    """A manifest, and every file it lists present with its size (quick: no hashing)."""
+    files = _manifest_files(path)
+    if files is None:
         return False
-    try:
-        files = json.loads(m.read_text())["files"]
-    except (ValueError, KeyError):
-        return False
-    return all((path / f).exists() and (path / f).stat().st_size == size for f, size in files.items())
+    for name, rec in files.items():
+        size = rec["size"] if isinstance(rec, dict) else rec  # manifests before sha256 recorded sizes only
+        if not ((path / name).is_file() and (path / name).stat().st_size == size):
+            return False
+    return True
+
+
+def damaged_file(path: Path) -> Optional[str]:
+    """The first file of a checkpoint that is missing or differs from its manifest (size or sha256), else None."""
+    files = _manifest_files(path)
+    if files is None:
+        return "manifest.json"
+    for name, rec in files.items():
+        p = path / name
+        if not p.is_file():
+            return name
+        size, sha = (rec["size"], rec.get("sha256")) if isinstance(rec, dict) else (rec, None)
+        if p.stat().st_size != size:
+            return name
+        if sha is not None:
+            with open(p, "rb") as f:
+                if hashlib.file_digest(f, "sha256").hexdigest() != sha:
+                    return name
+    return None
 
 
 def list_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
@@ -64,12 +105,21 @@ def list_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def find_latest(ckpt_root: Path, warn: bool = True) -> Optional[Path]:
+def find_latest(ckpt_root: Path, run_id: str, warn: bool = True, verify: bool = False) -> Optional[Path]:
+    """This run's newest complete checkpoint; with verify, the newest whose files all match their sha256."""
     for step, p in reversed(list_checkpoints(ckpt_root)):
-        if is_complete(p):
+        if is_complete(p) and run_of(p) != run_id:
+            continue  # another run's (e.g. before checkpoint.resume=never): never resumed by auto
+        if not is_complete(p):
+            if warn:
+                log.warning("skipping incomplete checkpoint %s (no valid manifest: it was being written when the run "
+                            "stopped)", p)
+            continue
+        bad = damaged_file(p) if verify else None
+        if bad is None:
             return p
-        if warn:
-            log.warning("skipping incomplete checkpoint %s (no valid manifest: it was being written when the run stopped)", p)
+        log.warning("skipping damaged checkpoint %s: %s does not match its manifest (size or sha256); falling back "
+                    "to the one before", p, bad)
     return None
 
 
@@ -77,14 +127,25 @@ def _tmp_dir(ckpt_root: Path, step: int) -> Path:
     return ckpt_root / f".tmp-step-{step}"
 
 
-def begin_checkpoint(ckpt_root: Path, step: int) -> Path:
-    """One process: an empty temporary directory for the step-N checkpoint (a leftover is cleared)."""
+def begin_checkpoint(ckpt_root: Path, step: int, run_id: str) -> Path:
+    """One process: an empty temporary directory for the step-N checkpoint, marked as this run's (a leftover of
+    this run is cleared; another run's is refused)."""
     tmp = _tmp_dir(ckpt_root, step)
     ckpt_root.mkdir(parents=True, exist_ok=True)
     if tmp.exists():
+        if _owner(tmp) != run_id:
+            raise RuntimeError(f"{tmp} exists and is not this run's (another run writing into {ckpt_root}?)")
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
+    (tmp / OWNER_FILE).write_text(run_id)
     return tmp
+
+
+def _owner(tmp: Path) -> Optional[str]:
+    try:
+        return (tmp / OWNER_FILE).read_text().strip()
+    except OSError:
+        return None
 
 
 def save_engine_state(engine, state_dir: Path, client_state: Optional[dict] = None) -> None:
@@ -106,36 +167,73 @@ def load_engine_state(engine, state_dir: Path) -> dict:
     return client_state
 
 
-def commit_checkpoint(tmp: Path, ckpt_root: Path, step: int, trainer_state: dict, keep_last: int) -> Path:
-    """One process, after every writer has finished: trainer state, manifest last, rename into place, prune."""
+def commit_checkpoint(tmp: Path, ckpt_root: Path, step: int, trainer_state: dict, keep_last: int, run_id: str,
+                      digests: Optional[dict] = None) -> Path:
+    """One process, after every writer has finished: trainer state, manifest last, rename into place, prune.
+
+    digests: {file: {size, sha256}} already computed by the writers; files not in it are hashed here.
+    """
     final = ckpt_root / f"step-{step}"
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
-    (tmp / "manifest.json").write_text(json.dumps(_manifest(tmp), indent=1))
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _fsync_dir(ckpt_root)
-    prune(ckpt_root, keep_last)
+    digests = dict(digests or {})
+    digests.update(digest_files(tmp, [f for f in _files(tmp) if f not in digests]))
+    manifest = tmp / "manifest.json"
+    manifest.write_text(json.dumps({"files": digests, "run_id": run_id, "time": time.time()}, indent=1))
+    with open(manifest, "rb") as f:
+        os.fsync(f.fileno())
+    publish_dir(tmp, final)
+    prune(ckpt_root, keep_last, run_id)
     return final
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Put a finished directory in place of `final` by renames, so `final` is never half-written."""
+    if final.exists():
+        old = final.with_name(f".old-{final.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def export_final(engine, export, final: Path) -> None:
+    """Collective: `export(dir)` writes the model into a temporary directory that replaces `final` once complete,
+    so a run that dies while exporting (a full disk) leaves the previous final/ or none, never half of one."""
+    tmp = final.with_name(f".tmp-{final.name}")
+    if engine.info.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    export(str(tmp))
+    barrier()
+    if engine.info.is_main:
+        publish_dir(tmp, final)
+    barrier()
 
 
 def read_trainer_state(path: Path) -> dict:
     return json.loads((Path(path) / "trainer_state.json").read_text())
 
 
-def save_checkpoint(engine, ckpt_root: Path, step: int, trainer_state: dict, keep_last: int,
+def save_checkpoint(engine, ckpt_root: Path, step: int, trainer_state: dict, keep_last: int, run_id: str,
                     extra_save: Optional[Callable[[Path], None]] = None) -> Path:
     """Collective over all ranks of one engine; `extra_save(tmp_dir)` runs on every rank before the commit."""
     tmp = _tmp_dir(ckpt_root, step)
     if engine.info.is_main:
-        begin_checkpoint(ckpt_root, step)
+        begin_checkpoint(ckpt_root, step, run_id)
     barrier()
     save_engine_state(engine, tmp, client_state={"ftdist": trainer_state})
     if extra_save is not None:
         extra_save(tmp)
     barrier()
-    if engine.info.is_main:
-        commit_checkpoint(tmp, ckpt_root, step, trainer_state, keep_last)
+    # every rank hashes a share of the files (a large checkpoint is hashed in parallel)
+    info = engine.info
+    digests = gather_to_main(digest_files(tmp, _files(tmp)[info.rank::info.world_size]))
+    if info.is_main:
+        commit_checkpoint(tmp, ckpt_root, step, trainer_state, keep_last, run_id,
+                          {k: v for d in digests for k, v in d.items()})
     barrier()
     return ckpt_root / f"step-{step}"
 
@@ -151,18 +249,23 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
-def prune(ckpt_root: Path, keep_last: int) -> None:
-    """Called right after a complete save: leftovers of interrupted saves go, then all but the newest keep_last."""
+def run_of(path: Path) -> Optional[str]:
+    """The run a complete checkpoint belongs to (from its manifest)."""
+    try:
+        return json.loads((path / "manifest.json").read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def prune(ckpt_root: Path, keep_last: int, run_id: str) -> None:
+    """Called right after a complete save: this run's leftovers of interrupted saves go, then all but the newest
+    keep_last of this run's checkpoints. Nothing of another run, and nothing without a manifest, is touched."""
     for p in ckpt_root.glob(".tmp-step-*"):
-        shutil.rmtree(p, ignore_errors=True)
-    complete = []
-    for _, p in list_checkpoints(ckpt_root):
-        if is_complete(p):
-            complete.append(p)
-        else:
+        if _owner(p) == run_id:
             shutil.rmtree(p, ignore_errors=True)
+    mine = [p for _, p in list_checkpoints(ckpt_root) if is_complete(p) and run_of(p) == run_id]
     if keep_last > 0:
-        for p in complete[:-keep_last]:
+        for p in mine[:-keep_last]:
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -172,14 +275,19 @@ def load_checkpoint(engine, path: Path) -> dict:
     return read_trainer_state(path)
 
 
-def resolve_resume(spec: str, ckpt_root: Path) -> Optional[Path]:
+def resolve_resume(spec: str, ckpt_root: Path, run_id: str) -> Optional[Path]:
+    """checkpoint.resume -> the checkpoint to load (verified against its manifest), or None. One process decides
+    (the loop broadcasts its answer): every file is hashed."""
     if spec == "never":
         return None
     if spec == "auto":
-        return find_latest(ckpt_root)
+        return find_latest(ckpt_root, run_id, verify=True)
     p = Path(spec)
     if not p.exists():
         raise ConfigError(f"checkpoint.resume: {spec} does not exist (use auto, never, or a checkpoint directory)")
     if not is_complete(p):
         raise ConfigError(f"checkpoint.resume: {spec} is not a complete checkpoint (no valid manifest.json)")
+    bad = damaged_file(p)
+    if bad is not None:
+        raise ConfigError(f"checkpoint.resume: {spec} is damaged: {bad} does not match its manifest (size or sha256)")
     return p

@@ -121,6 +121,24 @@ def rank_batches(n: int, batch_size: int, info: DistInfo) -> list[list[int]]:
     return [mine[k * batch_size:(k + 1) * batch_size] for k in range(-(-per_rank // batch_size))]
 
 
+def gather_to_main(obj) -> list:
+    """Every rank's `obj` (picklable), in rank order, on rank 0; [] on the other ranks."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out or []
+
+
+def from_main(obj):
+    """Rank 0's `obj` on every rank (rank 0 decides, e.g. which checkpoint to resume)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

@@ -14,7 +14,7 @@ with the weights its own update just wrote. Only CPU tensors travel, as Ray obje
 from __future__ import annotations
 
 import logging
-import os
+import shutil
 import time
 from pathlib import Path
 
@@ -22,7 +22,7 @@ import torch
 
 from ftdist.algos.ppo import AdaptiveKLController, FixedKLController
 from ftdist.data.answers import exact_match
-from ftdist.engine.checkpoint import begin_checkpoint, commit_checkpoint, read_trainer_state
+from ftdist.engine.checkpoint import begin_checkpoint, commit_checkpoint, publish_dir, read_trainer_state
 from ftdist.rl import ray_shells as rs
 from ftdist.rl.advantages import compute_advantages
 from ftdist.rl.experience import Experience, merge_rollouts
@@ -35,8 +35,9 @@ log = logging.getLogger("ftdist")
 
 
 class PPODriver:
-    def __init__(self, cfg, groups: dict[str, "rs.ActorGroup"], prompts: PromptSet, eval_prompts, pad_token_id: int):
-        self.cfg, self.p, self.groups = cfg, cfg.ppo, groups
+    def __init__(self, cfg, groups: dict[str, "rs.ActorGroup"], prompts: PromptSet, eval_prompts, pad_token_id: int,
+                 run_id: str):
+        self.cfg, self.p, self.groups, self.run_id = cfg, cfg.ppo, groups, run_id
         self.eval_prompts, self.pad = eval_prompts, pad_token_id
         self.sampler = PromptSampler(prompts, cfg.seed)
         p = self.p
@@ -187,10 +188,11 @@ class PPODriver:
 
     def save_checkpoint(self) -> Path:
         """checkpoints/step-N/{policy,critic}/ (each group's engine state) + trainer_state.json, atomically."""
-        tmp = begin_checkpoint(self.ckpt_root, self.iteration)
+        tmp = begin_checkpoint(self.ckpt_root, self.iteration, self.run_id)
         trained = [r for r in ("policy", "critic") if r in self.groups]
         rs.get([ref for r in trained for ref in self.groups[r].run("save", str(tmp / r))])
-        return commit_checkpoint(tmp, self.ckpt_root, self.iteration, self.state(), self.cfg.checkpoint.keep_last)
+        return commit_checkpoint(tmp, self.ckpt_root, self.iteration, self.state(), self.cfg.checkpoint.keep_last,
+                                 self.run_id)
 
     def load_checkpoint(self, path: Path) -> None:
         trained = [r for r in ("policy", "critic") if r in self.groups]
@@ -204,6 +206,10 @@ class PPODriver:
         self.sampler.epoch, self.sampler.position = state["prompts"]["epoch"], state["prompts"]["position"]
 
     def export(self, out_dir: str) -> None:
-        rs.get(self.groups["policy"].run("export", out_dir))
-        if os.path.isdir(out_dir):
-            log.info("policy in %s", out_dir)
+        """final/ from the policy group, written aside and then put in place (never half of one)."""
+        final = Path(out_dir)
+        tmp = final.with_name(f".tmp-{final.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        rs.get(self.groups["policy"].run("export", str(tmp)))
+        publish_dir(tmp, final)
+        log.info("policy in %s", final)

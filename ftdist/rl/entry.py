@@ -33,19 +33,29 @@ def train(cfg: Config) -> dict:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("stage=ppo runs as one controller process that starts its own Ray actor groups; "
                           "launch it without torchrun/srun/deepspeed (set the ranks with ppo.policy_ranks etc.)")
+    from ftdist.run import rundir
+    from ftdist.run.logs import setup_logging
+
+    setup_logging(True)
+    cfg = _resolved(cfg)
+    run_id = rundir.claim(cfg.output_dir, cfg.overwrite_output_dir, fresh=cfg.checkpoint.resume == "never")
+    held = rundir.lock(cfg.output_dir, run_id)
+    try:
+        return _train(cfg, run_id)
+    finally:
+        held.release()
+
+
+def _train(cfg: Config, run_id: str) -> dict:
     from ftdist.engine.checkpoint import resolve_resume
     from ftdist.models.loading import load_tokenizer
     from ftdist.rl.prompts import load_prompts
     from ftdist.rl.workers import load_reward_fn
-    from ftdist.run.logs import setup_logging
     from ftdist.run.metrics import MetricsWriter
     from ftdist.run.seeding import seed_everything
 
-    setup_logging(True)
     seed_everything(cfg.seed)
-    cfg = _resolved(cfg)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "config.yaml")
     # everything a user can get wrong is checked here, before any actor starts
     if cfg.ppo.reward_fn is not None:
@@ -57,7 +67,7 @@ def train(cfg: Config) -> dict:
     if len(prompts) < cfg.ppo.rollout_batch_size:
         log.warning("data.train has %d prompts, fewer than ppo.rollout_batch_size=%d: prompts repeat within an "
                     "iteration", len(prompts), cfg.ppo.rollout_batch_size)
-    resume = resolve_resume(cfg.checkpoint.resume, out / "checkpoints")
+    resume = resolve_resume(cfg.checkpoint.resume, out / "checkpoints", run_id)
     log.info("ppo: %s, %d prompts, %d iterations of %d prompts x %d samples", cfg.ppo.algorithm, len(prompts),
              cfg.ppo.iterations, cfg.ppo.rollout_batch_size, cfg.ppo.samples_per_prompt)
 
@@ -70,7 +80,7 @@ def train(cfg: Config) -> dict:
     writer = None
     try:
         groups, pgs = rs.started_groups(cfg)
-        driver = PPODriver(cfg, groups, prompts, eval_prompts, tokenizer.pad_token_id)
+        driver = PPODriver(cfg, groups, prompts, eval_prompts, tokenizer.pad_token_id, run_id)
         if resume is not None:
             driver.load_checkpoint(resume)
             log.info("resumed from %s at iteration %d", resume, driver.iteration)

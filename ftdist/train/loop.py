@@ -17,15 +17,15 @@ import torch
 
 from ftdist.config import Config, ConfigError, dump_config
 from ftdist.data.batching import plan_epoch
-from ftdist.engine.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from ftdist.engine.dist import all_reduce_sum, barrier, init_distributed, rank_batches
+from ftdist.engine.checkpoint import export_final, find_latest, load_checkpoint, resolve_resume, save_checkpoint
+from ftdist.engine.dist import all_reduce_sum, barrier, from_main, init_distributed, rank_batches
 from ftdist.models.loading import count_parameters, load_tokenizer
-from ftdist.run import testing
+from ftdist.run import rundir, testing
 from ftdist.run.logs import fmt_metrics, setup_logging
 from ftdist.run.metrics import MetricsWriter, Progress
 from ftdist.run.seeding import seed_everything
 from ftdist.run.lifecycle import StopRequest, end_process
-from ftdist.train.step import optimizer_step
+from ftdist.train.step import NonFiniteError, optimizer_step
 from ftdist.train.task import make_task
 
 log = logging.getLogger("ftdist")
@@ -60,10 +60,48 @@ def train(cfg: Config, end_process_when_done: bool = False) -> dict:
     stop = StopRequest()
     info = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
     setup_logging(info.is_main)
+    run_id, held = _claim_output_dir(cfg, info)
+    try:
+        result, engine = _train(cfg, info, stop, run_id)
+    finally:
+        if held is not None:
+            held.release()
+    if end_process_when_done and info.world_size > 1:
+        end_process(3 if "stopped_at" in result else 0)  # `engine` is still referenced: nothing is torn down
+    return result
+
+
+def _on_main(info, fn):
+    """fn() on rank 0 only; every rank gets its result, or raises its ConfigError (no rank is left waiting)."""
+    answer = None
+    if info.is_main:
+        try:
+            answer = ("ok", fn())
+        except ConfigError as e:
+            answer = ("error", str(e))
+    kind, value = from_main(answer)
+    if kind == "error":
+        raise ConfigError(value)
+    return value
+
+
+def _claim_output_dir(cfg: Config, info):
+    """Rank 0 makes output_dir this run's (or refuses) and takes its lock; every rank learns the run id."""
+    held = None
+
+    def claim():
+        nonlocal held
+        run_id = rundir.claim(cfg.output_dir, cfg.overwrite_output_dir, fresh=cfg.checkpoint.resume == "never")
+        held = rundir.lock(cfg.output_dir, run_id)
+        return run_id
+
+    return _on_main(info, claim), held
+
+
+def _train(cfg: Config, info, stop: StopRequest, run_id: str):
     seed_everything(cfg.seed)
     out = Path(cfg.output_dir)
     if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / "config.yaml")
     grad_accum = _grad_accum(cfg, info.world_size)
 
@@ -104,10 +142,10 @@ def train(cfg: Config, end_process_when_done: bool = False) -> dict:
     extra_save = (lambda d: engine.export_hf(str(d / "adapter"), tokenizer)) if engine.is_peft else None
 
     def save(step: int) -> None:
-        save_checkpoint(engine, ckpt_root, step, asdict(state), cfg.checkpoint.keep_last, extra_save=extra_save)
+        save_checkpoint(engine, ckpt_root, step, asdict(state), cfg.checkpoint.keep_last, run_id, extra_save=extra_save)
 
     state = TrainState()
-    resume = resolve_resume(cfg.checkpoint.resume, ckpt_root)
+    resume = _on_main(info, lambda: resolve_resume(cfg.checkpoint.resume, ckpt_root, run_id))
     if resume is not None:
         state = TrainState(**load_checkpoint(engine, resume))
         log.info("resumed from %s at step %d (epoch %d, position %d)", resume, state.step, state.epoch,
@@ -136,6 +174,12 @@ def train(cfg: Config, end_process_when_done: bool = False) -> dict:
             result = optimizer_step(engine, micro, [task.units(b) for b in micro], lambda b: task.loss(engine, b),
                                     counters={"real": real, "padded": padded})
             real, padded = result.counters["real"], result.counters["padded"]
+            bad = result.nonfinite(fp16=cfg.model.dtype == "fp16")
+            if bad is not None:  # every rank sees the same all-reduced values, so every rank stops here
+                raise NonFiniteError(
+                    f"step {state.step + 1}: {bad}: training stopped before saving anything of this step "
+                    f"(newest checkpoint: {find_latest(ckpt_root, run_id, warn=False) or 'none'}); lower train.lr, "
+                    f"set train.max_grad_norm, or check the data of this step")
             state.step += 1
             state.step_in_epoch += 1
             state.tokens += int(real)
@@ -166,9 +210,7 @@ def train(cfg: Config, end_process_when_done: bool = False) -> dict:
                 progress.close()
                 log.warning("stop requested by signal: checkpoint saved at step %d; exiting for requeue", state.step)
                 writer.close()
-                if end_process_when_done and info.world_size > 1:
-                    end_process(3)
-                return {"stopped_at": state.step}
+                return {"stopped_at": state.step}, engine
         if state.step_in_epoch >= len(plan):
             state.epoch += 1
             state.step_in_epoch = 0
@@ -180,15 +222,12 @@ def train(cfg: Config, end_process_when_done: bool = False) -> dict:
     if ev:
         writer.log({"step": state.step, "epoch": state.epoch, **ev})
         log.info("eval after training: %s", fmt_metrics(ev))
-    task.export(engine, str(out / "final"))
-    barrier()
+    export_final(engine, lambda d: task.export(engine, d), out / "final")
     writer.close()
     if info.is_main:
         log.info("done: %d steps, %s tokens in %.1fs; model in %s", state.step, f"{state.tokens:,}",
                  state.elapsed_s, out / "final")
-    if end_process_when_done and info.world_size > 1:
-        end_process(0)  # here, while the engine is still referenced: nothing is torn down
-    return {"step": state.step, **ev}
+    return {"step": state.step, **ev}, engine
 
 
 @torch.no_grad()

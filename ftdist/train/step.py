@@ -19,6 +19,7 @@ returns SUMS over a micro-batch's units. Then:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -39,6 +40,20 @@ class StepResult:
     @property
     def means(self) -> dict[str, float]:
         return {k: v / max(self.units, 1.0) for k, v in self.sums.items()}
+
+    def nonfinite(self, fp16: bool) -> Optional[str]:
+        """The first non-finite metric or gradient norm, as "name=value", else None. With fp16, an infinite
+        gradient norm is DeepSpeed's loss scaler at work (it skips that step and lowers the scale), not a fault."""
+        for k, v in self.means.items():
+            if not math.isfinite(v):
+                return f"{k}={v}"
+        if self.grad_norm is not None and not math.isfinite(self.grad_norm) and not fp16:
+            return f"grad_norm={self.grad_norm}"
+        return None
+
+
+class NonFiniteError(ValueError):
+    """A step produced a non-finite loss or gradient norm: training stops before anything of it is saved."""
 
 
 def optimizer_step(engine, micro_batches: Sequence, units: Sequence[float], loss_fn: LossFn,

@@ -101,9 +101,10 @@ def test_killed_then_resumed_matches_straight_run(straight, tmp_path):
     assert max_abs_diff(load_weights(run_dir / "final"), load_weights(straight / "final")) == 0.0
     steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
     assert steps[-4:] == [5, 6, 7, 8]
-    # keep_last=2: step-4 and step-8 remain (the final step is always saved)
+    # keep_last=2: step-4 and step-8 remain (the final step is always saved); the directory without a manifest
+    # is nobody's checkpoint that this run can prove it wrote, so pruning leaves it alone
     kept = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert kept == ["step-4", "step-8"]
+    assert kept == ["step-4", "step-6", "step-8"]
 
 
 def test_run_directory_contract(straight):

@@ -100,6 +100,7 @@ def test_ppo_resumes_from_a_checkpoint_identically(ppo_run, warm):
     resumed.mkdir()
     # the same output_dir layout, cut at iteration 5: the run must pick it up by itself (checkpoint.resume=auto)
     shutil.copytree(ppo_run / "checkpoints" / "step-5", resumed / "checkpoints" / "step-5")
+    shutil.copy(ppo_run / "run.json", resumed / "run.json")  # the same run: auto-resume takes only its own
     _train("ppo_tiny", resumed, warm, "ppo.critic_lr=1e-3", "checkpoint.every_steps=5", "ppo.kl_target=2.0",
            "ppo.kl_horizon=2000")
     straight = {r["step"]: r for r in _iterations(ppo_run)}

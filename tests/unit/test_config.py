@@ -27,12 +27,30 @@ def test_overrides_and_types():
     (["model.quantization.load_in_4bit=true"], ["model.lora", "QLoRA"]),
     (["train.lr"], ["key=value"]),
     (["data.format=xml"], ["data.format", "'messages'"]),
+    # values that used to pass validation and fail deep inside torch or c10d
+    (["train.lr=.nan"], ["train.lr", "nan", "finite"]),
+    (["train.lr=.inf"], ["train.lr", "inf", "finite"]),
+    (["train.epochs=.nan", "train.max_steps=-1"], ["train.epochs", "finite"]),
+    (["train.adam_beta1=1.5"], ["train.adam_beta1", "1.5", "0 <= x < 1"]),
+    (["train.adam_eps=0"], ["train.adam_eps", "> 0"]),
+    (["dist.timeout_s=0"], ["dist.timeout_s", "> 0"]),
+    (["train.max_grad_norm=-1"], ["train.max_grad_norm", ">= 0"]),
+    (["train.weight_decay=-0.1"], ["train.weight_decay", ">= 0"]),
+    (["train.eval_every=-2"], ["train.eval_every", ">= 0"]),
+    (["checkpoint.every_steps=-1"], ["checkpoint.every_steps", ">= 0"]),
 ])
 def test_bad_config_names_key_value_and_allowed(overrides, words):
     with pytest.raises(ConfigError) as e:
         load_config(None, BASE + overrides)
     for w in words:
         assert w in str(e.value)
+
+
+def test_a_key_given_twice_in_a_recipe_names_both_lines(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stage: sft\ntrain:\n  lr: 1.0e-4\n  micro_batch_size: 2\n  lr: 1.0e-2\n")
+    with pytest.raises(ConfigError, match=r"r.yaml: line 5: key 'lr' is given twice .*first on line 3"):
+        load_config(str(recipe), BASE)
 
 
 def test_unknown_recipe_suggests():
@@ -77,6 +95,19 @@ def test_ds_config_auto_fields_filled():
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert "offload_param" not in ds["zero_optimization"]
     assert "auto" not in str(ds)
+
+
+def test_fp16_without_a_gpu_is_a_config_error():
+    import torch
+
+    from ftdist.engine.engine import build_ds_config
+
+    cfg = load_config("sft_tiny", ["model.dtype=fp16"])
+    if torch.cuda.is_available():
+        assert build_ds_config(cfg, world_size=1, grad_accum=1)["fp16"]["enabled"] is True
+    else:
+        with pytest.raises(ConfigError, match="model.dtype=fp16 needs a GPU"):
+            build_ds_config(cfg, world_size=1, grad_accum=1)
 
 
 def test_readme_documents_every_key():

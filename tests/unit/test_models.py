@@ -64,6 +64,8 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
 def test_cli_help_and_python_m():
     out = _run("train", "--help")
     assert out.returncode == 0 and "train.global_batch_size" in out.stdout and "checkpoint.resume" in out.stdout
+    shown = _run("train", "sft_tiny", "--print-config", "train.lr=0.5")  # overrides after the option too
+    assert shown.returncode == 0 and "lr: 0.5" in shown.stdout, shown.stderr
     recipes = _run("recipes")
     assert recipes.returncode == 0 and "sft_tiny" in recipes.stdout
 

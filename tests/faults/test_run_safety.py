@@ -1,0 +1,128 @@
+"""A user's mistakes and a cluster's faults against the run directory: ftdist refuses what would lose data,
+verifies what it resumes, and stops on non-finite numbers. One tiny process per run (about 5 s each)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT, ftdist_cmd, read_metrics, run_ftdist
+
+pytestmark = pytest.mark.faults
+
+BASE = ["data.eval=null", "train.progress_bar=false", "train.log_every=1", "checkpoint.every_steps=2"]
+
+
+def _train(out: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run_ftdist(1, "sft_tiny", [f"output_dir={out}", *BASE, *overrides], timeout=300, check=check)
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _one_line_error(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("ftdist: error")]
+    assert len(lines) == 1, proc.stderr[-4000:]
+    return lines[0]
+
+
+def _user_dir(root: Path) -> Path:
+    d = root / "mine"
+    for rel, text in {"checkpoints/step-7/weights.bin": "seven", "checkpoints/step-100/notes.txt": "hundred",
+                      "checkpoints/.tmp-step-9/part.bin": "nine", "config.yaml": "my: config\n",
+                      "final/model.safetensors": "not a model", "tokenizer.json": "{}"}.items():
+        (d / rel).parent.mkdir(parents=True, exist_ok=True)
+        (d / rel).write_text(text)
+    return d
+
+
+def test_an_unrelated_non_empty_output_dir_is_refused_and_left_alone(tmp_path):
+    d = _user_dir(tmp_path)
+    before = _tree(d)
+    line = _one_line_error(_train(d, "train.max_steps=2", check=False))
+    assert f"output_dir={d} is not empty and is not an ftdist run directory" in line
+    assert "overwrite_output_dir=true" in line
+    assert _tree(d) == before  # nothing written, nothing deleted
+
+
+def test_with_consent_ftdist_writes_there_but_prunes_only_its_own_checkpoints(tmp_path):
+    d = _user_dir(tmp_path)
+    _train(d, "overwrite_output_dir=true", "train.max_steps=6", "checkpoint.keep_last=1")
+    for rel in ("checkpoints/step-7/weights.bin", "checkpoints/step-100/notes.txt", "checkpoints/.tmp-step-9/part.bin",
+                "tokenizer.json"):
+        assert (d / rel).exists(), rel
+    ours = sorted(p.name for p in (d / "checkpoints").iterdir() if (p / "manifest.json").exists())
+    assert ours == ["step-6"]  # step-2 and step-4 pruned; the user's step-7 and step-100 are not ours
+    assert json.loads((d / "run.json").read_text())["run_id"]
+
+
+def test_a_second_run_into_a_live_runs_directory_is_refused(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "FTDIST_HANG_AFTER_CHECKPOINT": "2"}
+    first = subprocess.Popen(ftdist_cmd(1, "sft_tiny", [f"output_dir={out}", *BASE, "train.max_steps=4"]), cwd=ROOT,
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not (out / "checkpoints" / "step-2" / "manifest.json").exists():
+            assert first.poll() is None and time.time() < deadline, "the first run did not reach its checkpoint"
+            time.sleep(0.2)
+        metrics_before = (out / "metrics.jsonl").read_text()
+        line = _one_line_error(_train(out, "train.max_steps=4", "train.lr=1e-2", check=False))
+        assert f"output_dir={out} is in use by another run" in line and f"pid {first.pid}" in line
+        assert (out / "metrics.jsonl").read_text() == metrics_before
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)
+    # the holder is dead now (same host, its pid is gone): the next run takes the lock over and resumes
+    again = _train(out, "train.max_steps=4")
+    assert "taking over the lock" in again.stderr and "resumed from" in again.stderr and "step-2" in again.stderr
+
+
+def test_resume_never_starts_a_new_run_that_leaves_the_old_one_alone(tmp_path):
+    out = tmp_path / "run"
+    _train(out, "train.max_steps=4", "checkpoint.keep_last=1")  # leaves step-4
+    old = json.loads((out / "checkpoints" / "step-4" / "manifest.json").read_text())["run_id"]
+    _train(out, "train.max_steps=2", "checkpoint.resume=never", "checkpoint.keep_last=1")
+    new = json.loads((out / "checkpoints" / "step-2" / "manifest.json").read_text())["run_id"]
+    assert new != old and (out / "checkpoints" / "step-4").exists()  # neither run pruned the other's
+    resumed = _train(out, "train.max_steps=4", "checkpoint.keep_last=1")
+    assert "resumed from" in resumed.stderr and "step-2 at step 2" in resumed.stderr  # the new run's, not the old
+
+
+@pytest.mark.parametrize("victim", ["engine/mp_rank_00_model_states.pt", "trainer_state.json", "rng/rank0.pt"])
+def test_a_damaged_checkpoint_is_skipped_for_the_one_before(tmp_path, victim):
+    out = tmp_path / "run"
+    _train(out, "train.max_steps=4", "checkpoint.keep_last=0")
+    path = out / "checkpoints" / "step-4" / victim
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte: the size stays, the sha256 does not
+    path.write_bytes(bytes(data))
+    line = _one_line_error(_train(out, "train.max_steps=6", f"checkpoint.resume={out / 'checkpoints' / 'step-4'}",
+                                  check=False))
+    assert "step-4 is damaged" in line and victim in line
+    resumed = _train(out, "train.max_steps=6")
+    assert f"skipping damaged checkpoint {out / 'checkpoints' / 'step-4'}: {victim}" in resumed.stderr
+    assert "step-2 at step 2" in resumed.stderr
+    assert [r["step"] for r in read_metrics(out) if "loss" in r][-4:] == [3, 4, 5, 6]
+
+
+def test_a_non_finite_step_stops_the_run_before_anything_of_it_is_saved(tmp_path):
+    out = tmp_path / "run"
+    proc = _train(out, "train.max_steps=8", "checkpoint.every_steps=1", "checkpoint.keep_last=0", "train.lr=1e3",
+                  "train.warmup_ratio=0",
+                  "train.max_grad_norm=0", check=False)
+    line = _one_line_error(proc)
+    step = int(line.split("step ")[1].split(":")[0])
+    assert step >= 2 and ("grad_norm=" in line or "loss=" in line)
+    saved = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*"))
+    assert saved == list(range(1, step))  # every step before the bad one, not the bad one
+    assert not (out / "final").exists()
