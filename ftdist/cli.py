@@ -25,10 +25,11 @@ Recipe keys (type, default):
 def _user_errors():
     from ftdist.config import ConfigError
     from ftdist.data.loading import DataError
+    from ftdist.engine.engine import UnsafeCheckpointError
     from ftdist.models.loading import ModelError
     from ftdist.train.step import NonFiniteError
 
-    return (ConfigError, DataError, ModelError, NonFiniteError)
+    return (ConfigError, DataError, ModelError, NonFiniteError, UnsafeCheckpointError)
 
 
 def _fail(msg: str) -> int:

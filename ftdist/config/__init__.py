@@ -9,12 +9,12 @@ from ftdist.config.schema import (OFFLOAD_OPTIMIZERS, PREFERENCE_STAGES, Checkpo
                                   DataConfig, DeepSpeedConfig, DistConfig, DPOConfig, LoggingConfig, LoraConfig,
                                   ModelConfig, ORPOConfig, PPOConfig, QuantizationConfig, RewardModelConfig,
                                   TrainConfig)
-from ftdist.config.validate import colocated_sets, ppo_groups, validate
+from ftdist.config.validate import colocated_sets, ppo_groups, resume_changes, validate
 
 __all__ = [
     "DS_CONFIGS_DIR", "RECIPES_DIR", "builtin_recipes", "config_help", "config_markdown", "ds_config_path",
     "dump_config", "load_config", "parse_overrides", "resolve_recipe_path", "OFFLOAD_OPTIMIZERS",
     "PREFERENCE_STAGES", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DeepSpeedConfig", "DistConfig",
     "DPOConfig", "LoggingConfig", "LoraConfig", "ModelConfig", "ORPOConfig", "PPOConfig", "QuantizationConfig",
-    "RewardModelConfig", "TrainConfig", "colocated_sets", "ppo_groups", "validate",
+    "RewardModelConfig", "TrainConfig", "colocated_sets", "ppo_groups", "resume_changes", "validate",
 ]

@@ -119,6 +119,9 @@ class CheckpointConfig:
     every_steps: int = _f(0, "Save a checkpoint every N optimizer steps (and always at the end); 0 = only at the end.")
     keep_last: int = _f(2, "Keep the newest N checkpoints; 0 keeps all.")
     resume: str = _f("auto", "'auto' = newest complete checkpoint in output_dir, 'never', or a checkpoint path.")
+    resume_with_new_data: bool = _f(
+        False, "Resume even though data.train's content changed since the checkpoint (the data position then points "
+        "into the new data); refused otherwise.")
 
 
 @dataclass

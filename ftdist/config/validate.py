@@ -12,6 +12,31 @@ from ftdist.config.schema import OFFLOAD_OPTIMIZERS, PREFERENCE_STAGES, Config, 
 COLOCATED = {"policy_ref": ("policy", "ref"), "critic_reward": ("critic", "reward"), "ref_reward": ("ref", "reward")}
 
 
+# what may differ between a checkpoint's recipe and the one that resumes it (key or section prefix): where the
+# run writes, how often it logs, evaluates and checkpoints, its timeouts. Anything else changes the training the
+# checkpoint's optimizer and schedule belong to. data.train may name another path; its content is compared.
+RESUME_SAFE_KEYS = ("output_dir", "overwrite_output_dir", "checkpoint.", "logging.", "dist.timeout_s",
+                    "train.log_every", "train.eval_every", "train.progress_bar", "train.eval_accuracy",
+                    "train.eval_max_new_tokens", "train.eval_max_samples", "data.train", "data.eval",
+                    "data.cache_dir", "data.num_workers", "ppo.eval_every")
+
+
+def resume_changes(saved: dict, current: dict) -> list[tuple[str, object, object]]:
+    """(key, saved value, current value) for every recipe key that differs and may not change within a run."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict) and k != "columns":  # a section (data.columns is a value)
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[prefix + k] = v
+        return out
+
+    a, b = flat(saved), flat(current)
+    changed = [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+    return [c for c in changed if not c[0].startswith(RESUME_SAFE_KEYS)]
+
+
 def ppo_groups(cfg: Config) -> dict[str, int]:
     """The actor groups a PPO recipe starts, with their ranks: no critic without GAE (ppo.algorithm=ppo), no
     reference group with LoRA (the reference is the policy with its adapter off)."""

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ftdist.algos.sft import IGNORE_INDEX
 from ftdist.data.formats import SFT_NORMALIZERS, RowProblem, detect_format
-from ftdist.data.loading import DataError, RowError, load_rows, resolve_data_path
+from ftdist.data.loading import DataError, RowError, content_digest, load_rows, resolve_data_path
 
 
 
@@ -117,17 +117,15 @@ def encode_sft_row(tokenizer, row: dict, max_length: int, train_on_prompt: bool)
 
 
 def _fingerprint(path: str, tokenizer, settings: dict) -> str:
+    """The tokenised cache's key: the data's content (not its file times), the settings and the tokenizer itself
+    (its full definition where the tokenizer can write it out, so a changed vocabulary or merges miss the cache)."""
     h = hashlib.sha256()
-    p = Path(path)
-    files = sorted(p.rglob("*")) if p.is_dir() else [p]
-    for f in files:
-        if f.is_file():
-            st = f.stat()
-            h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(content_digest(path).encode())
     h.update(json.dumps(settings, sort_keys=True).encode())
     h.update(str(len(tokenizer)).encode())
     h.update((getattr(tokenizer, "chat_template", None) or "").encode())
-    h.update(str(getattr(tokenizer, "name_or_path", "")).encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update(backend.to_str().encode() if backend is not None else str(getattr(tokenizer, "name_or_path", "")).encode())
     return h.hexdigest()[:16]
 
 

@@ -181,6 +181,11 @@ def commit_checkpoint(tmp: Path, ckpt_root: Path, step: int, trainer_state: dict
     manifest.write_text(json.dumps({"files": digests, "run_id": run_id, "time": time.time()}, indent=1))
     with open(manifest, "rb") as f:
         os.fsync(f.fileno())
+    if final.exists() and run_of(final) != run_id:
+        # another run's step-N (kept when output_dir was taken over with overwrite_output_dir): moved aside, kept
+        aside = final.with_name(f"{final.name}.superseded-{int(time.time())}")
+        os.rename(final, aside)
+        log.warning("%s belonged to another run: moved to %s", final, aside.name)
     publish_dir(tmp, final)
     prune(ckpt_root, keep_last, run_id)
     return final
@@ -255,6 +260,18 @@ def run_of(path: Path) -> Optional[str]:
         return json.loads((path / "manifest.json").read_text()).get("run_id")
     except (OSError, ValueError, AttributeError):
         return None
+
+
+def refuse_foreign_checkpoints(ckpt_root: Path, run_id: str, overwrite: bool) -> None:
+    """A run does not start beside another run's complete checkpoints (e.g. checkpoint.resume=never in a used
+    output_dir): their steps would mix with its own. overwrite_output_dir=true allows it; a checkpoint of the
+    other run that this one's would replace is then moved aside, not deleted."""
+    other = [p.name for _, p in list_checkpoints(ckpt_root) if is_complete(p) and run_of(p) != run_id]
+    if other and not overwrite:
+        shown = ", ".join(other[:4]) + (", ..." if len(other) > 4 else "")
+        raise ConfigError(f"{ckpt_root} holds checkpoints of another run ({shown}): this run would mix its steps with "
+                          f"theirs. Use another output_dir, or set overwrite_output_dir=true (they are then kept "
+                          f"and never resumed; one of the same step is moved aside as step-N.superseded-TIME)")
 
 
 def prune(ckpt_root: Path, keep_last: int, run_id: str) -> None:

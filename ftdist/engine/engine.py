@@ -138,6 +138,34 @@ def _build_optimizer(cfg: Config, param_groups: list[dict]):
     return build_optimizer(cfg.train, param_groups, offload=cfg.deepspeed.offload_optimizer)
 
 
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file holds objects other than tensors, plain containers and DeepSpeed's own state types."""
+
+
+def _deepspeed_checkpoint_types() -> list:
+    """The non-tensor types DeepSpeed writes into its checkpoints (found by loading every ZeRO stage, bf16,
+    offload and QLoRA checkpoint weights-only); nothing else may be unpickled."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_checkpoint_load(path: str, map_location=None):
+    """torch.load(weights_only=True) with DeepSpeed's own state types allowed, and a clear refusal otherwise."""
+    import pickle
+
+    with torch.serialization.safe_globals(_deepspeed_checkpoint_types()):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UnsafeCheckpointError(
+                f"{path}: refused to load: it holds objects that are not checkpoint state ({first}); ftdist never "
+                f"runs code from checkpoint files. Was this file written by ftdist?") from None
+
+
 class Engine:
     """A DeepSpeed engine around one trainable model, with the calls the step function and checkpoints need.
 
@@ -274,11 +302,18 @@ class Engine:
                                     exclude_frozen_parameters=self.is_peft)
 
     def load_state(self, ckpt_dir: str) -> dict:
-        # without the frozen base the module state is partial; bitsandbytes' quant-state entries are not
-        # parameters, so DeepSpeed keeps them and strict loading would reject them
-        path, client_state = self.engine.load_checkpoint(ckpt_dir, tag="engine", load_optimizer_states=True,
-                                                         load_lr_scheduler_states=True,
-                                                         load_module_strict=not self.is_peft)
+        # DeepSpeed reads its files with torch.load(weights_only=False), which runs whatever code a crafted file
+        # carries; its reader is swapped for a weights-only one that knows DeepSpeed's few own types
+        reader = self.engine.checkpoint_engine
+        reader.load = safe_checkpoint_load
+        try:
+            # without the frozen base the module state is partial; bitsandbytes' quant-state entries are not
+            # parameters, so DeepSpeed keeps them and strict loading would reject them
+            path, client_state = self.engine.load_checkpoint(ckpt_dir, tag="engine", load_optimizer_states=True,
+                                                             load_lr_scheduler_states=True,
+                                                             load_module_strict=not self.is_peft)
+        finally:
+            del reader.load
         if path is None:
             raise RuntimeError(f"{ckpt_dir}: DeepSpeed could not load the engine state")
         return client_state or {}

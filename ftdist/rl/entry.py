@@ -38,9 +38,12 @@ def train(cfg: Config) -> dict:
 
     setup_logging(True)
     cfg = _resolved(cfg)
+    from ftdist.engine.checkpoint import refuse_foreign_checkpoints
+
     run_id = rundir.claim(cfg.output_dir, cfg.overwrite_output_dir, fresh=cfg.checkpoint.resume == "never")
     held = rundir.lock(cfg.output_dir, run_id)
     try:
+        refuse_foreign_checkpoints(Path(cfg.output_dir) / "checkpoints", run_id, cfg.overwrite_output_dir)
         return _train(cfg, run_id)
     finally:
         held.release()
@@ -96,10 +99,11 @@ def _train(cfg: Config, run_id: str) -> dict:
         return result
     except Exception as e:
         from ftdist.data.loading import DataError
+        from ftdist.engine.engine import UnsafeCheckpointError
         from ftdist.models.loading import ModelError
 
         cause = rs.unwrap_error(e)
-        if isinstance(cause, (ConfigError, DataError, ModelError)):
+        if isinstance(cause, (ConfigError, DataError, ModelError, UnsafeCheckpointError)):
             raise cause from None  # a problem the user can fix, found inside an actor: no Ray traceback
         raise
     finally:

@@ -10,14 +10,17 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Optional
 
 import torch
 
-from ftdist.config import Config, ConfigError, dump_config
+from ftdist.config import Config, ConfigError, dump_config, resume_changes
 from ftdist.data.batching import plan_epoch
-from ftdist.engine.checkpoint import export_final, find_latest, load_checkpoint, resolve_resume, save_checkpoint
+from ftdist.data.loading import data_fingerprint
+from ftdist.engine.checkpoint import (export_final, find_latest, load_checkpoint, read_trainer_state,
+                                      refuse_foreign_checkpoints, resolve_resume, save_checkpoint)
 from ftdist.engine.dist import all_reduce_sum, barrier, from_main, init_distributed, rank_batches
 from ftdist.models.loading import count_parameters, load_tokenizer
 from ftdist.run import rundir, testing
@@ -71,6 +74,37 @@ def train(cfg: Config, end_process_when_done: bool = False) -> dict:
     return result
 
 
+def _checked_resume(cfg: Config, ckpt_root: Path, run_id: str, now: dict) -> Optional[Path]:
+    """The checkpoint to resume, if the run it continues is this one: same ranks, same recipe (up to what
+    RESUME_SAFE_KEYS allows), same training data; else a ConfigError that names what differs."""
+    path = resolve_resume(cfg.checkpoint.resume, ckpt_root, run_id)
+    if path is None:
+        return None
+    saved = read_trainer_state(path)
+    if "config" not in saved:  # written before checkpoints recorded their recipe
+        log.warning("%s does not record its recipe; resuming without comparing it", path)
+        return path
+    again = "start a new run instead (another output_dir, or checkpoint.resume=never)"
+    if saved["world_size"] != now["world_size"]:
+        raise ConfigError(f"{path} was saved by {saved['world_size']} ranks and this run has {now['world_size']}: "
+                          f"ZeRO's optimizer shards are split per rank; resume with {saved['world_size']} ranks, "
+                          f"or {again}")
+    changed = resume_changes(saved["config"], now["config"])
+    if changed:
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed[:6]) + ("; ..." if len(changed) > 6 else "")
+        raise ConfigError(f"the recipe changed since {path} was saved ({listed}); these cannot change within a run "
+                          f"(the optimizer, schedule and data order come from the checkpoint): restore them to "
+                          f"resume, or {again}")
+    if saved["data"] != now["data"]:
+        if not cfg.checkpoint.resume_with_new_data:
+            raise ConfigError(f"data.train ({cfg.data.train}) is not the data {path} was trained on (its content "
+                              f"changed): the saved data position would point into other data. Set "
+                              f"checkpoint.resume_with_new_data=true to resume anyway, or {again}")
+        log.warning("data.train changed since %s; resuming at its data position in the new data "
+                    "(checkpoint.resume_with_new_data=true)", path)
+    return path
+
+
 def _on_main(info, fn):
     """fn() on rank 0 only; every rank gets its result, or raises its ConfigError (no rank is left waiting)."""
     answer = None
@@ -93,6 +127,7 @@ def _claim_output_dir(cfg: Config, info):
         nonlocal held
         run_id = rundir.claim(cfg.output_dir, cfg.overwrite_output_dir, fresh=cfg.checkpoint.resume == "never")
         held = rundir.lock(cfg.output_dir, run_id)
+        refuse_foreign_checkpoints(Path(cfg.output_dir) / "checkpoints", run_id, cfg.overwrite_output_dir)
         return run_id
 
     return _on_main(info, claim), held
@@ -141,13 +176,18 @@ def _train(cfg: Config, info, stop: StopRequest, run_id: str):
     # LoRA checkpoints also carry the adapter in PEFT format, usable without DeepSpeed
     extra_save = (lambda d: engine.export_hf(str(d / "adapter"), tokenizer)) if engine.is_peft else None
 
+    # what a resume checks against: the recipe, the number of ranks and the training data's content
+    saved_with = {"config": cfg.to_dict(), "world_size": info.world_size, "data": data_fingerprint(cfg.data.train)}
+
     def save(step: int) -> None:
-        save_checkpoint(engine, ckpt_root, step, asdict(state), cfg.checkpoint.keep_last, run_id, extra_save=extra_save)
+        save_checkpoint(engine, ckpt_root, step, {**asdict(state), **saved_with}, cfg.checkpoint.keep_last, run_id,
+                        extra_save=extra_save)
 
     state = TrainState()
-    resume = _on_main(info, lambda: resolve_resume(cfg.checkpoint.resume, ckpt_root, run_id))
+    resume = _on_main(info, lambda: _checked_resume(cfg, ckpt_root, run_id, saved_with))
     if resume is not None:
-        state = TrainState(**load_checkpoint(engine, resume))
+        saved = load_checkpoint(engine, resume)
+        state = TrainState(**{f.name: saved[f.name] for f in fields(TrainState)})
         log.info("resumed from %s at step %d (epoch %d, position %d)", resume, state.step, state.epoch,
                  state.step_in_epoch)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ftdist.algos.sft import sequence_logprobs
+from ftdist.data.loading import content_digest
 from ftdist.engine.dist import all_reduce_sum, barrier, rank_batches
 from ftdist.models.forward import causal_logits
 
@@ -84,9 +85,17 @@ class Reference:
         return FrozenEngine(lambda: load_causal_lm(ref_cfg), self.cfg, engine.info, engine.grad_accum)
 
     # -- precomputed ----------------------------------------------------------------------------
+    def _weights_digest(self) -> str:
+        """The reference weights' content (the model files, not their path): weights replaced at the same path
+        must not reuse log-probs computed from the old ones."""
+        from ftdist.models.loading import resolve_model_path
+
+        path = resolve_model_path(self.cfg.dpo.reference_model or self.cfg.model.name_or_path)
+        return content_digest(path, (".safetensors", ".bin", ".json")) if os.path.exists(path) else path
+
     def _cache_file(self, split: str, data) -> Path:
-        src = self._source()
-        key = hashlib.sha256(f"{data.key}|{src}|{self.cfg.model.dtype}|v1".encode()).hexdigest()[:16]
+        src = f"{self._source()}|{self._weights_digest()}"
+        key = hashlib.sha256(f"{data.key}|{src}|{self.cfg.model.dtype}|v2".encode()).hexdigest()[:16]
         return Path(self.task.cache_dir) / f"ref-logps-{split}-{key}.pt"
 
     def _precompute(self, engine) -> None:

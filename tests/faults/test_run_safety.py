@@ -87,21 +87,58 @@ def test_a_second_run_into_a_live_runs_directory_is_refused(tmp_path):
     assert "taking over the lock" in again.stderr and "resumed from" in again.stderr and "step-2" in again.stderr
 
 
-def test_resume_never_starts_a_new_run_that_leaves_the_old_one_alone(tmp_path):
-    out = tmp_path / "run"
+def _run_of(checkpoint: Path) -> str:
+    return json.loads((checkpoint / "manifest.json").read_text())["run_id"]
+
+
+def test_resume_never_in_a_used_directory_is_refused_or_kept_apart(tmp_path):
+    out, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
     _train(out, "train.max_steps=4", "checkpoint.keep_last=1")  # leaves step-4
-    old = json.loads((out / "checkpoints" / "step-4" / "manifest.json").read_text())["run_id"]
-    _train(out, "train.max_steps=2", "checkpoint.resume=never", "checkpoint.keep_last=1")
-    new = json.loads((out / "checkpoints" / "step-2" / "manifest.json").read_text())["run_id"]
-    assert new != old and (out / "checkpoints" / "step-4").exists()  # neither run pruned the other's
+    old = _run_of(ckpts / "step-4")
+    line = _one_line_error(_train(out, "train.max_steps=4", "checkpoint.resume=never", "checkpoint.keep_last=1",
+                                  check=False))
+    assert "holds checkpoints of another run (step-4)" in line and "overwrite_output_dir=true" in line
+    assert _run_of(ckpts / "step-4") == old
+    # with consent: a new run; the old run's step-4 is moved aside when the new one writes its own step-4
+    _train(out, "train.max_steps=4", "checkpoint.resume=never", "checkpoint.keep_last=1", "overwrite_output_dir=true")
+    new = _run_of(ckpts / "step-4")
+    aside = [p for p in ckpts.iterdir() if p.name.startswith("step-4.superseded-")]
+    assert new != old and len(aside) == 1 and _run_of(aside[0]) == old
     resumed = _train(out, "train.max_steps=4", "checkpoint.keep_last=1")
-    assert "resumed from" in resumed.stderr and "step-2 at step 2" in resumed.stderr  # the new run's, not the old
+    assert "step-4 at step 4" in resumed.stderr and _run_of(ckpts / "step-4") == new
+
+
+def test_a_changed_recipe_or_data_is_refused_on_resume(tmp_path):
+    data = tmp_path / "data.jsonl"
+    from ftdist.data.loading import resolve_data_path
+
+    data.write_text(Path(resolve_data_path("ftdist/tiny-task")).read_text())
+    out = tmp_path / "run"
+    _train(out, "train.max_steps=2", f"data.train={data}")
+    line = _one_line_error(_train(out, "train.max_steps=4", "train.lr=0.5", f"data.train={data}", check=False))
+    assert "the recipe changed since" in line and "train.lr: " in line and "train.max_steps: 2 -> 4" in line
+    # safe keys may change; the same data under another path is the same data
+    moved = tmp_path / "moved.jsonl"
+    moved.write_bytes(data.read_bytes())
+    ok = _train(out, "train.max_steps=2", f"data.train={moved}", "train.log_every=5", "checkpoint.keep_last=3")
+    assert "resumed from" in ok.stderr
+    with open(moved, "a") as f:
+        f.write(data.read_text().splitlines()[0] + "\n")
+    line = _one_line_error(_train(out, "train.max_steps=2", f"data.train={moved}", check=False))
+    assert "is not the data" in line and "checkpoint.resume_with_new_data=true" in line
+    ok = _train(out, "train.max_steps=2", f"data.train={moved}", "checkpoint.resume_with_new_data=true")
+    assert "data.train changed since" in ok.stderr
 
 
 @pytest.mark.parametrize("victim", ["engine/mp_rank_00_model_states.pt", "trainer_state.json", "rng/rank0.pt"])
 def test_a_damaged_checkpoint_is_skipped_for_the_one_before(tmp_path, victim):
+    import shutil
+
     out = tmp_path / "run"
-    _train(out, "train.max_steps=4", "checkpoint.keep_last=0")
+    _train(out, "train.max_steps=6", "checkpoint.keep_last=0")
+    # as if the run had died after its step-4 checkpoint, which then got damaged
+    shutil.rmtree(out / "checkpoints" / "step-6")
+    shutil.rmtree(out / "final")
     path = out / "checkpoints" / "step-4" / victim
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte: the size stays, the sha256 does not
@@ -126,3 +163,34 @@ def test_a_non_finite_step_stops_the_run_before_anything_of_it_is_saved(tmp_path
     saved = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*"))
     assert saved == list(range(1, step))  # every step before the bad one, not the bad one
     assert not (out / "final").exists()
+
+
+class _RunsCode:
+    """What a crafted checkpoint file would carry: unpickling it calls os.system."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_file_that_would_run_code_is_refused(tmp_path):
+    import hashlib
+
+    import torch
+
+    out = tmp_path / "run"
+    _train(out, "train.max_steps=2")
+    step = out / "checkpoints" / "step-2"  # resuming it runs no step, but loads every file
+    marker = tmp_path / "pwned"
+    victim = "engine/mp_rank_00_model_states.pt"
+    torch.save({"module": _RunsCode(str(marker))}, step / victim)
+    # whoever can write the file can write the manifest too: its sha256 is made to match
+    manifest = json.loads((step / "manifest.json").read_text())
+    data = (step / victim).read_bytes()
+    manifest["files"][victim] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (step / "manifest.json").write_text(json.dumps(manifest))
+    line = _one_line_error(_train(out, "train.max_steps=2", check=False))
+    assert victim in line and "refused to load" in line and "never runs code" in line
+    assert not marker.exists()
