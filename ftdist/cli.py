@@ -11,6 +11,8 @@ import argparse
 import os
 import sys
 
+from ftdist.run.lifecycle import RunFailure
+
 TRAIN_EPILOG = """\
 RECIPE is a built-in recipe name ({recipes}) or a YAML file.
 Overrides use dotted keys, e.g. train.lr=1e-4 deepspeed.zero_stage=3 model.lora.r=8.
@@ -63,6 +65,9 @@ def cmd_train(args) -> int:
         code = 3 if "stopped_at" in result else 0
     except errors as e:
         return _fail(str(e))
+    except RunFailure as e:  # the run failed (not the input): one line, the details in output_dir/error.log
+        _fail(str(e))
+        return 1
     except RuntimeError as e:
         if cfg is not None:
             _exit_on_collective_failure(e, cfg.dist.timeout_s)

@@ -218,6 +218,9 @@ class PPOConfig:
         "none", "Groups that share devices (fractional GPU bundles of one placement group): none, policy+reference, "
         "critic+reward, reference+reward, or all groups; shared groups need equal ranks.")
     cpus_per_actor: float = _f(1.0, "CPUs in each actor's bundle; fractions let several actors share a core.")
+    call_timeout_s: float = _f(
+        3600.0, "Longest any actor call may take (a rollout, a scoring pass, an update, a checkpoint) before the run "
+        "stops with an error naming the group and rank; 0 = no limit.")
     device: Literal["auto", "gpu", "cpu"] = _f("auto", "Actor bundles: a GPU each (auto: when the Ray cluster has GPUs) "
                                                "or CPU only.")
     eval_every: int = _f(

@@ -163,6 +163,8 @@ def _validate_ppo(cfg: Config) -> None:
     for k, v in positive.items():
         if v <= 0:
             raise ConfigError(f"{k}: got {v}, must be > 0")
+    if p.call_timeout_s < 0:
+        raise ConfigError(f"ppo.call_timeout_s: got {p.call_timeout_s}, must be >= 0 (0 = no limit)")
     if not 0 < p.top_p <= 1:
         raise ConfigError(f"ppo.top_p: got {p.top_p}, allowed: 0 < x <= 1")
     if p.kl_coef < 0 or p.entropy_coef < 0 or p.value_clip_eps < 0:

@@ -75,6 +75,35 @@ def data_fingerprint(spec: str) -> str:
     return content_digest(path) if os.path.exists(path) else f"missing:{path}"
 
 
+def _check_text(path: str, kind: str) -> None:
+    """A JSON/JSONL/CSV file must be UTF-8 text with at least one row; say where it is not (line and column)."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line, rows, pending = 1, 0, ""
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            if b"\0" in chunk:
+                at = line + chunk[:chunk.index(b"\0")].count(b"\n")
+                raise DataError(f"{path}: line {at}: binary content (a NUL byte): not a {kind.upper()} text file")
+            try:
+                text = decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                before = chunk[:e.start]
+                newline = before.rfind(b"\n")
+                col = e.start - newline if newline >= 0 else len(pending.encode()) + e.start + 1
+                at = line + before.count(b"\n")
+                raise DataError(f"{path}: line {at}, column {col}: not UTF-8 text (byte 0x{chunk[e.start]:02x}); "
+                                f"save the file as UTF-8") from None
+            lines = (pending + text).split("\n")
+            pending = lines.pop()
+            line += len(lines)
+            rows += sum(1 for ln in lines if ln.strip())
+    rows += bool(pending.strip())
+    if rows == 0 or (kind == "csv" and rows == 1):
+        raise DataError(f"{path}: no rows" + (" (only a header line)" if kind == "csv" and rows == 1 else ""))
+
+
 def load_rows(spec: str):
     """A `datasets.Dataset` from a JSON/JSONL/CSV/Parquet file or a saved datasets directory."""
     import datasets
@@ -94,6 +123,10 @@ def load_rows(spec: str):
         kind = _EXTENSIONS.get(Path(path).suffix.lower())
         if kind is None:
             raise DataError(f"{path}: unknown data file type (use {', '.join(sorted(_EXTENSIONS))} or a datasets directory)")
+        if os.path.getsize(path) == 0:
+            raise DataError(f"{path}: the file is empty (0 bytes)")
+        if kind in ("json", "csv"):
+            _check_text(path, kind)
         # keep_in_memory and no cache: files are small next to their tokenised form, which we cache ourselves
         return datasets.load_dataset(kind, data_files=path, split="train", keep_in_memory=True)
     except DataError:

@@ -31,8 +31,23 @@ def _check_source(path: str, what: str) -> None:
     if os.path.isdir(path):
         if not os.path.exists(os.path.join(path, "config.json")) and what == "model":
             raise ModelError(f"model.name_or_path: {path} has no config.json (not a Hugging Face model directory)")
-    elif os.path.sep in path and not path.count("/") == 1:
-        raise ModelError(f"model.name_or_path: {path} does not exist")
+        return
+    # a hub id is ORG/NAME; anything else, or ORG/NAME whose ORG is a local directory, was meant as a local path
+    local = (path.startswith((".", "/", "~")) or path.count("/") != 1 or os.path.isdir(path.split("/")[0]))
+    if local:
+        raise ModelError(f"model.name_or_path: {path} does not exist (a local path; hub ids look like org/name)")
+    if os.environ.get("HF_HUB_OFFLINE") == "1" and not _in_hub_cache(path):
+        raise ModelError(f"model.name_or_path: {path} is neither a local directory nor in the Hugging Face cache, "
+                         f"and HF_HUB_OFFLINE=1 forbids downloading it")
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        return any(r.repo_id == repo_id for r in scan_cache_dir().repos)
+    except Exception:  # no cache directory yet
+        return False
 
 
 def load_tokenizer(model_cfg):
@@ -92,8 +107,10 @@ def load_causal_lm(model_cfg, dtype: torch.dtype | None = None, auto_class=None,
             trust_remote_code=model_cfg.trust_remote_code,
             **kwargs,
         )
-    except (OSError, ValueError) as e:
-        raise ModelError(f"model.name_or_path={model_cfg.name_or_path!r}: cannot load the model: {e}") from None
+    except Exception as e:  # OSError, ValueError, safetensors' SafetensorError for a damaged file, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ModelError(f"model.name_or_path={model_cfg.name_or_path!r}: cannot load the model: "
+                         f"{type(e).__name__}: {first}") from None
     if "quantization_config" in kwargs:
         keep_trainable_layout(model)
     if model_cfg.gradient_checkpointing:

@@ -27,9 +27,9 @@ from ftdist.rl import ray_shells as rs
 from ftdist.rl.advantages import compute_advantages
 from ftdist.rl.experience import Experience, merge_rollouts
 from ftdist.rl.prompts import PromptSampler, PromptSet
+from ftdist.run.lifecycle import RunFailure, StopRequest
 from ftdist.run.metrics import MetricsWriter, Progress
 from ftdist.run.seeding import derive_seed
-from ftdist.run.lifecycle import StopRequest
 
 log = logging.getLogger("ftdist")
 
@@ -47,6 +47,9 @@ class PPODriver:
         self.out = Path(cfg.output_dir)
         self.ckpt_root = self.out / "checkpoints"
 
+    def _get(self, *calls) -> list:
+        return rs.get(*calls, timeout_s=self.p.call_timeout_s)
+
     # ---------------------------------------------------------------------------------- phases
     def generate(self, batch: PromptSet, iteration: int) -> Experience:
         g = self.p.samples_per_prompt
@@ -56,7 +59,7 @@ class PPODriver:
         per_rank = len(texts) // policy.size
         shards = [texts[i * per_rank:(i + 1) * per_rank] for i in range(policy.size)]
         seeds = [derive_seed(self.cfg.seed, iteration, rank) for rank in range(policy.size)]
-        rollouts = rs.get(policy.starmap("generate", list(zip(shards, seeds))))
+        rollouts = self._get(policy.starmap("generate", list(zip(shards, seeds))))
         return Experience.from_rollout(merge_rollouts(rollouts, self.pad), extras)
 
     def score(self, exp: Experience) -> Experience:
@@ -81,8 +84,8 @@ class PPODriver:
         # a reward function reads the texts; a reward model only the tokens
         scored = rs.put_shards(exp, reward.size) if self.p.reward_fn else shards("reward")
         pending["scores"] = reward.map("score", scored)
-        for name, refs in pending.items():
-            setattr(exp, name, torch.cat(rs.get(refs)))
+        for name, calls in pending.items():
+            setattr(exp, name, torch.cat(self._get(calls)))
         return exp
 
     def update(self, exp: Experience, iteration: int, kl_coef: float) -> dict[str, float]:
@@ -93,9 +96,9 @@ class PPODriver:
         if "critic" in self.groups:
             critic = self.groups["critic"]
             pending["critic"] = critic.map("train", rs.put_shards(tensors, critic.size), iteration)
-        out = rs.get(pending["policy"])[0]  # every rank returns the group's all-reduced statistics
+        out = self._get(pending["policy"])[0]  # every rank returns the group's all-reduced statistics
         if "critic" in pending:
-            critic_stats = rs.get(pending["critic"])[0]
+            critic_stats = self._get(pending["critic"])[0]
             out.update({f"critic/{k}" if k in ("lr", "grad_norm") else k: v for k, v in critic_stats.items()})
         return out
 
@@ -104,10 +107,18 @@ class PPODriver:
         """One iteration, phase by phase; returns its metrics record."""
         p, it = self.p, self.iteration
         t0 = time.time()
-        batch = self.sampler.next_batch(p.rollout_batch_size)  # 1. draw
-        exp = self.generate(batch, it)  # 2. generate
-        t1 = time.time()
-        exp = self.score(exp)  # 3. score
+        drawn_from = (self.sampler.epoch, self.sampler.position)
+        try:
+            batch = self.sampler.next_batch(p.rollout_batch_size)  # 1. draw
+            exp = self.generate(batch, it)  # 2. generate
+            t1 = time.time()
+            exp = self.score(exp)  # 3. score
+        except RunFailure:
+            # nothing of this iteration has changed the policy or the critic yet: leave a checkpoint of the
+            # last complete iteration to resume from, if the trained groups can still write theirs
+            self.sampler.epoch, self.sampler.position = drawn_from
+            self._save_what_is_left()
+            raise
         t2 = time.time()
         kl_coef = self.kl_ctl.value
         exp, stats = compute_advantages(exp, p, kl_coef)  # 4. advantages
@@ -160,11 +171,11 @@ class PPODriver:
         index = [i % n for i in range(-(-n // unit) * unit)]
         texts = [prompts.texts[i] for i in index]
         per_rank = len(texts) // policy.size
-        rollouts = rs.get(policy.starmap("generate", [(texts[r * per_rank:(r + 1) * per_rank], None)
+        rollouts = self._get(policy.starmap("generate", [(texts[r * per_rank:(r + 1) * per_rank], None)
                                                       for r in range(policy.size)]))
         exp = Experience.from_rollout(merge_rollouts(rollouts, self.pad),
                                       {k: [v[i] for i in index] for k, v in prompts.extras.items()})
-        scores = torch.cat(rs.get(reward.map("score", rs.put_shards(exp if self.p.reward_fn else exp.without_text(),
+        scores = torch.cat(self._get(reward.map("score", rs.put_shards(exp if self.p.reward_fn else exp.without_text(),
                                                                      reward.size))))[:n]
         out = {"eval/reward_mean": float(scores.mean()),
                "eval/response_len": float(exp.response_lengths()[:n].float().mean())}
@@ -186,11 +197,18 @@ class PPODriver:
         return {"iteration": self.iteration, "samples": self.samples, "elapsed_s": self.elapsed,
                 "kl_coef": self.kl_ctl.value, "prompts": self.sampler.state()}
 
+    def _save_what_is_left(self) -> None:
+        try:
+            path = self.save_checkpoint()
+            log.warning("saved %s (the last complete iteration) before stopping", path)
+        except RunFailure as e:
+            log.warning("no checkpoint could be saved after the failure: %s", e)
+
     def save_checkpoint(self) -> Path:
         """checkpoints/step-N/{policy,critic}/ (each group's engine state) + trainer_state.json, atomically."""
         tmp = begin_checkpoint(self.ckpt_root, self.iteration, self.run_id)
         trained = [r for r in ("policy", "critic") if r in self.groups]
-        rs.get([ref for r in trained for ref in self.groups[r].run("save", str(tmp / r))])
+        self._get(*[self.groups[r].run("save", str(tmp / r)) for r in trained])
         return commit_checkpoint(tmp, self.ckpt_root, self.iteration, self.state(), self.cfg.checkpoint.keep_last,
                                  self.run_id)
 
@@ -199,7 +217,7 @@ class PPODriver:
         missing = [r for r in trained if not (path / r).is_dir()]
         if missing:
             raise RuntimeError(f"{path} has no {missing[0]}/ state (was it written with another ppo.algorithm?)")
-        rs.get([ref for r in trained for ref in self.groups[r].run("load", str(path / r))])
+        self._get(*[self.groups[r].run("load", str(path / r)) for r in trained])
         state = read_trainer_state(path)
         self.iteration, self.samples, self.elapsed = state["iteration"], state["samples"], state["elapsed_s"]
         self.kl_ctl.value = state["kl_coef"]
@@ -210,6 +228,6 @@ class PPODriver:
         final = Path(out_dir)
         tmp = final.with_name(f".tmp-{final.name}")
         shutil.rmtree(tmp, ignore_errors=True)
-        rs.get(self.groups["policy"].run("export", str(tmp)))
+        self._get(self.groups["policy"].run("export", str(tmp)))
         publish_dir(tmp, final)
         log.info("policy in %s", final)

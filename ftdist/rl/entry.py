@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from ftdist.config import Config, ConfigError, dump_config
+from ftdist.run.lifecycle import RunFailure
 
 log = logging.getLogger("ftdist")
 
@@ -87,7 +88,8 @@ def _train(cfg: Config, run_id: str) -> dict:
         if resume is not None:
             driver.load_checkpoint(resume)
             log.info("resumed from %s at iteration %d", resume, driver.iteration)
-        writer = MetricsWriter(str(out), True, cfg.logging, cfg.to_dict())
+        writer = MetricsWriter(str(out), True, cfg.logging, cfg.to_dict(),
+                               resumed_at=driver.iteration if resume is not None else None)
         result = driver.run(writer)
         if "stopped_at" in result:
             log.warning("stop requested by signal: checkpoint saved at iteration %d; exiting for requeue",
@@ -97,14 +99,10 @@ def _train(cfg: Config, run_id: str) -> dict:
         log.info("done: %d iterations, %d samples in %.1fs; policy in %s", driver.iteration, driver.samples,
                  driver.elapsed, out / "final")
         return result
-    except Exception as e:
-        from ftdist.data.loading import DataError
-        from ftdist.engine.engine import UnsafeCheckpointError
-        from ftdist.models.loading import ModelError
-
-        cause = rs.unwrap_error(e)
-        if isinstance(cause, (ConfigError, DataError, ModelError, UnsafeCheckpointError)):
-            raise cause from None  # a problem the user can fix, found inside an actor: no Ray traceback
+    except RunFailure as e:
+        if e.details:
+            (out / "error.log").write_text(e.details)
+            raise RunFailure(f"{e} (the actor's traceback: {out / 'error.log'})") from None
         raise
     finally:
         if writer is not None:

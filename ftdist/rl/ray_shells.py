@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -24,6 +25,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ftdist.config import colocated_sets, ppo_groups
+from ftdist.run.lifecycle import RunFailure
 
 log = logging.getLogger("ftdist")
 
@@ -94,27 +96,65 @@ class ActorGroup:
                        for i, a in enumerate(self.actors)]
         return self._ready
 
-    def run(self, method: str, *args, **kwargs) -> list:
-        """The same call on every member; returns refs in rank order."""
-        return [a.call.remote(method, *args, **kwargs) for a in self.actors]
+    def run(self, method: str, *args, **kwargs) -> "Calls":
+        """The same call on every member."""
+        return Calls(self.role, method, [a.call.remote(method, *args, **kwargs) for a in self.actors])
 
-    def map(self, method: str, shards: list, *args, **kwargs) -> list:
-        """Member i gets shards[i] as first argument; returns refs in rank order."""
+    def map(self, method: str, shards: list, *args, **kwargs) -> "Calls":
+        """Member i gets shards[i] as first argument."""
         assert len(shards) == self.size, (self.role, len(shards), self.size)
-        return [a.call.remote(method, shard, *args, **kwargs) for a, shard in zip(self.actors, shards)]
+        return Calls(self.role, method, [a.call.remote(method, shard, *args, **kwargs)
+                                         for a, shard in zip(self.actors, shards)])
 
-    def starmap(self, method: str, args: list[tuple]) -> list:
-        """Member i is called with *args[i]; returns refs in rank order."""
+    def starmap(self, method: str, args: list[tuple]) -> "Calls":
+        """Member i is called with *args[i]."""
         assert len(args) == self.size, (self.role, len(args), self.size)
-        return [a.call.remote(method, *a_args) for a, a_args in zip(self.actors, args)]
+        return Calls(self.role, method, [a.call.remote(method, *a_args) for a, a_args in zip(self.actors, args)])
 
     def kill(self) -> None:
         for a in self.actors:
             ray.kill(a)
 
 
-def get(refs):
-    return ray.get(refs)
+@dataclass
+class Calls:
+    """One call on every member of a group: its object refs in rank order."""
+
+    role: str
+    method: str
+    refs: list
+
+
+def get(*calls: Calls, timeout_s: float = 0.0) -> list:
+    """The results of one or more groups' calls, in order, waiting at most timeout_s (0 = no limit) in all.
+
+    A failure is one line naming the group, the rank, the call and the cause (the actor's traceback is kept
+    in the error's details); a problem the user can fix (ConfigError, DataError, ...) is re-raised as itself.
+    """
+    deadline = time.monotonic() + timeout_s if timeout_s else None
+    out = []
+    for c in calls:
+        for rank, ref in enumerate(c.refs):
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            where = f"{c.role} rank {rank}: {c.method}"
+            try:
+                out.append(ray.get(ref, timeout=left))
+            except ray.exceptions.GetTimeoutError:
+                raise RunFailure(f"{where} gave no answer within ppo.call_timeout_s={timeout_s:g}s (a reward function "
+                                 f"that never returns, or a stuck collective?)") from None
+            except ray.exceptions.RayTaskError as e:
+                cause = unwrap_error(e)
+                if cause is not None and type(cause).__name__ in USER_ERRORS:
+                    raise cause from None
+                first = (str(cause) if cause is not None else str(e)).strip().splitlines() or [""]
+                raise RunFailure(f"{where} failed: {type(cause or e).__name__}: {first[0]}", str(e)) from None
+            except ray.exceptions.RayActorError as e:
+                first = str(e).strip().splitlines() or [""]
+                raise RunFailure(f"{where}: the actor died ({first[0]})", str(e)) from None
+    return out
+
+
+USER_ERRORS = ("ConfigError", "DataError", "ModelError", "UnsafeCheckpointError")
 
 
 def put_shards(exp, n: int) -> list:
@@ -201,7 +241,7 @@ def started_groups(cfg) -> tuple[dict[str, ActorGroup], list]:
     groups = {role: ActorGroup(role, n, placements[role]) for role, n in ranks.items()}
     log.info("actor groups: %s on %s", ", ".join(f"{r} x{n}" for r, n in ranks.items()), "GPUs" if gpu else "CPUs")
     try:
-        ray.get([ref for g in groups.values() for ref in g.start(cfg)])
+        get(*[Calls(g.role, "start", g.start(cfg)) for g in groups.values()], timeout_s=cfg.ppo.call_timeout_s)
     except Exception:
         shutdown(list(groups.values()), pgs, started=False)
         raise

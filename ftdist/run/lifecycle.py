@@ -9,19 +9,33 @@ import sys
 
 
 class StopRequest:
-    """SIGUSR1/SIGTERM (SIGUSR1 ahead of Slurm's time limit, SIGTERM on scancel/requeue): finish the step,
-    checkpoint, exit. Install it first, before any slow start-up."""
+    """SIGUSR1/SIGTERM/SIGINT (SIGUSR1 ahead of Slurm's time limit, SIGTERM on scancel/requeue, Ctrl-C): finish
+    the step, checkpoint, exit with 3. A second Ctrl-C stops at once. Install it first, before any slow start-up."""
 
     def __init__(self):
         self.requested = False
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             try:
                 signal.signal(sig, self._handler)
             except ValueError:  # not the main thread (e.g. inside some Ray workers)
                 pass
 
     def _handler(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # asked twice: no checkpoint
+        if not self.requested and signum == signal.SIGINT:
+            print("ftdist: Ctrl-C: finishing this step and saving a checkpoint (Ctrl-C again to stop at once)",
+                  file=sys.stderr, flush=True)
         self.requested = True
+
+
+class RunFailure(RuntimeError):
+    """A failure of the run itself (not of the user's input), reported as one line; `details` (a full traceback)
+    goes to output_dir/error.log."""
+
+    def __init__(self, message: str, details: str = ""):
+        super().__init__(message)
+        self.details = details
 
 
 def end_process(code: int) -> None:

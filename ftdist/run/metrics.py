@@ -11,15 +11,22 @@ from typing import Optional
 
 
 class MetricsWriter:
-    """Rank 0 writes; other ranks hold a writer that does nothing, so call sites need no rank checks."""
+    """Rank 0 writes; other ranks hold a writer that does nothing, so call sites need no rank checks.
 
-    def __init__(self, output_dir: str, enabled: bool, logging_cfg=None, config_dict: Optional[dict] = None):
+    resumed_at: the step a resumed run continues from; records of later steps (logged by the run before it
+    died, after its last checkpoint) are dropped, so every step appears once.
+    """
+
+    def __init__(self, output_dir: str, enabled: bool, logging_cfg=None, config_dict: Optional[dict] = None,
+                 resumed_at: Optional[int] = None):
         self.enabled = enabled
         self.tb = self.wandb = None
         if not enabled:
             return
         self.path = Path(output_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resumed_at is not None and self.path.exists():
+            self._drop_after(resumed_at)
         if logging_cfg is not None and logging_cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -34,6 +41,18 @@ class MetricsWriter:
 
             self.wandb = wandb.init(project=logging_cfg.wandb_project, config=config_dict, dir=output_dir,
                                     resume="allow", name=os.path.basename(os.path.abspath(output_dir)))
+
+    def _drop_after(self, step: int) -> None:
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except ValueError:
+                continue  # a line cut off when the run died
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
 
     def log(self, record: dict) -> None:
         if not self.enabled:

@@ -191,7 +191,8 @@ def _train(cfg: Config, info, stop: StopRequest, run_id: str):
         log.info("resumed from %s at step %d (epoch %d, position %d)", resume, state.step, state.epoch,
                  state.step_in_epoch)
 
-    writer = MetricsWriter(str(out), info.is_main, cfg.logging, cfg.to_dict())
+    writer = MetricsWriter(str(out), info.is_main, cfg.logging, cfg.to_dict(),
+                           resumed_at=state.step if resume is not None else None)
     if state.step == 0:
         ev = evaluate(engine, task, cfg)
         if ev:

@@ -149,7 +149,8 @@ def test_a_damaged_checkpoint_is_skipped_for_the_one_before(tmp_path, victim):
     resumed = _train(out, "train.max_steps=6")
     assert f"skipping damaged checkpoint {out / 'checkpoints' / 'step-4'}: {victim}" in resumed.stderr
     assert "step-2 at step 2" in resumed.stderr
-    assert [r["step"] for r in read_metrics(out) if "loss" in r][-4:] == [3, 4, 5, 6]
+    # the first run's records after step 2 are dropped on resume: every step is logged once
+    assert [r["step"] for r in read_metrics(out) if "loss" in r] == [1, 2, 3, 4, 5, 6]
 
 
 def test_a_non_finite_step_stops_the_run_before_anything_of_it_is_saved(tmp_path):
@@ -194,3 +195,27 @@ def test_a_checkpoint_file_that_would_run_code_is_refused(tmp_path):
     line = _one_line_error(_train(out, "train.max_steps=2", check=False))
     assert victim in line and "refused to load" in line and "never runs code" in line
     assert not marker.exists()
+
+
+def test_ctrl_c_finishes_the_step_saves_and_exits_3(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(ftdist_cmd(1, "sft_tiny", [f"output_dir={out}", *BASE, "train.max_steps=2000",
+                                                        "checkpoint.every_steps=0"]),
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not (out / "metrics.jsonl").exists() or len([r for r in read_metrics(out) if "loss" in r]) < 2:
+            assert proc.poll() is None and time.time() < deadline, "training did not start"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 3, err[-4000:]
+    assert "Ctrl-C: finishing this step" in err and "Traceback" not in err
+    step = int(err.split("checkpoint saved at step ")[1].split(";")[0])
+    assert (out / "checkpoints" / f"step-{step}" / "manifest.json").exists()
+    assert [r["step"] for r in read_metrics(out) if "loss" in r][-1] == step
