@@ -97,6 +97,10 @@ class TrainConfig:
     adam_beta2: float = _f(0.999, "Adam beta2.")
     adam_eps: float = _f(1e-8, "Adam epsilon.")
     label_smoothing: float = _f(0.0, "Label smoothing of the token cross-entropy.")
+    on_nonfinite: Literal["stop", "skip"] = _f(
+        "stop", "A step with a NaN/inf loss or gradient norm: stop (one line naming the step; nothing of it is "
+        "saved) or skip its update and go on.")
+    max_nonfinite_steps: int = _f(10, "With train.on_nonfinite=skip: stop after this many non-finite steps in a row.")
     neftune_alpha: float = _f(0.0, "NEFTune noise scale on input embeddings during training; 0 disables.")
     log_every: int = _f(1, "Log metrics every N optimizer steps.")
     eval_every: int = _f(0, "Evaluate every N optimizer steps; 0 = only before and after training.")

@@ -63,7 +63,8 @@ def validate(cfg: Config) -> None:
     """Combinations that cannot work are rejected before anything loads."""
     t, ds, m = cfg.train, cfg.deepspeed, cfg.model
     positive = {"train.micro_batch_size": t.micro_batch_size, "train.global_batch_size": t.global_batch_size,
-                "data.max_length": cfg.data.max_length, "train.log_every": t.log_every}
+                "data.max_length": cfg.data.max_length, "train.log_every": t.log_every,
+                "train.max_nonfinite_steps": t.max_nonfinite_steps}
     for k, v in positive.items():
         if v <= 0:
             raise ConfigError(f"{k}: got {v}, must be > 0")

@@ -12,6 +12,7 @@ import copy
 import functools
 import json
 import logging
+import math
 import os
 from typing import Optional
 
@@ -219,6 +220,11 @@ class Engine:
             norm = (torch.nn.utils.clip_grad_norm_(params, max_norm) if max_norm > 0
                     else torch.nn.utils.get_total_norm([p.grad for p in params]))
             self._grad_norm = float(norm)
+            if not math.isfinite(self._grad_norm):
+                # no update from non-finite gradients, as DeepSpeed's other paths do: the optimizer skips
+                # parameters without a gradient (its state too)
+                for p in params:
+                    p.grad = None
         self.engine.step()
 
     @property

@@ -41,6 +41,7 @@ class TrainState:
     step_in_epoch: int = 0  # data position inside the epoch
     tokens: int = 0  # real (non-pad) tokens seen
     elapsed_s: float = 0.0
+    skipped_steps: int = 0  # steps whose update was skipped for non-finite numbers (train.on_nonfinite=skip)
 
 
 def _grad_accum(cfg: Config, world_size: int) -> int:
@@ -187,7 +188,7 @@ def _train(cfg: Config, info, stop: StopRequest, run_id: str):
     resume = _on_main(info, lambda: _checked_resume(cfg, ckpt_root, run_id, saved_with))
     if resume is not None:
         saved = load_checkpoint(engine, resume)
-        state = TrainState(**{f.name: saved[f.name] for f in fields(TrainState)})
+        state = TrainState(**{f.name: saved[f.name] for f in fields(TrainState) if f.name in saved})
         log.info("resumed from %s at step %d (epoch %d, position %d)", resume, state.step, state.epoch,
                  state.step_in_epoch)
 
@@ -205,6 +206,7 @@ def _train(cfg: Config, info, stop: StopRequest, run_id: str):
     last_saved = -1
     tok_window, t_window = 0, time.time()
     tokens0 = state.tokens
+    nonfinite_in_a_row = 0
     engine.train()
     while state.step < total_steps:
         plan = epoch_plan(state.epoch)
@@ -215,12 +217,18 @@ def _train(cfg: Config, info, stop: StopRequest, run_id: str):
             result = optimizer_step(engine, micro, [task.units(b) for b in micro], lambda b: task.loss(engine, b),
                                     counters={"real": real, "padded": padded})
             real, padded = result.counters["real"], result.counters["padded"]
+            # every rank sees the same all-reduced values, so every rank decides the same here
             bad = result.nonfinite(fp16=cfg.model.dtype == "fp16")
-            if bad is not None:  # every rank sees the same all-reduced values, so every rank stops here
+            nonfinite_in_a_row = nonfinite_in_a_row + 1 if bad else 0
+            if bad and (cfg.train.on_nonfinite == "stop" or nonfinite_in_a_row >= cfg.train.max_nonfinite_steps):
+                times = "" if cfg.train.on_nonfinite == "stop" else f" ({nonfinite_in_a_row} steps in a row)"
                 raise NonFiniteError(
-                    f"step {state.step + 1}: {bad}: training stopped before saving anything of this step "
+                    f"step {state.step + 1}: {bad}{times}: training stopped before saving anything of this step "
                     f"(newest checkpoint: {find_latest(ckpt_root, run_id, warn=False) or 'none'}); lower train.lr, "
                     f"set train.max_grad_norm, or check the data of this step")
+            if bad:
+                state.skipped_steps += 1
+                log.warning("step %d: %s: update skipped (train.on_nonfinite=skip)", state.step + 1, bad)
             state.step += 1
             state.step_in_epoch += 1
             state.tokens += int(real)
@@ -232,7 +240,8 @@ def _train(cfg: Config, info, stop: StopRequest, run_id: str):
                 record = {"step": state.step, "epoch": round(state.epoch + state.step_in_epoch / len(plan), 4),
                           **metrics, "lr": lr, "grad_norm": result.grad_norm, "tokens": state.tokens,
                           "tokens_per_s": tok_window / max(now - t_window, 1e-9),
-                          "padding_fraction": 1 - real / max(padded, 1), "elapsed_s": round(state.elapsed_s, 3)}
+                          "padding_fraction": 1 - real / max(padded, 1), "elapsed_s": round(state.elapsed_s, 3),
+                          "skipped_steps": state.skipped_steps}
                 writer.log(record)
                 tok_window, t_window = 0, now
             progress.update(1, loss=metrics.get("loss", float("nan")),

@@ -219,3 +219,28 @@ def test_ctrl_c_finishes_the_step_saves_and_exits_3(tmp_path):
     step = int(err.split("checkpoint saved at step ")[1].split(";")[0])
     assert (out / "checkpoints" / f"step-{step}" / "manifest.json").exists()
     assert [r["step"] for r in read_metrics(out) if "loss" in r][-1] == step
+
+
+@pytest.mark.parametrize("zero", [0, 2])  # ZeRO-0 fp32 skips in the Engine, ZeRO-2 in DeepSpeed's optimizer
+def test_skip_mode_skips_non_finite_updates_and_stops_after_n_in_a_row(tmp_path, zero):
+    out = tmp_path / "run"
+    proc = _train(out, "train.max_steps=20", "checkpoint.every_steps=1", "checkpoint.keep_last=0", "train.lr=1e3",
+                  "train.warmup_ratio=0", "train.max_grad_norm=0", "train.on_nonfinite=skip",
+                  "train.max_nonfinite_steps=3", f"deepspeed.zero_stage={zero}", check=False)
+    line = _one_line_error(proc)
+    assert "(3 steps in a row)" in line
+    assert proc.stderr.count("update skipped (train.on_nonfinite=skip)") == 2  # the first two; the third stops
+    records = [r for r in read_metrics(out) if "loss" in r]
+    assert [r["skipped_steps"] for r in records[-2:]] == [1, 2]
+    # a skipped step changes no weight: the checkpoints before and after the two skipped steps hold the same model
+    import torch
+
+    from ftdist.engine.engine import safe_checkpoint_load
+
+    def weights(step):
+        return safe_checkpoint_load(str(out / "checkpoints" / f"step-{step}" / "engine" / "mp_rank_00_model_states.pt"),
+                                    "cpu")["module"]
+
+    last = records[-1]["step"]
+    before, after = weights(last - 2), weights(last)
+    assert all(torch.equal(before[k], after[k]) for k in before)
