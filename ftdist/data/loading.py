@@ -46,7 +46,7 @@ def content_digest(path: str, suffixes: tuple[str, ...] = ()) -> str:
             continue
         st = f.stat()
         name = str(f.relative_to(p)) if p.is_dir() else ""  # a single file is its bytes, wherever it lies
-        h.update(f"{name}\0{_file_sha256(str(f), st.st_size, st.st_mtime_ns)}\0".encode())
+        h.update(f"{name}\0{_file_sha256(str(f), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)}\0".encode())
     return h.hexdigest()
 
 
@@ -55,8 +55,9 @@ SAMPLES, CHUNK = 256, 1 << 20
 
 
 @functools.lru_cache(maxsize=256)
-def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    """Hashed once per process for a given (size, mtime): the tokenised cache and the resume check both ask.
+def _file_sha256(path: str, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> str:
+    """Hashed once per process per version of the file (the tokenised cache and the resume check both ask): any
+    write changes its ctime, which no tool sets back, so a file rewritten with its old size and mtime is read again.
     A file above FULL_HASH_BYTES is read in SAMPLES chunks of CHUNK bytes spread evenly, first and last
     included (256 MiB of it), with its size: an edit elsewhere that keeps the size goes unseen."""
     with open(path, "rb") as f:
@@ -127,8 +128,13 @@ def load_rows(spec: str):
             raise DataError(f"{path}: the file is empty (0 bytes)")
         if kind in ("json", "csv"):
             _check_text(path, kind)
-        # keep_in_memory and no cache: files are small next to their tokenised form, which we cache ourselves
-        return datasets.load_dataset(kind, data_files=path, split="train", keep_in_memory=True)
+        # in memory, built in a throw-away cache: datasets' own cache is keyed on the file's path and time, so a
+        # file rewritten in place could come back stale; files are small next to their tokenised form (cached
+        # by ftdist under a content hash)
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="ftdist-rows-") as scratch:
+            return datasets.load_dataset(kind, data_files=path, split="train", keep_in_memory=True, cache_dir=scratch)
     except DataError:
         raise
     except Exception as e:  # datasets raises many types for a malformed file

@@ -244,3 +244,12 @@ def test_skip_mode_skips_non_finite_updates_and_stops_after_n_in_a_row(tmp_path,
     last = records[-1]["step"]
     before, after = weights(last - 2), weights(last)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_another_number_of_ranks_is_refused_on_resume(tmp_path):
+    out = tmp_path / "run"
+    _train(out, "train.max_steps=2")
+    proc = run_ftdist(2, "sft_tiny", [f"output_dir={out}", *BASE, "train.max_steps=2"], timeout=300, check=False)
+    # one line from each rank, no traceback from them (torchrun adds its own report of the failed ranks)
+    assert proc.returncode != 0 and "[rank0]: Traceback" not in proc.stderr, proc.stderr[-4000:]
+    assert "was saved by 1 ranks and this run has 2" in proc.stderr and "resume with 1 ranks" in proc.stderr
