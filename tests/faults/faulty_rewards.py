@@ -1,4 +1,4 @@
-"""Reward functions that fail on purpose, for tests/ray/test_ppo_faults.py (they run inside the reward actor)."""
+"""Reward functions that fail on purpose, for tests/faults/test_ppo_faults.py (they run inside the reward actor)."""
 
 import time
 

@@ -8,7 +8,7 @@ import pytest
 
 from tests.helpers import ROOT, run_ftdist
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.faults, pytest.mark.ray]
 
 ENV = {"RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0", "PYTHONPATH": str(ROOT)}
 COMMON = ["data.eval=null", "train.progress_bar=false", "logging.tensorboard=false", "ppo.rollout_batch_size=4",
@@ -24,8 +24,8 @@ COMMON = ["data.eval=null", "train.progress_bar=false", "logging.tensorboard=fal
 ])
 def test_a_failing_reward_function_stops_with_one_line_and_a_checkpoint(tmp_path, fn, words):
     out = tmp_path / "run"
-    proc = run_ftdist(1, "grpo_tiny", [f"output_dir={out}", *COMMON, f"ppo.reward_fn=tests.ray.faulty_rewards:{fn}",
-                                       "ppo.call_timeout_s=20"], timeout=600, env=ENV, check=False)
+    overrides = [f"output_dir={out}", *COMMON, f"ppo.reward_fn=tests.faults.faulty_rewards:{fn}", "ppo.call_timeout_s=20"]
+    proc = run_ftdist(1, "grpo_tiny", overrides, timeout=600, env=ENV, check=False)
     assert proc.returncode == 1, proc.stderr[-6000:]
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("ftdist: error")]
     assert len(lines) == 1, proc.stderr[-6000:]
