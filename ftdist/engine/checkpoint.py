@@ -14,6 +14,7 @@ The API, used by the training loop and by the PPO driver and workers alike:
   save_engine_state   every rank of an engine's group: its engine shards and RNG state into a directory
   commit_checkpoint   one process, after every writer finished: trainer state, manifest, rename, keep_last
   resolve_resume      checkpoint.resume (auto | never | a path) -> the checkpoint to load, or None
+  (engine/universal.py converts a checkpoint for another number of ranks)
   load_engine_state / read_trainer_state   the way back
 save_checkpoint / load_checkpoint compose them for the loop, where every rank holds one engine.
 """
@@ -155,9 +156,14 @@ def save_engine_state(engine, state_dir: Path, client_state: Optional[dict] = No
     torch.save(rng_state(), Path(state_dir) / "rng" / f"rank{engine.info.rank}.pt")
 
 
-def load_engine_state(engine, state_dir: Path) -> dict:
-    """Every rank of the engine's group: engine shards and this rank's RNG; returns DeepSpeed's client state."""
-    client_state = engine.load_state(str(state_dir))
+def load_engine_state(engine, state_dir: Path, universal_dir: Optional[Path] = None) -> dict:
+    """Every rank of the engine's group: engine shards and this rank's RNG; returns DeepSpeed's client state.
+    universal_dir: the engine state converted for another number of ranks (engine/universal.py) to load
+    instead of state_dir/engine."""
+    if universal_dir is not None:
+        client_state = engine.load_state(str(universal_dir), universal=True)
+    else:
+        client_state = engine.load_state(str(state_dir))
     rng_file = Path(state_dir) / "rng" / f"rank{engine.info.rank}.pt"
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=True))
@@ -286,9 +292,9 @@ def prune(ckpt_root: Path, keep_last: int, run_id: str) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def load_checkpoint(engine, path: Path) -> dict:
+def load_checkpoint(engine, path: Path, universal_dir: Optional[Path] = None) -> dict:
     """Every rank: engine state and this rank's RNG; returns the trainer state (counters, data position)."""
-    load_engine_state(engine, path)
+    load_engine_state(engine, path, universal_dir)
     return read_trainer_state(path)
 
 

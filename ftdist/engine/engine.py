@@ -153,13 +153,16 @@ def _deepspeed_checkpoint_types() -> list:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
+_TORCH_LOAD = torch.load  # the real one, also while engine/universal.py stands in for torch.load
+
+
 def safe_checkpoint_load(path: str, map_location=None):
     """torch.load(weights_only=True) with DeepSpeed's own state types allowed, and a clear refusal otherwise."""
     import pickle
 
     with torch.serialization.safe_globals(_deepspeed_checkpoint_types()):
         try:
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return _TORCH_LOAD(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UnsafeCheckpointError(
@@ -307,19 +310,39 @@ class Engine:
         self.engine.save_checkpoint(ckpt_dir, tag="engine", client_state=client_state, save_latest=False,
                                     exclude_frozen_parameters=self.is_peft)
 
-    def load_state(self, ckpt_dir: str) -> dict:
+    def load_state(self, ckpt_dir: str, universal: bool = False) -> dict:
+        """universal: ckpt_dir holds DeepSpeed's universal form of the state (engine/universal.py), saved by
+        another number of ranks."""
+        from ftdist.engine.universal import weights_only_torch_load
+
         # DeepSpeed reads its files with torch.load(weights_only=False), which runs whatever code a crafted file
-        # carries; its reader is swapped for a weights-only one that knows DeepSpeed's few own types
+        # carries; its reader is swapped for a weights-only one that knows DeepSpeed's few own types (the
+        # universal loader calls torch.load itself: it is made weights-only for the call)
         reader = self.engine.checkpoint_engine
         reader.load = safe_checkpoint_load
+        self.engine._config.load_universal_checkpoint = universal
+        # ZeRO-3's universal loader gives every parameter group the hyperparameters of the first (weight decay
+        # then also applies to norms and biases), and one shared step-count tensor, which Adam advances in place
+        # once per group (the bias correction then runs ahead). Each group's own values come from the recipe,
+        # which a resume may not change, so they are put back (the learning rate is the checkpoint's, the same
+        # in every group), and each state gets its own step count.
+        groups = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in self.optimizer.param_groups]
         try:
             # without the frozen base the module state is partial; bitsandbytes' quant-state entries are not
             # parameters, so DeepSpeed keeps them and strict loading would reject them
-            path, client_state = self.engine.load_checkpoint(ckpt_dir, tag="engine", load_optimizer_states=True,
-                                                             load_lr_scheduler_states=True,
-                                                             load_module_strict=not self.is_peft)
+            with weights_only_torch_load() if universal else contextlib.nullcontext():
+                path, client_state = self.engine.load_checkpoint(ckpt_dir, tag="engine", load_optimizer_states=True,
+                                                                 load_lr_scheduler_states=True,
+                                                                 load_module_strict=not self.is_peft)
         finally:
             del reader.load
+            self.engine._config.load_universal_checkpoint = False
+        if universal:
+            for group, own in zip(self.optimizer.param_groups, groups):
+                group.update(own)
+            for state in self.optimizer.optimizer.state.values():
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = state["step"].clone()
         if path is None:
             raise RuntimeError(f"{ckpt_dir}: DeepSpeed could not load the engine state")
         return client_state or {}

@@ -7,8 +7,10 @@ normalisation.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -22,6 +24,7 @@ from ftdist.data.loading import data_fingerprint
 from ftdist.engine.checkpoint import (export_final, find_latest, load_checkpoint, read_trainer_state,
                                       refuse_foreign_checkpoints, resolve_resume, save_checkpoint)
 from ftdist.engine.dist import all_reduce_sum, barrier, from_main, init_distributed, rank_batches
+from ftdist.engine.universal import reshard_refusal, to_universal
 from ftdist.models.loading import count_parameters, load_tokenizer
 from ftdist.run import rundir, testing
 from ftdist.run.logs import fmt_metrics, setup_logging
@@ -75,21 +78,25 @@ def train(cfg: Config, end_process_when_done: bool = False) -> dict:
     return result
 
 
-def _checked_resume(cfg: Config, ckpt_root: Path, run_id: str, now: dict) -> Optional[Path]:
-    """The checkpoint to resume, if the run it continues is this one: same ranks, same recipe (up to what
-    RESUME_SAFE_KEYS allows), same training data; else a ConfigError that names what differs."""
+def _checked_resume(cfg: Config, ckpt_root: Path, run_id: str, now: dict) -> Optional[tuple[Path, Optional[Path]]]:
+    """The checkpoint to resume, if the run it continues is this one: same recipe (up to what RESUME_SAFE_KEYS
+    allows), same training data; else a ConfigError that names what differs. Returns (checkpoint, universal
+    directory or None): a ZeRO checkpoint saved by another number of ranks is converted for this one."""
     path = resolve_resume(cfg.checkpoint.resume, ckpt_root, run_id)
     if path is None:
         return None
     saved = read_trainer_state(path)
     if "config" not in saved:  # written before checkpoints recorded their recipe
         log.warning("%s does not record its recipe; resuming without comparing it", path)
-        return path
+        return path, None
     again = "start a new run instead (another output_dir, or checkpoint.resume=never)"
-    if saved["world_size"] != now["world_size"]:
-        raise ConfigError(f"{path} was saved by {saved['world_size']} ranks and this run has {now['world_size']}: "
-                          f"ZeRO's optimizer shards are split per rank; resume with {saved['world_size']} ranks, "
-                          f"or {again}")
+    universal = None
+    if saved["world_size"] != now["world_size"] and cfg.deepspeed.zero_stage > 0:
+        why_not = reshard_refusal(cfg)
+        if why_not is not None:
+            raise ConfigError(f"{path} was saved by {saved['world_size']} ranks and this run has "
+                              f"{now['world_size']}: ZeRO's optimizer state is split per rank and {why_not}; "
+                              f"resume with {saved['world_size']} ranks, or {again}")
     changed = resume_changes(saved["config"], now["config"])
     if changed:
         listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed[:6]) + ("; ..." if len(changed) > 6 else "")
@@ -103,7 +110,12 @@ def _checked_resume(cfg: Config, ckpt_root: Path, run_id: str, now: dict) -> Opt
                               f"checkpoint.resume_with_new_data=true to resume anyway, or {again}")
         log.warning("data.train changed since %s; resuming at its data position in the new data "
                     "(checkpoint.resume_with_new_data=true)", path)
-    return path
+    if saved["world_size"] != now["world_size"] and cfg.deepspeed.zero_stage > 0:
+        t0 = time.time()
+        universal = to_universal(path / "engine", Path(cfg.output_dir) / "cache" / "universal" / path.name)
+        log.info("%s was saved by %d ranks: converted to DeepSpeed's universal checkpoint for %d ranks in %.1fs",
+                 path, saved["world_size"], now["world_size"], time.time() - t0)
+    return path, universal
 
 
 def _on_main(info, fn):
@@ -185,9 +197,16 @@ def _train(cfg: Config, info, stop: StopRequest, run_id: str):
                         extra_save=extra_save)
 
     state = TrainState()
-    resume = _on_main(info, lambda: _checked_resume(cfg, ckpt_root, run_id, saved_with))
-    if resume is not None:
-        saved = load_checkpoint(engine, resume)
+    resumed = _on_main(info, lambda: _checked_resume(cfg, ckpt_root, run_id, saved_with))
+    resume = resumed[0] if resumed is not None else None
+    if resumed is not None:
+        saved = load_checkpoint(engine, *resumed)
+        if resumed[1] is not None:
+            barrier()  # every rank has read the converted state: it goes
+            if info.is_main:
+                shutil.rmtree(resumed[1], ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    resumed[1].parent.rmdir()  # cache/universal, when empty
         state = TrainState(**{f.name: saved[f.name] for f in fields(TrainState) if f.name in saved})
         log.info("resumed from %s at step %d (epoch %d, position %d)", resume, state.step, state.epoch,
                  state.step_in_epoch)

@@ -118,3 +118,22 @@ def test_readme_documents_every_key():
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     table = readme.split("<!-- keys:start -->")[1].split("<!-- keys:end -->")[0].strip()
     assert table == config_markdown(), "README key table is stale: run python launch/readme_keys.py"
+
+
+@pytest.mark.parametrize("overrides,refused", [
+    ([], False),  # adamw_torch: the universal checkpoint holds its whole state
+    (["train.optimizer=paged_adamw_32bit"], False),
+    (["deepspeed.offload_optimizer=true"], False),  # DeepSpeed's CPU Adam: the same state
+    (["train.optimizer=sgd"], True),  # momentum buffers
+    (["train.optimizer=lion"], True),
+    (["train.optimizer=adamw_8bit"], True),  # quantised states
+    (["train.optimizer=adafactor"], True),  # factored second moments
+])
+def test_which_optimizers_can_resume_on_another_number_of_ranks(overrides, refused):
+    from ftdist.engine.universal import reshard_refusal
+
+    cfg = load_config("sft_tiny", overrides)
+    why = reshard_refusal(cfg)
+    assert (why is not None) == refused
+    if refused:
+        assert f"train.optimizer={cfg.train.optimizer}" in why
