@@ -3,6 +3,7 @@ with and without gradient checkpointing.
 
     python benchmarks/gpu_sft.py                       # on a GPU: TinyLlama-1.1B shape, 4 x 2048-token rows
     python benchmarks/gpu_sft.py --tiny                # anywhere: a tiny model on CPU, checks the script runs
+    python benchmarks/gpu_sft.py --compare packing     # packed against padded rows of the same data
 
 Each setting is one real `python -m ftdist train recipe.yaml` process (one rank, ZeRO-0, bf16,
 data.packing=true, attention 'auto': flash-attention varlen when installed, else per-sample sdpa)
@@ -47,7 +48,7 @@ SETTINGS = {
                 max_length=2048, min_length=64, median_length=400, sigma=0.9, micro=4, accum=2, steps=30, warmup=10,
                 save_dtype="bfloat16"),
     "tiny": dict(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=512, samples=120, max_length=128,
-                 min_length=16, median_length=40, sigma=0.7, micro=1, accum=2, steps=3, warmup=1,
+                 min_length=16, median_length=40, sigma=0.7, micro=2, accum=2, steps=3, warmup=1,
                  tokenizer_sentences=2000),
 }
 
@@ -72,13 +73,14 @@ def model_flops_per_token(config: dict, lengths: list[int]) -> tuple[float, floa
     return 6 * n + 12 * layers * heads * hd * s, 6 * n
 
 
-def run_setting(work: Path, s: dict, a, checkpointing: bool) -> dict:
-    out = work / "runs" / f"ckpt-{'on' if checkpointing else 'off'}"
+def run_setting(work: Path, s: dict, a, checkpointing: bool, packing: bool = True) -> dict:
+    name = f"ckpt-{'on' if checkpointing else 'off'}" + ("" if packing else "-padded")
+    out = work / "runs" / name
     recipe = {
         "stage": "sft", "output_dir": str(out), "seed": 0,
         "model": {"name_or_path": str(work / "model"), "dtype": a.dtype, "attn_implementation": "auto",
                   "gradient_checkpointing": checkpointing},
-        "data": {"train": str(work / "data.jsonl"), "max_length": s["max_length"], "packing": True,
+        "data": {"train": str(work / "data.jsonl"), "max_length": s["max_length"], "packing": packing,
                  "cache_dir": str(work / "cache")},
         "train": {"micro_batch_size": s["micro"], "global_batch_size": s["micro"] * s["accum"],
                   "max_steps": s["steps"], "lr": 1e-5, "scheduler": "constant", "warmup_ratio": 0.0,
@@ -87,7 +89,7 @@ def run_setting(work: Path, s: dict, a, checkpointing: bool) -> dict:
         "checkpoint": {"every_steps": 0, "keep_last": 1, "resume": "never"},
         "logging": {"tensorboard": False},
     }
-    path = work / f"recipe-{'on' if checkpointing else 'off'}.yaml"
+    path = work / f"recipe-{name}.yaml"
     path.write_text(f"# ftdist train {path}\n" + yaml.safe_dump(recipe, sort_keys=False))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1"}
@@ -101,7 +103,9 @@ def run_setting(work: Path, s: dict, a, checkpointing: bool) -> dict:
     steps = [r for r in records if "tokens" in r and "elapsed_s" in r]
     w0, w1 = steps[s["warmup"] - 1], steps[-1]
     tokens_per_s = (w1["tokens"] - w0["tokens"]) / max(w1["elapsed_s"] - w0["elapsed_s"], 1e-9)
-    return {"gradient_checkpointing": checkpointing, "tokens_per_s": tokens_per_s,
+    peaks = [r["peak_memory_gb"] for r in steps if "peak_memory_gb" in r]
+    return {"gradient_checkpointing": checkpointing, "packing": packing, "tokens_per_s": tokens_per_s,
+            "peak_memory_gb": max(peaks) if peaks else None,
             "padding_fraction": statistics.mean(r["padding_fraction"] for r in steps[s["warmup"]:]),
             "timed_steps": len(steps) - s["warmup"]}
 
@@ -117,6 +121,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="training precision (default bf16)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's peak bf16 TFLOPs, if not in the table")
     p.add_argument("--work", default=None, help="work directory (default: a temporary one)")
+    p.add_argument("--compare", choices=("ckpt", "packing"), default="ckpt",
+                   help="ckpt: packed rows with gradient checkpointing off and on (default); packing: packed "
+                        "against padded rows of the same data, checkpointing off")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     a = p.parse_args(argv)
 
@@ -145,20 +152,22 @@ def main(argv=None) -> int:
           f"{s['steps']} steps, first {s['warmup']} not timed; {flops_token / 1e6:,.1f} MFLOPs per token "
           f"(6N alone: {flops_token_6n / 1e6:,.1f})", flush=True)
     rows = []
-    for ckpt in (False, True):
-        r = run_setting(work, s, a, ckpt)
+    settings = [(False, True), (True, True)] if a.compare == "ckpt" else [(False, True), (False, False)]
+    for ckpt, packing in settings:
+        r = run_setting(work, s, a, ckpt, packing)
         r["mfu"] = r["tokens_per_s"] * flops_token / peak if peak else None
         rows.append(r)
         mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}"
-        print(f"gradient checkpointing {'on' if ckpt else 'off'}: {r['tokens_per_s']:.0f} tokens/s, MFU {mfu}",
-              flush=True)
+        print(f"gradient checkpointing {'on' if ckpt else 'off'}, {'packed' if packing else 'padded'} rows: "
+              f"{r['tokens_per_s']:.0f} tokens/s, MFU {mfu}", flush=True)
     print()
-    print("| gradient checkpointing | tokens/s | MFU | padding |")
-    print("|---|---:|---:|---:|")
+    print("| gradient checkpointing | rows | tokens/s | MFU | padding | peak memory |")
+    print("|---|---|---:|---:|---:|---:|")
     for r in rows:
         mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}"
-        print(f"| {'on' if r['gradient_checkpointing'] else 'off'} | {r['tokens_per_s']:.0f} | {mfu} | "
-              f"{r['padding_fraction']:.1%} |")
+        mem = "n/a" if r["peak_memory_gb"] is None else f"{r['peak_memory_gb']:.1f} GB"
+        print(f"| {'on' if r['gradient_checkpointing'] else 'off'} | {'packed' if r['packing'] else 'padded'} | "
+              f"{r['tokens_per_s']:.0f} | {mfu} | {r['padding_fraction']:.1%} | {mem} |")
     if a.json:
         Path(a.json).write_text(json.dumps({"device": device, "meta": meta, "settings": s, "results": rows,
                                             "flops_per_token": flops_token}, indent=1))

@@ -261,6 +261,8 @@ def _train(cfg: Config, info, stop: StopRequest, run_id: str):
                           "tokens_per_s": tok_window / max(now - t_window, 1e-9),
                           "padding_fraction": 1 - real / max(padded, 1), "elapsed_s": round(state.elapsed_s, 3),
                           "skipped_steps": state.skipped_steps}
+                if torch.device(engine.device).type == "cuda":  # this rank's peak since the start, as PyTorch's allocator saw it
+                    record["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(engine.device) / 1e9, 3)
                 writer.log(record)
                 tok_window, t_window = 0, now
             progress.update(1, loss=metrics.get("loss", float("nan")),
