@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -90,15 +91,21 @@ def run_setting(work: Path, s: dict, a, checkpointing: bool, packing: bool = Tru
         "logging": {"tensorboard": False},
     }
     path = work / f"recipe-{name}.yaml"
-    path.write_text(f"# ftdist train {path}\n" + yaml.safe_dump(recipe, sort_keys=False))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    proc = subprocess.run([sys.executable, "-m", "ftdist", "train", str(path)], env=env, cwd=ROOT,
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"ftdist train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    text = f"# ftdist train {path}\n" + yaml.safe_dump(recipe, sort_keys=False)
+    done = out / "metrics.jsonl"
+    if not (path.exists() and path.read_text() == text and (out / "final").exists() and done.exists()):
+        # not already run with this recipe in this work directory (gpu_check.sh runs ckpt-off twice)
+        shutil.rmtree(out, ignore_errors=True)
+        path.write_text(text)
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(k, None)
+        proc = subprocess.run([sys.executable, "-m", "ftdist", "train", str(path)], env=env, cwd=ROOT,
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"ftdist train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-6000:]}")
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "tokens" in r and "elapsed_s" in r]
     w0, w1 = steps[s["warmup"] - 1], steps[-1]

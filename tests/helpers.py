@@ -36,7 +36,9 @@ def _free_port() -> int:
 
 def run_ftdist(nproc: int, recipe: str, overrides: list[str], timeout: int = 300, check: bool = True,
                env: dict | None = None) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+    # the checkout first; what PYTHONPATH already holds (e.g. packages installed with --target) after it
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **(env or {})}
     proc = run_group(ftdist_cmd(nproc, recipe, overrides), timeout, env=full_env)
     if check and proc.returncode != 0:
         raise AssertionError(f"ftdist exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"

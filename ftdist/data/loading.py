@@ -6,6 +6,7 @@ import functools
 import hashlib
 import os
 from pathlib import Path
+from typing import Optional
 
 BUNDLED_PREFIX = "ftdist/tiny-task"
 _EXTENSIONS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
@@ -138,4 +139,31 @@ def load_rows(spec: str):
     except DataError:
         raise
     except Exception as e:  # datasets raises many types for a malformed file
-        raise DataError(f"{path}: cannot be read as a dataset: {type(e).__name__}: {e}") from None
+        where = _json_error(path) if kind == "json" else None
+        raise DataError(f"{path}: {where}" if where else
+                        f"{path}: cannot be read as a dataset: {type(e).__name__}: {e}") from None
+
+
+def _json_error(path: str) -> Optional[str]:
+    """Where a JSON or JSON Lines file stops being valid JSON ("line N, column C: ..."), or None if it parses
+    (then the problem is elsewhere, e.g. rows whose fields disagree)."""
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if text.lstrip()[:1] == "[":  # one JSON document (a list of rows)
+        try:
+            json.loads(text)
+            return None
+        except json.JSONDecodeError as e:
+            return f"line {e.lineno}, column {e.colno}: not valid JSON ({e.msg})"
+    for n, line in enumerate(text.split("\n"), 1):  # JSON Lines: one object per line
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            return f"line {n}, column {e.colno}: not valid JSON ({e.msg}); each line must be one JSON object"
+        if not isinstance(row, dict):
+            return f"line {n}: a JSON {type(row).__name__}, not an object; each line must be one JSON object"
+    return None

@@ -64,3 +64,19 @@ def test_gpu_sft_tiny_reports_both_settings(tmp_path, compare):
             assert r["mfu"] is None and r["peak_memory_gb"] is None
     if not torch.cuda.is_available():
         assert "no GPU" in out
+
+
+def test_gpu_zero_check_matches_a_plain_bf16_loop_on_cpu(tmp_path):
+    """benchmarks/gpu_checks.py zero, as gpu_check.sh runs it on a GPU, on the CPU: ZeRO-2 and ZeRO-3 on one rank
+    (gloo here, NCCL there) against a plain loop with bf16 weights and fp32 master weights."""
+    import json
+
+    out = _run("gpu_checks.py", "zero", "--tiny", "--work", str(tmp_path), "--json", str(tmp_path / "r.jsonl"))
+    rec = json.loads((tmp_path / "r.jsonl").read_text())
+    assert out.strip().splitlines()[-1].startswith("PASS zero:") and rec["ok"]
+    losses = rec["losses"]
+    assert len(losses["zero2"]) == len(losses["zero3"]) == len(losses["plain"]) == 6
+    # the check's own bound (4 bf16 roundings of the loss), recomputed here from the losses it reports
+    for name in ("zero2", "zero3"):
+        assert max(abs(a - b) / b for a, b in zip(losses[name], losses["plain"])) <= 4 * 2.0 ** -8
+    assert losses["plain"][-1] < 0.8 * losses["plain"][0]  # the updates are large enough to be seen

@@ -19,6 +19,11 @@ pytestmark = pytest.mark.faults
     ("blank.jsonl", b"\n\n  \n", ["no rows"]),
     ("header.csv", b"instruction,input,output\n", ["no rows (only a header line)"]),
     ("binary.jsonl", b'{"text": "ok"}\n\x00\x01\x02\xff', ["line 2", "binary content"]),
+    ("broken.jsonl", b'{"text": "a"}\n{"text": "b"}\n\n{"text": "c"}\nnull, oops\n{"text": "d"}\n',
+     ["line 5, column 5: not valid JSON (Extra data)"]),
+    ("list.jsonl", b'{"text": "a"}\n["not", "an", "object"]\n', ["line 2: a JSON list, not an object"]),
+    ("broken.json", b'[\n  {"text": "a"},\n  {"text" "b"}\n]\n',
+     ["line 3, column 11: not valid JSON (Expecting ':' delimiter)"]),
 ])
 def test_unreadable_data_files_are_named_with_their_line(tmp_path, name, content, words):
     from ftdist.data.loading import DataError, load_rows
