@@ -22,6 +22,10 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 DS_CONFIGS_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 
 
+DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32",
+                 "torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32"}
+
+
 def _type_name(tp) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
@@ -42,6 +46,8 @@ def _coerce(value, tp, key: str):
     origin = typing.get_origin(tp)
     bad = ConfigError(f"{key}: got {value!r}, expected {_type_name(tp)}")
     if origin is Literal:
+        if isinstance(value, str) and value.lower() in DTYPE_ALIASES and DTYPE_ALIASES[value.lower()] in typing.get_args(tp):
+            return DTYPE_ALIASES[value.lower()]  # dtype names as transformers and torch spell them
         if value not in typing.get_args(tp):
             raise ConfigError(f"{key}: got {value!r}, allowed: {', '.join(repr(a) for a in typing.get_args(tp))}")
         return value

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 # optimizers that optimizer offload turns into DeepSpeed's CPU Adam (the engine, the validation and the
 # memory planner all read this)
@@ -88,7 +88,12 @@ class TrainConfig:
     lr: float = _f(2e-5, "Peak learning rate.")
     scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts"] = _f(
         "cosine", "Learning-rate schedule (transformers schedulers).")
-    warmup_ratio: float = _f(0.03, "Fraction of steps with linear warmup.")
+    warmup_ratio: Optional[float] = _f(
+        None, "Fraction of steps with linear warmup (default 0.03 unless train.warmup_steps is given).")
+    warmup_steps: Optional[int] = _f(None, "Steps of linear warmup (instead of train.warmup_ratio; not both).")
+    scheduler_kwargs: dict[str, Any] = _f(
+        {}, "Extra arguments of the schedule, as transformers names them (e.g. {num_cycles: 2} for "
+        "cosine_with_restarts).")
     weight_decay: float = _f(0.0, "Decoupled weight decay; never applied to biases and norm weights.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 disables clipping.")
     optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit", "adafactor", "sgd", "lion"] = _f(
@@ -108,6 +113,12 @@ class TrainConfig:
     eval_max_new_tokens: int = _f(32, "Tokens generated per eval prompt for accuracy.")
     eval_max_samples: int = _f(200, "At most this many eval rows are used for accuracy.")
     progress_bar: bool = _f(True, "Show a progress bar on rank 0.")
+
+    def warmup(self, total_steps: int) -> int:
+        """Warmup steps of a run of total_steps steps."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return int(round((0.03 if self.warmup_ratio is None else self.warmup_ratio) * total_steps))
 
 
 @dataclass

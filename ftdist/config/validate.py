@@ -33,6 +33,9 @@ def resume_changes(saved: dict, current: dict) -> list[tuple[str, object, object
         return out
 
     a, b = flat(saved), flat(current)
+    for d in (a, b):  # the default warmup, as recipes before train.warmup_steps recorded it
+        if d.get("train.warmup_ratio") is None and d.get("train.warmup_steps") is None:
+            d["train.warmup_ratio"] = 0.03
     changed = [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
     return [c for c in changed if not c[0].startswith(RESUME_SAFE_KEYS)]
 
@@ -86,8 +89,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.adam_eps: got {t.adam_eps}, must be > 0")
     if cfg.dist.timeout_s <= 0:
         raise ConfigError(f"dist.timeout_s: got {cfg.dist.timeout_s}, must be > 0 (seconds a collective may wait)")
-    if not 0 <= t.warmup_ratio < 1:
+    if t.warmup_ratio is not None and t.warmup_steps is not None:
+        raise ConfigError(f"train.warmup_ratio={t.warmup_ratio} and train.warmup_steps={t.warmup_steps}: give one "
+                          f"of them")
+    if t.warmup_ratio is not None and not 0 <= t.warmup_ratio < 1:
         raise ConfigError(f"train.warmup_ratio: got {t.warmup_ratio}, allowed: 0 <= x < 1")
+    if t.warmup_steps is not None and t.warmup_steps < 0:
+        raise ConfigError(f"train.warmup_steps: got {t.warmup_steps}, must be >= 0")
+    if t.scheduler_kwargs:
+        _validate_scheduler_kwargs(t.scheduler, t.scheduler_kwargs)
     if not 0 <= t.label_smoothing < 1:
         raise ConfigError(f"train.label_smoothing: got {t.label_smoothing}, allowed: 0 <= x < 1")
     if t.max_steps == 0 or (t.max_steps < 0 and t.epochs <= 0):
@@ -123,6 +133,20 @@ def validate(cfg: Config) -> None:
         _validate_ppo(cfg)
     if cfg.data.train is None and cfg.stage != "ppo":
         raise ConfigError("data.train: no training data given (a file path, a datasets directory, or 'ftdist/tiny-task')")
+
+
+def _validate_scheduler_kwargs(name: str, kwargs: dict) -> None:
+    """Keys the transformers schedule `name` takes beyond the optimizer and the step counts."""
+    import inspect
+
+    from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION, SchedulerType
+
+    params = inspect.signature(TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(name)]).parameters
+    allowed = [p for p in params if p not in ("optimizer", "num_warmup_steps", "num_training_steps", "last_epoch")]
+    for key in kwargs:
+        if key not in allowed:
+            raise ConfigError(f"train.scheduler_kwargs.{key}: not an argument of the {name} schedule (it takes: "
+                              f"{', '.join(allowed) or 'none'})")
 
 
 def _validate_preference(cfg: Config) -> None:

@@ -186,9 +186,9 @@ class Engine:
         _init_deepspeed_comm(info.backend)
         self.ds_config = build_ds_config(cfg, info.world_size, grad_accum)
         optimizer = _build_optimizer(cfg, decay_param_groups(model, cfg.train.weight_decay))
-        warmup = int(round(cfg.train.warmup_ratio * total_steps))
-        scheduler = get_scheduler(cfg.train.scheduler, optimizer, num_warmup_steps=warmup,
-                                  num_training_steps=total_steps)
+        scheduler = get_scheduler(cfg.train.scheduler, optimizer, num_warmup_steps=cfg.train.warmup(total_steps),
+                                  num_training_steps=total_steps,
+                                  scheduler_specific_kwargs=dict(cfg.train.scheduler_kwargs) or None)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=copy.deepcopy(self.ds_config),
             dist_init_required=False)

@@ -137,3 +137,52 @@ def test_which_optimizers_can_resume_on_another_number_of_ranks(overrides, refus
     assert (why is not None) == refused
     if refused:
         assert f"train.optimizer={cfg.train.optimizer}" in why
+
+
+def test_warmup_steps_or_ratio_and_schedule_arguments():
+    assert load_config("sft_tiny", []).train.warmup(1000) == 50  # the recipe's warmup_ratio 0.05
+    assert load_config("sft_tiny", ["train.warmup_ratio=null"]).train.warmup(1000) == 30  # the default, 3%
+    assert load_config("sft_tiny", ["train.warmup_ratio=null", "train.warmup_steps=7"]).train.warmup(1000) == 7
+    with pytest.raises(ConfigError, match="train.warmup_ratio=0.05 and train.warmup_steps=7: give one of them"):
+        load_config("sft_tiny", ["train.warmup_steps=7"])
+    cfg = load_config("sft_tiny", ["train.scheduler=cosine_with_restarts", "train.scheduler_kwargs={num_cycles: 3}"])
+    assert cfg.train.scheduler_kwargs == {"num_cycles": 3}
+    with pytest.raises(ConfigError, match=r"train.scheduler_kwargs.num_cycle: not an argument of the "
+                                          r"cosine_with_restarts schedule \(it takes: num_cycles\)"):
+        load_config("sft_tiny", ["train.scheduler=cosine_with_restarts", "train.scheduler_kwargs={num_cycle: 3}"])
+
+
+def test_the_schedule_follows_scheduler_kwargs():
+    """cosine_with_restarts with num_cycles=2 restarts half way (it used to run as one plain cosine)."""
+    import torch
+    from transformers import get_scheduler
+
+    cfg = load_config("sft_tiny", ["train.scheduler=cosine_with_restarts", "train.scheduler_kwargs={num_cycles: 2}",
+                                   "train.warmup_ratio=0"])
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = get_scheduler(cfg.train.scheduler, opt, num_warmup_steps=cfg.train.warmup(10), num_training_steps=10,
+                          scheduler_specific_kwargs=cfg.train.scheduler_kwargs)
+    lrs = []
+    for _ in range(10):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[0] == 1.0 and lrs[5] == 1.0 and lrs[4] < 0.2  # two cycles of 5 steps
+
+
+@pytest.mark.parametrize("spelled,canonical", [("bfloat16", "bf16"), ("float32", "fp32"), ("torch.float16", "fp16")])
+def test_dtype_names_as_transformers_spells_them(spelled, canonical):
+    cfg = load_config("qlora_tiny", [f"model.dtype={spelled}", f"model.quantization.compute_dtype={spelled}"])
+    assert cfg.model.dtype == canonical and cfg.model.quantization.compute_dtype == canonical
+
+
+def test_old_checkpoints_default_warmup_is_not_a_recipe_change():
+    from ftdist.config import resume_changes
+
+    now = load_config("sft_tiny", ["train.warmup_ratio=null"]).to_dict()
+    before = {**now, "train": {k: v for k, v in now["train"].items() if k not in ("warmup_steps", "scheduler_kwargs")}}
+    before["train"]["warmup_ratio"] = 0.03
+    assert resume_changes(before, now) == []
+    now["train"]["warmup_steps"] = 5
+    now["train"]["warmup_ratio"] = None
+    assert [c[0] for c in resume_changes(before, now)] == ["train.warmup_ratio", "train.warmup_steps"]
