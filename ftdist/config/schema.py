@@ -72,7 +72,8 @@ class DataConfig:
     train_on_prompt: bool = _f(False, "Also compute the loss on system/user tokens (default: assistant turns only).")
     on_error: Literal["raise", "skip"] = _f("raise", "Malformed rows: stop with file and row number, or count and skip them.")
     max_prompt_length: int = _f(
-        512, "Preference stages: prompt tokens kept (the end of the prompt) before the response; below data.max_length.")
+        512, "Preference stages: prompt tokens kept (the end of the prompt) before the response; at most "
+        "data.max_length (each response keeps at least one token).")
     drop_ties: bool = _f(False, "Preference data: drop pairs whose scores are equal or whose responses are identical.")
     min_chosen_score: Optional[float] = _f(None, "Preference data: drop pairs whose chosen score is below this.")
     num_workers: int = _f(0, "DataLoader worker processes.")

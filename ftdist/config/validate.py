@@ -6,6 +6,8 @@ here too, and the Ray shells read them from here.
 
 from __future__ import annotations
 
+import logging
+
 from ftdist.config.schema import OFFLOAD_OPTIMIZERS, PREFERENCE_STAGES, Config, ConfigError, ModelConfig
 
 # ppo.colocation -> the groups that share devices ("all": every group the recipe starts)
@@ -155,9 +157,9 @@ def _validate_preference(cfg: Config) -> None:
         raise ConfigError(f"data.format: got {d.format!r} for stage={cfg.stage}, allowed: 'preference' or 'auto'")
     if d.packing:
         raise ConfigError(f"data.packing=true is not supported for stage={cfg.stage} (pairs are batched, not packed)")
-    if not 0 < d.max_prompt_length < d.max_length:
-        raise ConfigError(f"data.max_prompt_length: got {d.max_prompt_length}, allowed: 0 < x < data.max_length "
-                          f"({d.max_length}), so every response keeps at least one token")
+    if not 0 < d.max_prompt_length <= d.max_length:
+        raise ConfigError(f"data.max_prompt_length: got {d.max_prompt_length}, allowed: 0 < x <= data.max_length "
+                          f"({d.max_length})")
     if cfg.stage == "rm" and cfg.rm.head == "causal_lm" and cfg.model.lora is not None:
         raise ConfigError("rm.head=causal_lm trains the full model; use rm.head=sequence_classification with model.lora")
     if cfg.stage == "dpo":
@@ -253,5 +255,8 @@ def _validate_quantization(m: ModelConfig, zero_stage: int) -> None:
                           "int8 matrix beside the parameter, so ZeRO-3 cannot shard it; use load_in_4bit (QLoRA) "
                           "or deepspeed.zero_stage <= 2")
     if q.load_in_4bit and q.compute_dtype == "fp16" and "bf16" in (m.dtype, q.quant_storage):
-        raise ConfigError("model.quantization.compute_dtype='fp16' with bf16 activations/storage: bf16 values overflow "
-                          "fp16 (max 65504) in the 4-bit matmuls; use compute_dtype='bf16' (or model.dtype='fp16')")
+        # allowed, as transformers allows it (the guides use it): bitsandbytes casts the bf16 inputs to fp16
+        logging.getLogger("ftdist").warning(
+            "model.quantization.compute_dtype='fp16' with bf16 training: the 4-bit matmuls run in fp16, where bf16 "
+            "values above 65504 overflow to inf (train.on_nonfinite then stops the run); compute_dtype='bf16' "
+            "avoids it")

@@ -84,8 +84,10 @@ def encode_pair(tokenizer, pair: PreferencePair, max_prompt_length: int, max_len
     prompt, responses = prompt[:n], [f[n:] for f in full]
     if not all(responses):
         raise RowProblem("a response has no tokens of its own after tokenisation")
-    truncated = len(prompt) > max_prompt_length
-    prompt = prompt[-max_prompt_length:]
+    # every response keeps at least one token, also with max_prompt_length == max_length (as TRL allows)
+    keep = min(max_prompt_length, max_length - 1)
+    truncated = len(prompt) > keep
+    prompt = prompt[-keep:]
     room = max_length - len(prompt)
     truncated = truncated or any(len(r) > room for r in responses)
     return prompt, responses[0][:room], responses[1][:room], truncated

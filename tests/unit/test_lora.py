@@ -30,7 +30,6 @@ QLORA = DATA + ["model.lora.r=8", "model.quantization.load_in_4bit=true"]
     (QLORA[1:] + ["deepspeed.zero_stage=3", "model.dtype=fp32", "model.quantization.quant_storage=bf16"],
      ["quant_storage='bf16'", "model.dtype='fp32'"]),
     (["model.lora.r=8", "model.quantization.load_in_8bit=true", "deepspeed.zero_stage=3"], ["load_in_8bit", "ZeRO-3"]),
-    (QLORA[1:] + ["model.dtype=bf16", "model.quantization.compute_dtype=fp16"], ["compute_dtype='fp16'", "overflow"]),
     (["model.lora.r=0"], ["model.lora", "r=0", "r > 0"]),
     (["model.lora.dropout=1.5"], ["dropout=1.5"]),
     (["model.lora.r=8", "train.optimizer=adamw_8bit", "deepspeed.offload_optimizer=true"], ["adamw_8bit", "offload"]),
@@ -42,6 +41,12 @@ def test_invalid_lora_and_quantization_rejected_before_loading(overrides, words)
         load_config(None, DATA + overrides)
     for w in words:
         assert w in str(e.value)
+
+
+def test_fp16_compute_with_bf16_training_is_allowed_with_a_warning(caplog):
+    cfg = load_config(None, DATA + QLORA[1:] + ["model.dtype=bf16", "model.quantization.compute_dtype=fp16"])
+    assert cfg.model.quantization.compute_dtype == "fp16"
+    assert "compute_dtype='fp16' with bf16 training" in caplog.text and "overflow" in caplog.text
 
 
 def test_valid_combinations_and_storage_dtype():

@@ -146,6 +146,9 @@ def test_text_pair_gets_eos_and_truncation_keeps_prompt_end(tok):
     assert chosen[-1] == tok.eos_token_id and rejected[-1] == tok.eos_token_id
     p2, c2, r2, truncated = encode_pair(tok, pair, 4, len(prompt[-4:]) + 2)
     assert truncated and p2 == prompt[-4:] and c2 == chosen[:2] and r2 == rejected[:2]
+    # max_prompt_length == max_length (accepted, as in TRL): the prompt yields one token to each response
+    p3, c3, r3, truncated = encode_pair(tok, pair, 6, 6)
+    assert truncated and p3 == prompt[-5:] and c3 == chosen[:1] and r3 == rejected[:1]
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
@@ -176,7 +179,9 @@ def test_batch_layout_and_labels_cover_responses_only(tok, tmp_path, side):
 def test_preference_config_is_validated():
     base = {"data": {"train": "x.jsonl"}}
     with pytest.raises(ConfigError, match="data.max_prompt_length"):
-        load_config(data={**base, "stage": "dpo", "data": {"train": "x", "max_length": 64, "max_prompt_length": 64}})
+        load_config(data={**base, "stage": "dpo", "data": {"train": "x", "max_length": 64, "max_prompt_length": 65}})
+    cfg = load_config(data={**base, "stage": "dpo", "data": {"train": "x", "max_length": 64, "max_prompt_length": 64}})
+    assert cfg.data.max_prompt_length == 64
     with pytest.raises(ConfigError, match="data.packing"):
         load_config(data={**base, "stage": "rm", "data": {"train": "x", "packing": True}})
     with pytest.raises(ConfigError, match="adapter_disabled needs a model.lora"):
