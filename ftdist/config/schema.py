@@ -196,6 +196,9 @@ class PPOConfig:
         128, "Longest response; prompts keep their last data.max_length - max_new_tokens tokens.")
     temperature: float = _f(1.0, "Sampling temperature of the rollouts.")
     top_p: float = _f(1.0, "Nucleus sampling threshold of the rollouts (1 = off).")
+    top_k: int = _f(0, "Sample only among the k most likely tokens (0 = off).")
+    repetition_penalty: float = _f(1.0, "transformers' repetition penalty in the rollouts (1 = off).")
+    min_new_tokens: int = _f(0, "EOS is not sampled before this many response tokens.")
     missing_eos_penalty: Optional[float] = _f(
         None, "Subtracted from the score of a response that reached max_new_tokens without EOS; null = none "
         "(such responses are always counted in the metric no_eos).")
@@ -210,12 +213,16 @@ class PPOConfig:
     whiten_advantages: bool = _f(True, "Whiten ppo advantages over all response tokens of the batch.")
     kl_coef: float = _f(0.05, "KL(policy || reference) coefficient; the starting value when ppo.kl_target is set. "
                         "A per-token reward penalty, except for grpo where it is a loss term.")
-    kl_estimator: Literal["k1", "k2", "k3"] = _f(
-        "k1", "Per-token KL estimator: k1 = log r (unbiased), k2 = (log r)^2 / 2, k3 = r - 1 - log r (unbiased, >= 0).")
+    kl_estimator: Literal["auto", "k1", "k2", "k3"] = _f(
+        "auto", "Per-token KL estimator: k1 = log r (unbiased), k2 = (log r)^2 / 2, k3 = r - 1 - log r (unbiased, "
+        ">= 0); auto = k3 for grpo (a loss term, where k1's expected gradient is zero), k1 otherwise (a reward "
+        "penalty).")
     kl_target: Optional[float] = _f(
         None, "Adaptive KL controller: per-sequence KL to aim for; null = fixed ppo.kl_coef.")
     kl_horizon: int = _f(10000, "Adaptive KL controller horizon in samples (how fast kl_coef moves).")
     entropy_coef: float = _f(0.0, "Weight of the entropy bonus in the policy loss.")
+    vf_coef: float = _f(1.0, "Weight of the critic's value loss (the critic is its own model and optimizer: this "
+                        "scales its gradient, which matters with clipping and SGD, hardly with Adam).")
     reward_fn: Optional[str] = _f(
         None, "Python reward 'module:function', called as fn(prompts, responses, **columns) -> one float per "
         "response, e.g. 'ftdist.data.tiny_task:sort_reward'.")
@@ -242,6 +249,13 @@ class PPOConfig:
     eval_every: int = _f(
         0, "Greedy evaluation on data.eval every N iterations (reward mean; exact-match accuracy when the rows have "
         "an 'answer' column); 0 = before and after training only.")
+
+    @property
+    def kl(self) -> str:
+        """The KL estimator in use (ppo.kl_estimator with auto resolved)."""
+        if self.kl_estimator != "auto":
+            return self.kl_estimator
+        return "k3" if self.algorithm == "grpo" else "k1"
 
 
 @dataclass

@@ -192,6 +192,17 @@ def _validate_ppo(cfg: Config) -> None:
             raise ConfigError(f"{k}: got {v}, must be > 0")
     if p.call_timeout_s < 0:
         raise ConfigError(f"ppo.call_timeout_s: got {p.call_timeout_s}, must be >= 0 (0 = no limit)")
+    if p.repetition_penalty <= 0:
+        raise ConfigError(f"ppo.repetition_penalty: got {p.repetition_penalty}, must be > 0 (1 = off)")
+    for k, v in (("ppo.top_k", p.top_k), ("ppo.vf_coef", p.vf_coef), ("ppo.min_new_tokens", p.min_new_tokens)):
+        if v < 0:
+            raise ConfigError(f"{k}: got {v}, must be >= 0")
+    if p.min_new_tokens > p.max_new_tokens:
+        raise ConfigError(f"ppo.min_new_tokens={p.min_new_tokens} is above ppo.max_new_tokens={p.max_new_tokens}")
+    if p.algorithm == "grpo" and p.kl_estimator == "k1" and p.kl_coef > 0:
+        logging.getLogger("ftdist").warning(
+            "ppo.kl_estimator=k1 with grpo: as a loss term (grpo) the k1 estimator log(pi/pi_ref) has zero expected "
+            "gradient, so the KL term does not pull the policy towards the reference; k3 (the default) does")
     if not 0 < p.top_p <= 1:
         raise ConfigError(f"ppo.top_p: got {p.top_p}, allowed: 0 < x <= 1")
     if p.kl_coef < 0 or p.entropy_coef < 0 or p.value_clip_eps < 0:

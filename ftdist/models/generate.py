@@ -13,7 +13,8 @@ import torch
 @torch.no_grad()
 def generate(module, tokenizer, prompts: list[str], *, max_new_tokens: int, device, synced_gpus: bool = False,
              max_prompt_tokens: Optional[int] = None, do_sample: bool = False, temperature: float = 1.0,
-             top_p: float = 1.0) -> tuple[dict, torch.Tensor]:
+             top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
+             min_new_tokens: int = 0) -> tuple[dict, torch.Tensor]:
     """Returns (the encoded prompts: input_ids, attention_mask (B, P) on the CPU, left-padded and, with
     max_prompt_tokens, cut from the left; the response ids (B, R) on the device, padded after EOS).
 
@@ -28,7 +29,11 @@ def generate(module, tokenizer, prompts: list[str], *, max_new_tokens: int, devi
         tokenizer.padding_side, tokenizer.truncation_side = side
     sampling = {"do_sample": False}
     if do_sample:
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k}
+    if repetition_penalty != 1.0:
+        sampling["repetition_penalty"] = repetition_penalty
+    if min_new_tokens:
+        sampling["min_new_tokens"] = min_new_tokens
     was_training = module.training
     module.eval()
     try:

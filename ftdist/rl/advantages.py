@@ -40,7 +40,7 @@ def compute_advantages(exp: Experience, ppo_cfg, kl_coef: float) -> tuple[Experi
     mask = exp.action_mask  # (B, R)
     scores = penalised_scores(exp.scores, exp.finished, p.missing_eos_penalty)  # (B,)
     if p.algorithm in ("ppo", "reinforce_pp"):
-        rewards, kl = compute_token_rewards(scores, exp.old_logp, exp.ref_logp, mask, kl_coef, p.kl_estimator)
+        rewards, kl = compute_token_rewards(scores, exp.old_logp, exp.ref_logp, mask, kl_coef, p.kl)
         if p.algorithm == "ppo":
             advantages, returns = gae(rewards, exp.values, mask, p.gamma, p.lam)  # (B, R) each
             if p.whiten_advantages:
@@ -49,7 +49,7 @@ def compute_advantages(exp: Experience, ppo_cfg, kl_coef: float) -> tuple[Experi
         else:
             advantages = reinforce_pp_advantages(rewards, mask, p.gamma)  # (B, R)
     else:
-        kl = kl_penalty(exp.old_logp, exp.ref_logp, p.kl_estimator).masked_fill(~mask, 0.0)  # (B, R)
+        kl = kl_penalty(exp.old_logp, exp.ref_logp, p.kl).masked_fill(~mask, 0.0)  # (B, R)
         if p.algorithm == "rloo":
             sequence_reward = scores - kl_coef * kl.sum(dim=-1)  # (B,)
             per_sequence = rloo_advantages(sequence_reward, p.samples_per_prompt)  # (B,)

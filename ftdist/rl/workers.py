@@ -172,7 +172,9 @@ class PolicyWorker(_TrainedWorker):
         enc, response = generate(self.engine.module, tok, prompts, max_new_tokens=p.max_new_tokens,
                                  device=self.device, synced_gpus=self.engine.zero_stage == 3 and self.info.world_size > 1,
                                  max_prompt_tokens=self.cfg.data.max_length - p.max_new_tokens,
-                                 do_sample=seed is not None, temperature=p.temperature, top_p=p.top_p)
+                                 do_sample=seed is not None, temperature=p.temperature, top_p=p.top_p,
+                                 top_k=p.top_k, repetition_penalty=p.repetition_penalty,
+                                 min_new_tokens=p.min_new_tokens)
         response = response.cpu()  # (b, R)
         mask = response_mask(response, tok.eos_token_id)  # (b, R)
         response = response.masked_fill(~mask, tok.pad_token_id)
@@ -218,7 +220,7 @@ class PolicyWorker(_TrainedWorker):
                     entropy = masked_mean(entropy_from_logits(response_logits), mask)
             metrics["entropy"] = entropy.detach()
             if p.algorithm == "grpo" and kl_coef > 0:
-                kl = masked_mean(kl_penalty(logp, micro.ref_logp, p.kl_estimator), mask)
+                kl = masked_mean(kl_penalty(logp, micro.ref_logp, p.kl), mask)
                 loss = loss + kl_coef * kl
                 metrics["kl_loss"] = kl.detach()
             return loss, metrics
@@ -267,7 +269,7 @@ class CriticWorker(_TrainedWorker):
         def loss_fn(micro: Experience):
             values = self._values(micro)  # (b, R)
             loss, m = value_loss(values, micro.values, micro.returns, micro.action_mask, self.p.value_clip_eps)
-            return loss, {"value_loss": loss.detach(), **m}
+            return self.p.vf_coef * loss, {"value_loss": loss.detach(), **m}
 
         return self._update(exp, iteration, loss_fn)
 

@@ -52,6 +52,16 @@ out["critic_head_err"] = float((critic.engine.module.score.weight.detach().cpu()
 values = critic.values(exp)
 out["values_shape"] = list(values.shape) == list(exp.action_mask.shape)
 
+# ppo.vf_coef weighs the critic's loss: 0 leaves the critic exactly where it was (zero gradient, Adam's update 0)
+exp.values, exp.returns = values, values + 1.0
+for coef in (0.0, 1.0):
+    c = CriticWorker(load_config(None, base + [f"ppo.reward_model={rm_dir}", "ppo.critic_init=reward_model",
+                                               f"ppo.vf_coef={coef}"]))
+    before = {n: p.detach().clone() for n, p in c.engine.module.named_parameters()}
+    c.train(exp, 0)
+    out[f"critic_moved_{coef}"] = max(float((p.detach() - before[n]).abs().max())
+                                      for n, p in c.engine.module.named_parameters())
+
 # with LoRA there is no reference group: the policy with its adapter off must give the base model's log-probs
 lora = load_config(None, base + ["ppo.reward_fn=ftdist.data.tiny_task:sort_reward", "model.lora.r=4",
                                  "model.lora.dropout=0.0", "train.lr=5e-3"])
@@ -85,6 +95,7 @@ def test_reward_critic_and_lora_reference_workers(tmp_path):
     # scores of size ~1-10); 1e-4 is 10x that. Reading the score at a wrong position would differ by O(1).
     assert r["score_err"] < 1e-4, r
     assert r["critic_head_err"] == 0.0 and r["values_shape"], r
+    assert r["critic_moved_0.0"] == 0.0 and r["critic_moved_1.0"] > 0.0, r  # ppo.vf_coef reaches the loss
     # the same base weights through the same kernels with the adapter path off (peft still adds a zero): the
     # rounding of per-token log-probs of size ~5, ~1e-6; 1e-5 is 10x that
     assert r["lora_ref_err_before"] < 1e-5, r

@@ -75,3 +75,42 @@ def test_import_ftdist_is_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == ""
+
+
+def test_generate_honours_the_sampling_keys_the_guides_use():
+    """ppo.top_k, ppo.repetition_penalty and ppo.min_new_tokens reach transformers' generate."""
+    from ftdist.config import load_config
+    from ftdist.models.generate import generate
+    from ftdist.models.loading import load_causal_lm, load_tokenizer
+
+    cfg = load_config("sft_tiny", [])
+    tok = load_tokenizer(cfg.model)
+    lm = load_causal_lm(cfg.model)
+    prompts = ["3 1 2 ->", "9 8 ->"]
+    kw = dict(max_new_tokens=6, device="cpu")
+    # min_new_tokens forbids EOS before the 6th token
+    _, free = generate(lm, tok, prompts, **kw)
+    _, held = generate(lm, tok, prompts, **kw, min_new_tokens=6)
+    assert (held[:, :5] != tok.eos_token_id).all() and held.shape[1] == 6
+    # top_k=1 sampling is greedy decoding, whatever the seed
+    torch.manual_seed(0)
+    _, k1 = generate(lm, tok, prompts, **kw, do_sample=True, temperature=1.0, top_k=1)
+    assert torch.equal(k1, free)
+    # a strong repetition penalty changes greedy decoding of a model that repeats itself
+    _, rep = generate(lm, tok, prompts, max_new_tokens=12, device="cpu", min_new_tokens=12)
+    _, pen = generate(lm, tok, prompts, max_new_tokens=12, device="cpu", min_new_tokens=12, repetition_penalty=50.0)
+    assert max(len(set(r.tolist())) for r in pen) >= max(len(set(r.tolist())) for r in rep)
+    assert not torch.equal(rep, pen)
+
+
+def test_ppo_kl_estimator_defaults_by_algorithm(caplog):
+    from ftdist.config import ConfigError, load_config
+
+    assert load_config("grpo_tiny", ["ppo.kl_estimator=auto"]).ppo.kl == "k3"  # a loss term
+    assert load_config("ppo_tiny", ["ppo.kl_estimator=auto"]).ppo.kl == "k1"  # a reward penalty
+    assert load_config("grpo_tiny", ["ppo.kl_estimator=k1"]).ppo.kl == "k1"
+    assert "zero expected gradient" in caplog.text
+    for bad, words in (("ppo.top_k=-1", "ppo.top_k"), ("ppo.repetition_penalty=0", "ppo.repetition_penalty"),
+                       ("ppo.min_new_tokens=999", "ppo.min_new_tokens=999 is above"), ("ppo.vf_coef=-1", "ppo.vf_coef")):
+        with pytest.raises(ConfigError, match=words):
+            load_config("ppo_tiny", [bad])
