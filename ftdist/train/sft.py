@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import math
 
+import torch
+
 from ftdist.algos.sft import sft_loss_sum
 from ftdist.data.batching import TokenData, collate_rows
 from ftdist.data.tokenize import tokenize_sft
@@ -64,11 +66,17 @@ class SFTTask:
     def loss(self, engine, batch):
         batch = batch.to(engine.device)
         logits = causal_logits(engine.forward, batch, self.attn_impl, self.dtype)  # (B, T, V)
-        loss_sum, _ = sft_loss_sum(logits, batch.labels, label_smoothing=self.cfg.train.label_smoothing)
-        return loss_sum, {"loss": loss_sum.detach()}
+        eps = self.cfg.train.label_smoothing
+        loss_sum, _ = sft_loss_sum(logits, batch.labels, label_smoothing=eps)
+        metrics = {"loss": loss_sum.detach()}
+        if eps > 0:  # the loss is smoothed; perplexity comes from the plain negative log-likelihood
+            with torch.no_grad():
+                metrics["nll"] = sft_loss_sum(logits, batch.labels)[0]
+        return loss_sum, metrics
 
     def extra_eval(self, engine, means: dict) -> dict:
-        out = {"eval/perplexity": math.exp(min(means["eval/loss"], 50.0))}  # exp(50) ~ 5e21: no overflow
+        nll = means.get("eval/nll", means["eval/loss"])
+        out = {"eval/perplexity": math.exp(min(nll, 50.0))}  # exp(50) ~ 5e21: no overflow
         if self.cfg.train.eval_accuracy and self.cfg.data.eval:
             convs = load_eval_conversations(self.cfg.data.eval, self.cfg.data, self.cfg.train.eval_max_samples)
             out["eval/accuracy"] = exact_match_accuracy(engine, self.tokenizer, convs,
