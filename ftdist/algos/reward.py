@@ -52,11 +52,14 @@ def pairwise_reward_loss(
     rejected_rewards: torch.Tensor,
     margin: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Bradley-Terry loss mean(w * -log sigmoid(r_chosen - r_rejected - margin)).
+    """Bradley-Terry loss mean(w * -log sigmoid((r_chosen - r_rejected - margin) * scale)).
 
     chosen_rewards (B,), rejected_rewards (B,), margin (B,) or None (the Llama-2
-    margin: larger when annotators were more certain), weights (B,) or None.
+    margin: larger when annotators were more certain), weights (B,) or None,
+    scale (B,) or None (e.g. (s_chosen - s_rejected)^2: the score-difference loss
+    -log sigmoid((r_chosen - r_rejected) * score_diff^2) of the fine-tuning guides).
     Without margin and weights this is TRL's RewardTrainer loss.
     Metrics: accuracy (fraction with r_chosen > r_rejected, ties count as wrong),
     margin (mean r_chosen - r_rejected, without the target margin),
@@ -66,6 +69,8 @@ def pairwise_reward_loss(
     rejected = rejected_rewards.float()
     diff = chosen - rejected  # (B,)
     logits = diff if margin is None else diff - margin.float()
+    if scale is not None:
+        logits = logits * scale.float()
     per_pair = -F.logsigmoid(logits)  # (B,)
     if weights is not None:
         per_pair = per_pair * weights.float()

@@ -164,7 +164,11 @@ class RewardModelConfig:
         "or score_chosen - score_rejected.")
     margin_scale: float = _f(1.0, "Multiplies the margin from rm.margin.")
     score_diff_weighting: bool = _f(
-        False, "Weight each pair by (score_chosen - score_rejected)^2, normalised to mean 1 over the micro-batch.")
+        False, "Weight each pair's loss by (score_chosen - score_rejected)^2, normalised to mean 1 over the "
+        "micro-batch.")
+    score_diff_scaling: bool = _f(
+        False, "The guides' score-difference loss: -log sigmoid((r_chosen - r_rejected) * (score_chosen - "
+        "score_rejected)^2), per pair, unnormalised (ties give no gradient).")
 
 
 @dataclass

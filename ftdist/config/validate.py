@@ -160,6 +160,9 @@ def _validate_preference(cfg: Config) -> None:
     if not 0 < d.max_prompt_length <= d.max_length:
         raise ConfigError(f"data.max_prompt_length: got {d.max_prompt_length}, allowed: 0 < x <= data.max_length "
                           f"({d.max_length})")
+    if cfg.stage == "rm" and cfg.rm.score_diff_scaling and cfg.rm.score_diff_weighting:
+        raise ConfigError("rm.score_diff_scaling and rm.score_diff_weighting: choose one (scaling is the guides' "
+                          "-log sigmoid((r_c - r_r) * d^2); weighting multiplies each pair's loss by d^2 / mean d^2)")
     if cfg.stage == "rm" and cfg.rm.head == "causal_lm" and cfg.model.lora is not None:
         raise ConfigError("rm.head=causal_lm trains the full model; use rm.head=sequence_classification with model.lora")
     if cfg.stage == "dpo":

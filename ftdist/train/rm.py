@@ -21,8 +21,9 @@ class RewardTask(PairTask):
         rm = self.cfg.rm
         if rm.margin == "column":
             self.require_column("margin", "rm.margin=column")
-        if rm.margin == "score_diff" or rm.score_diff_weighting:
-            why = "rm.margin=score_diff" if rm.margin == "score_diff" else "rm.score_diff_weighting"
+        if rm.margin == "score_diff" or rm.score_diff_weighting or rm.score_diff_scaling:
+            why = ("rm.margin=score_diff" if rm.margin == "score_diff" else
+                   "rm.score_diff_weighting" if rm.score_diff_weighting else "rm.score_diff_scaling")
             self.require_column("score_chosen", why)
             self.require_column("score_rejected", why)
         return summary
@@ -49,7 +50,8 @@ class RewardTask(PairTask):
         elif rm.margin == "score_diff":
             margin = (batch.score_chosen - batch.score_rejected) * rm.margin_scale
         weights = score_diff_weights(batch.score_chosen, batch.score_rejected) if rm.score_diff_weighting else None
-        loss, metrics = pairwise_reward_loss(chosen, rejected, margin=margin, weights=weights)
+        scale = (batch.score_chosen - batch.score_rejected) ** 2 if rm.score_diff_scaling else None
+        loss, metrics = pairwise_reward_loss(chosen, rejected, margin=margin, weights=weights, scale=scale)
         return pair_sums(loss, metrics, batch.n_pairs)
 
     def export(self, engine, out_dir: str) -> None:

@@ -85,3 +85,26 @@ def test_score_diff_weights():
     torch.testing.assert_close(weights.mean(), torch.tensor(1.0))
     # all ties: zeros, not NaN
     assert score_diff_weights(torch.ones(3), torch.ones(3)).tolist() == [0.0, 0.0, 0.0]
+
+
+def test_score_difference_loss_as_the_guides_write_it():
+    """rm.score_diff_scaling: -log sigmoid((r_c - r_r) * (s_c - s_r)^2), checked against the formula by hand, and
+    not a no-op for a micro-batch of one pair (a weight normalised over the batch would be exactly 1 there)."""
+    import math
+
+    chosen, rejected = torch.tensor([0.5, -1.0, 2.0]), torch.tensor([0.0, 0.5, 2.5])
+    s_c, s_r = torch.tensor([9.0, 7.0, 5.0]), torch.tensor([8.0, 4.0, 5.0])
+    scale = (s_c - s_r) ** 2  # 1, 9, 0
+    loss, _ = pairwise_reward_loss(chosen, rejected, scale=scale)
+    by_hand = [-math.log(1 / (1 + math.exp(-(c - r) * d))) for c, r, d in zip([0.5, -1.0, 2.0], [0.0, 0.5, 2.5],
+                                                                              [1.0, 9.0, 0.0])]
+    assert loss.item() == pytest.approx(sum(by_hand) / 3, rel=1e-6)  # float32 sigmoid/log: ~1e-7 relative
+    one, _ = pairwise_reward_loss(chosen[1:2], rejected[1:2], scale=scale[1:2])
+    plain, _ = pairwise_reward_loss(chosen[1:2], rejected[1:2])
+    weighted, _ = pairwise_reward_loss(chosen[1:2], rejected[1:2], weights=score_diff_weights(s_c[1:2], s_r[1:2]))
+    assert weighted.item() == pytest.approx(plain.item(), rel=1e-6)  # the normalised weight of a lone pair is 1
+    assert one.item() == pytest.approx(by_hand[1], rel=1e-6) and one.item() > 5 * plain.item()
+    # a tie (d = 0) gives no gradient
+    r = torch.tensor([2.0], requires_grad=True)
+    pairwise_reward_loss(r, torch.tensor([2.5]), scale=torch.tensor([0.0]))[0].backward()
+    assert r.grad.item() == 0.0

@@ -111,7 +111,7 @@ def _scored_rows():
 
 
 @pytest.mark.parametrize("rm", [{"margin": "score_diff", "margin_scale": 0.5}, {"margin": "column"},
-                                {"score_diff_weighting": True}])
+                                {"score_diff_weighting": True}, {"score_diff_scaling": True}])
 def test_reward_margins_and_weights_by_hand(models, tmp_path, rm):
     rows = _scored_rows()
     task, engine, batch = _task(tmp_path, rows, stage="rm", model={"name_or_path": models["rm"]}, rm=rm)
@@ -126,13 +126,16 @@ def test_reward_margins_and_weights_by_hand(models, tmp_path, rm):
     elif rm.get("margin") == "column":
         margin = torch.tensor([r["margin"] for r in rows])
     w = (sc - sr) ** 2 / ((sc - sr) ** 2).mean() if rm.get("score_diff_weighting") else torch.ones(len(rows))
-    expected = (w * -torch.log(torch.sigmoid(chosen - rejected - margin))).mean()
+    scale = (sc - sr) ** 2 if rm.get("score_diff_scaling") else torch.ones(len(rows))
+    expected = (w * -torch.log(torch.sigmoid((chosen - rejected - margin) * scale))).mean()
     torch.testing.assert_close(loss, expected, **TOL)
 
 
 def test_score_options_need_scores_in_the_data(models, tmp_path):
     with pytest.raises(DataError, match="rm.score_diff_weighting needs a 'score_chosen'"):
         _task(tmp_path, TEXT_ROWS, stage="rm", model={"name_or_path": models["rm"]}, rm={"score_diff_weighting": True})
+    with pytest.raises(DataError, match="rm.score_diff_scaling needs a 'score_chosen'"):
+        _task(tmp_path, TEXT_ROWS, stage="rm", model={"name_or_path": models["rm"]}, rm={"score_diff_scaling": True})
 
 
 def test_orpo_task_by_hand(models, tmp_path):
