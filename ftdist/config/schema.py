@@ -75,6 +75,9 @@ class DataConfig:
         512, "Preference stages: prompt tokens kept (the end of the prompt) before the response; at most "
         "data.max_length (each response keeps at least one token).")
     drop_ties: bool = _f(False, "Preference data: drop pairs whose scores are equal or whose responses are identical.")
+    filter: list[str] = _f(
+        [], "Keep only rows where every condition holds: 'column op value' with op ==, !=, >=, <=, >, <, in, not in "
+        "and a YAML value, e.g. ['chosen_score >= 8', 'status != tie', 'in_gsm8k_train == false'].")
     min_chosen_score: Optional[float] = _f(None, "Preference data: drop pairs whose chosen score is below this.")
     num_workers: int = _f(0, "DataLoader worker processes.")
     cache_dir: Optional[str] = _f(None, "Where tokenised data is cached (default: output_dir/cache).")

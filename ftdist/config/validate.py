@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 
+from ftdist.config.filters import parse_filter
 from ftdist.config.schema import OFFLOAD_OPTIMIZERS, PREFERENCE_STAGES, Config, ConfigError, ModelConfig
 
 # ppo.colocation -> the groups that share devices ("all": every group the recipe starts)
@@ -133,6 +134,11 @@ def validate(cfg: Config) -> None:
         _validate_preference(cfg)
     if cfg.stage == "ppo":
         _validate_ppo(cfg)
+    for text in cfg.data.filter:
+        try:
+            parse_filter(text)
+        except ValueError as e:
+            raise ConfigError(f"data.filter: {e}") from None
     if cfg.data.train is None and cfg.stage != "ppo":
         raise ConfigError("data.train: no training data given (a file path, a datasets directory, or 'ftdist/tiny-task')")
 

@@ -167,3 +167,31 @@ def _json_error(path: str) -> Optional[str]:
         if not isinstance(row, dict):
             return f"line {n}: a JSON {type(row).__name__}, not an object; each line must be one JSON object"
     return None
+
+
+# -- data.filter: keep rows where a column compares to a value (parsed by ftdist.config.filters) ----------------
+def row_filter(filters: list[str], columns: list[str], path: str):
+    """A predicate row -> keep? for data.filter (all conditions must hold), or None without filters. A column
+    the file lacks is a DataError naming it; a value that cannot be compared names the row (see keep)."""
+    if not filters:
+        return None
+    from ftdist.config.filters import FILTER_OPS, parse_filter
+
+    parsed = []
+    for text in filters:
+        col, op, value = parse_filter(text)
+        if col not in columns:
+            raise DataError(f"{path}: data.filter {text!r}: no column {col!r} (columns: {', '.join(columns)})")
+        parsed.append((text, col, FILTER_OPS[op], value))
+
+    def keep(row: dict, index: int) -> bool:
+        for text, col, fn, value in parsed:
+            try:
+                if not fn(row[col], value):
+                    return False
+            except TypeError:
+                raise RowError(path, index + 1, f"data.filter {text!r}: cannot compare {row[col]!r} with "
+                                                f"{value!r}") from None
+        return True
+
+    return keep

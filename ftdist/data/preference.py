@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from ftdist.data.formats import RowProblem, detect_format
-from ftdist.data.loading import DataError, RowError, load_rows, resolve_data_path
+from ftdist.data.loading import DataError, RowError, load_rows, resolve_data_path, row_filter
 from ftdist.data.preference_rows import PreferencePair, filter_reason, normalize_preference
 from ftdist.algos.sft import IGNORE_INDEX
 from ftdist.data.tokenize import _fingerprint, _save_atomically
@@ -39,10 +39,13 @@ class PreferenceStats:
     ties: int = 0
     low_score: int = 0
     tokens: int = 0
+    filtered: int = 0
     skipped_examples: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         s = f"{self.rows} pairs, {self.tokens} tokens"
+        if self.filtered:
+            s += f"; {self.filtered} left out by data.filter"
         if self.truncated:
             s += f"; {self.truncated} truncated to data.max_prompt_length/data.max_length"
         if self.ties:
@@ -107,7 +110,12 @@ def load_preference_pairs(spec: str, data_cfg, on_row=None):
     if fmt != "preference":
         raise DataError(f"{path}: preference stages need data.format=preference (chosen/rejected columns), "
                         f"the file looks like {fmt!r}; map its columns with data.columns")
+    keep = row_filter(data_cfg.filter, rows.column_names, path)
     for i, row in enumerate(rows):
+        if keep is not None and not keep(row, i):
+            if on_row is not None:
+                on_row("filtered", i + 1, "")
+            continue
         try:
             pair = normalize_preference(row, mapping)
             reason = filter_reason(pair, data_cfg.drop_ties, data_cfg.min_chosen_score)
@@ -130,6 +138,8 @@ def tokenize_preference(spec: str, tokenizer, data_cfg, cache_dir: Optional[str]
     path = resolve_data_path(spec)
     settings = {k: getattr(data_cfg, k) for k in ("max_length", "max_prompt_length", "format", "columns",
                                                      "on_error", "drop_ties", "min_chosen_score")}
+    if data_cfg.filter:
+        settings["filter"] = data_cfg.filter
     key = f"pref-{Path(path).stem}-{_fingerprint(path, tokenizer, {**settings, 'v': 1})}"
     cache_path = Path(cache_dir) / key if cache_dir else None
     if cache_path is not None and (cache_path / "stats.json").exists():

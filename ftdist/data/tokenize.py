@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ftdist.algos.sft import IGNORE_INDEX
 from ftdist.data.formats import SFT_NORMALIZERS, RowProblem, detect_format
-from ftdist.data.loading import DataError, RowError, content_digest, load_rows, resolve_data_path
+from ftdist.data.loading import DataError, RowError, content_digest, load_rows, resolve_data_path, row_filter
 
 
 
@@ -33,10 +33,13 @@ class EncodeStats:
     no_target: int = 0
     tokens: int = 0
     target_tokens: int = 0
+    filtered: int = 0
     skipped_examples: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         s = f"{self.rows} rows, {self.tokens} tokens ({self.target_tokens} trained on)"
+        if self.filtered:
+            s += f"; {self.filtered} left out by data.filter"
         if self.truncated:
             s += f"; {self.truncated} truncated to data.max_length"
         if self.skipped:
@@ -139,6 +142,8 @@ def tokenize_sft(spec: str, tokenizer, data_cfg, cache_dir: str | None, show_pro
     path = resolve_data_path(spec)
     settings = {"max_length": data_cfg.max_length, "train_on_prompt": data_cfg.train_on_prompt,
                 "format": data_cfg.format, "columns": data_cfg.columns, "on_error": data_cfg.on_error, "v": 1}
+    if data_cfg.filter:
+        settings["filter"] = data_cfg.filter
     cache_path = None
     if cache_dir:
         cache_path = Path(cache_dir) / f"sft-{Path(path).stem}-{_fingerprint(path, tokenizer, settings)}"
@@ -164,7 +169,11 @@ def tokenize_sft(spec: str, tokenizer, data_cfg, cache_dir: str | None, show_pro
         from tqdm import tqdm
 
         it = tqdm(it, total=len(rows), desc=f"tokenising {Path(path).name}", unit="row")
+    keep = row_filter(data_cfg.filter, rows.column_names, path)
     for i, row in it:
+        if keep is not None and not keep(row, i):
+            stats.filtered += 1
+            continue
         try:
             ids, lab, truncated = encode_sft_row(tokenizer, normalize(row, mapping), data_cfg.max_length,
                                                  data_cfg.train_on_prompt)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ftdist.data.formats import RowProblem, normalize_messages
-from ftdist.data.loading import DataError, RowError, load_rows, resolve_data_path
+from ftdist.data.loading import DataError, RowError, load_rows, resolve_data_path, row_filter
 
 
 @dataclass
@@ -50,7 +50,10 @@ def load_prompts(spec: str, data_cfg, tokenizer, max_rows: int = 0) -> PromptSet
                         f"map one with data.columns={{prompt: your_column}})")
     others = [c for c in rows.column_names if c != col]
     texts, extras = [], {c: [] for c in others}
+    keep = row_filter(data_cfg.filter, rows.column_names, path)
     for i, row in enumerate(rows):
+        if keep is not None and not keep(row, i):
+            continue
         try:
             text = render_prompt(row[col], tokenizer)
         except RowProblem as e:

@@ -119,3 +119,30 @@ def test_tokenised_data_is_cached_and_reused(tok, tmp_path):
     ds2, _ = tokenize_sft(str(f), tok, cfg.data, str(tmp_path / "cache"))
     assert ds2["input_ids"] == ds1["input_ids"]
     assert st.exists()
+
+
+def test_data_filter_keeps_rows_where_every_condition_holds(tok, tmp_path):
+    from ftdist.config import ConfigError
+
+    rows = [{"messages": CONV[1:3], "score": s, "status": st, "in_gsm8k_train": g, "source": src}
+            for s, st, g, src in [(9, "win", False, "a"), (7, "win", False, "a"), (8, "tie", False, "b"),
+                                  (10, "win", True, "c"), (8, "win", False, "b"), (None, "win", False, "a")]]
+    path = _write_jsonl(tmp_path / "f.jsonl", rows)
+    filters = ["score >= 8", "status != tie", "in_gsm8k_train == false", "source in [a, b]"]
+    ds, stats = tokenize_sft(str(path), tok, _cfg(path, filter=filters).data, None)
+    # kept: rows 1 and 5; 2 (score 7), 3 (tie), 4 (gsm8k, source c) and 6 (no score) are left out
+    assert len(ds) == stats.rows == 2 and stats.filtered == 4 and "4 left out by data.filter" in stats.summary()
+    one, _ = tokenize_sft(str(path), tok, _cfg(path, filter=["source not in [a, b]"]).data, None)
+    assert len(one) == 1
+    with pytest.raises(DataError, match=r"data.filter 'scor >= 8': no column 'scor' \(columns: messages, score"):
+        tokenize_sft(str(path), tok, _cfg(path, filter=["scor >= 8"]).data, None)
+    with pytest.raises(RowError, match=r"row 1: data.filter 'status >= 3': cannot compare 'win' with 3"):
+        tokenize_sft(str(path), tok, _cfg(path, filter=["status >= 3"]).data, None)
+    for bad in ("score", "score ~= 3", "source in a"):
+        with pytest.raises(ConfigError, match="data.filter"):
+            _cfg(path, filter=[bad])
+    # the tokenised cache is keyed on the filter too
+    cache = str(tmp_path / "cache")
+    a, _ = tokenize_sft(str(path), tok, _cfg(path, filter=filters).data, cache)
+    b, _ = tokenize_sft(str(path), tok, _cfg(path).data, cache)
+    assert (len(a), len(b)) == (2, 6)

@@ -127,6 +127,9 @@ def test_filters_drop_ties_and_low_scores(tok, tmp_path):
     assert ds["score_chosen"] == [8.0] and ds["score_rejected"] == [3.0]
     ds, stats, _ = tokenize_preference(path, tok, _data_cfg(path), None)
     assert stats.rows == 4
+    # data.filter on any column, as the guides filter UltraFeedback-style data
+    ds, stats, _ = tokenize_preference(path, tok, _data_cfg(path, filter=["score_chosen >= 6"]), None)
+    assert (stats.rows, stats.filtered) == (2, 2) and ds["score_chosen"] == [8.0, 6.0]
 
 
 def test_chat_pair_tokens_and_response_mask(tok):
