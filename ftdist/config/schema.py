@@ -102,6 +102,9 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 disables clipping.")
     optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit", "adafactor", "sgd", "lion"] = _f(
         "adamw_torch", "Optimizer (DeepSpeed CPU Adam is used automatically with optimizer offload).")
+    optimizer_kwargs: dict[str, Any] = _f(
+        {}, "Extra arguments of the optimizer, as its class names them; they override ftdist's defaults (e.g. "
+        "{momentum: 0.0, nesterov: true} for sgd, {betas: [0.95, 0.98]} for lion).")
     adam_beta1: float = _f(0.9, "Adam beta1.")
     adam_beta2: float = _f(0.999, "Adam beta2.")
     adam_eps: float = _f(1e-8, "Adam epsilon.")

@@ -36,6 +36,7 @@ def bnb_optimizer_class(name: str, cuda: bool | None = None):
 
 
 def build_optimizer(train_cfg, param_groups: list[dict], offload: bool = False):
+    """The optimizer of train.optimizer with ftdist's defaults, overridden by train.optimizer_kwargs."""
     name = train_cfg.optimizer
     lr = train_cfg.lr
     betas = (train_cfg.adam_beta1, train_cfg.adam_beta2)
@@ -45,19 +46,37 @@ def build_optimizer(train_cfg, param_groups: list[dict], offload: bool = False):
                               f"(use adamw_torch, which becomes DeepSpeed's CPU Adam)")
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return DeepSpeedCPUAdam(param_groups, lr=lr, betas=betas, eps=train_cfg.adam_eps, adamw_mode=True)
+        return _make(DeepSpeedCPUAdam, param_groups, train_cfg, lr=lr, betas=betas, eps=train_cfg.adam_eps,
+                     adamw_mode=True)
     if name == "adamw_torch":
-        return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=train_cfg.adam_eps)
+        return _make(torch.optim.AdamW, param_groups, train_cfg, lr=lr, betas=betas, eps=train_cfg.adam_eps)
     if name == "sgd":
-        return torch.optim.SGD(param_groups, lr=lr, momentum=0.9)
+        return _make(torch.optim.SGD, param_groups, train_cfg, lr=lr, momentum=0.9)
     if name == "adafactor":
         from transformers.optimization import Adafactor
 
-        return Adafactor(param_groups, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False)
+        return _make(Adafactor, param_groups, train_cfg, lr=lr, scale_parameter=False, relative_step=False,
+                     warmup_init=False)
     if name not in BNB_OPTIMIZERS:
         raise ConfigError(f"train.optimizer: unknown {name!r}")
     cls = bnb_optimizer_class(name)
     if name == "lion":
         # Lion's usual betas; its update is a sign, so Adam's betas/eps do not carry over
-        return cls(param_groups, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
-    return cls(param_groups, lr=lr, betas=betas, eps=train_cfg.adam_eps, weight_decay=0.0)
+        return _make(cls, param_groups, train_cfg, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    return _make(cls, param_groups, train_cfg, lr=lr, betas=betas, eps=train_cfg.adam_eps, weight_decay=0.0)
+
+
+def _make(cls, param_groups: list[dict], train_cfg, **defaults):
+    """cls(param_groups, **defaults) with train.optimizer_kwargs on top, each key checked against cls."""
+    import inspect
+
+    extra = dict(getattr(train_cfg, "optimizer_kwargs", None) or {})
+    allowed = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "params", "args", "kwargs")]
+    for key, value in extra.items():
+        if key not in allowed or key == "lr":
+            why = "use train.lr" if key == "lr" else f"{cls.__name__} takes: {', '.join(allowed)}"
+            raise ConfigError(f"train.optimizer_kwargs.{key}: not an argument of train.optimizer="
+                              f"{train_cfg.optimizer} ({why})")
+        if isinstance(value, list):
+            extra[key] = tuple(value)  # betas: [0.9, 0.95] in YAML
+    return cls(param_groups, **{**defaults, **extra})

@@ -285,3 +285,25 @@ def test_lora_on_8bit_base_trains_only_the_adapter():
     assert grads and all(".lora_" in n for n in grads)
     assert all(g is not None for g in grads.values())
     assert any(float(g.abs().max()) > 0 for n, g in grads.items() if ".lora_B." in n)
+
+
+@pytest.mark.parametrize("name,kwargs,expected", [
+    ("sgd", "{momentum: 0.0, nesterov: false}", {"momentum": 0.0, "nesterov": False}),
+    ("sgd", "{momentum: 0.5, nesterov: true}", {"momentum": 0.5, "nesterov": True}),
+    ("lion", "{betas: [0.95, 0.98]}", {"betas": (0.95, 0.98)}),
+    ("adamw_torch", "{amsgrad: true}", {"amsgrad": True, "eps": 1e-8}),  # ftdist's own defaults stay
+])
+def test_optimizer_kwargs_reach_the_optimizer(name, kwargs, expected):
+    cfg = load_config("sft_tiny", [f"train.optimizer={name}", f"train.optimizer_kwargs={kwargs}"])
+    opt = build_optimizer(cfg.train, [{"params": [torch.nn.Parameter(torch.zeros(2))], "weight_decay": 0.0}])
+    for key, value in expected.items():
+        assert opt.param_groups[0][key] == value, key
+
+
+def test_an_unknown_optimizer_argument_names_the_key_and_what_exists():
+    from ftdist.config import ConfigError
+
+    cfg = load_config("sft_tiny", ["train.optimizer=sgd", "train.optimizer_kwargs={momentun: 0.5}"])
+    with pytest.raises(ConfigError, match=r"train.optimizer_kwargs.momentun: not an argument of train.optimizer=sgd "
+                                          r"\(SGD takes: lr, momentum"):
+        build_optimizer(cfg.train, [{"params": [torch.nn.Parameter(torch.zeros(2))]}])
