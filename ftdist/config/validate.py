@@ -21,7 +21,7 @@ COLOCATED = {"policy_ref": ("policy", "ref"), "critic_reward": ("critic", "rewar
 RESUME_SAFE_KEYS = ("output_dir", "overwrite_output_dir", "checkpoint.", "logging.", "dist.timeout_s",
                     "train.log_every", "train.eval_every", "train.progress_bar", "train.eval_accuracy",
                     "train.eval_max_new_tokens", "train.eval_max_samples", "data.train", "data.eval",
-                    "data.cache_dir", "data.num_workers", "ppo.eval_every")
+                    "data.cache_dir", "data.num_workers", "ppo.eval_every", "train.save_final")
 
 
 def resume_changes(saved: dict, current: dict) -> list[tuple[str, object, object]]:

@@ -95,9 +95,10 @@ def _train(cfg: Config, run_id: str) -> dict:
             log.warning("stop requested by signal: checkpoint saved at iteration %d; exiting for requeue",
                         result["stopped_at"])
             return result
-        driver.export(str(out / "final"))
+        if cfg.train.save_final:
+            driver.export(str(out / "final"))
         log.info("done: %d iterations, %d samples in %.1fs; policy in %s", driver.iteration, driver.samples,
-                 driver.elapsed, out / "final")
+                 driver.elapsed, out / "final" if cfg.train.save_final else "the last checkpoint (train.save_final=false)")
         return result
     except RunFailure as e:
         if e.details:

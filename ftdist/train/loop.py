@@ -293,11 +293,12 @@ def _train(cfg: Config, info, stop: StopRequest, run_id: str):
     if ev:
         writer.log({"step": state.step, "epoch": state.epoch, **ev})
         log.info("eval after training: %s", fmt_metrics(ev))
-    export_final(engine, lambda d: task.export(engine, d), out / "final")
+    if cfg.train.save_final:
+        export_final(engine, lambda d: task.export(engine, d), out / "final")
     writer.close()
     if info.is_main:
-        log.info("done: %d steps, %s tokens in %.1fs; model in %s", state.step, f"{state.tokens:,}",
-                 state.elapsed_s, out / "final")
+        log.info("done: %d steps, %s tokens in %.1fs; model in %s", state.step, f"{state.tokens:,}", state.elapsed_s,
+                 out / "final" if cfg.train.save_final else f"{out / 'checkpoints'} (train.save_final=false)")
     return {"step": state.step, **ev}, engine
 
 
