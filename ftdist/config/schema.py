@@ -51,6 +51,9 @@ class QuantizationConfig:
 @dataclass
 class ModelConfig:
     name_or_path: str = _f("ftdist/tiny", "Hugging Face model directory or hub id; 'ftdist/tiny' is the embedded tiny Llama.")
+    tokenizer: Optional[str] = _f(
+        None, "Load the tokenizer (and its chat template) from this directory instead of model.name_or_path; it must "
+        "share the model's vocabulary.")
     dtype: Literal["bf16", "fp16", "fp32"] = _f("bf16", "Training precision (bf16/fp16 mixed precision, or fp32).")
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = _f(
         "auto", "Attention kernel; 'auto' = flash_attention_2 on CUDA when installed, else sdpa.")
@@ -74,6 +77,9 @@ class DataConfig:
     max_prompt_length: int = _f(
         512, "Preference stages: prompt tokens kept (the end of the prompt) before the response; at most "
         "data.max_length (each response keeps at least one token).")
+    chat_template: Optional[str] = _f(
+        None, "Chat template replacing the tokenizer's: chatml, llama3, llama2, mistral, zephyr, tinyllama, a Jinja "
+        "file, or Jinja text (for base models without one).")
     drop_ties: bool = _f(False, "Preference data: drop pairs whose scores are equal or whose responses are identical.")
     filter: list[str] = _f(
         [], "Keep only rows where every condition holds: 'column op value' with op ==, !=, >=, <=, >, <, in, not in "

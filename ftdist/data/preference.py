@@ -76,7 +76,9 @@ def encode_pair(tokenizer, pair: PreferencePair, max_prompt_length: int, max_len
     """-> (prompt_ids, chosen_ids, rejected_ids, truncated)."""
     if pair.conversational:
         if getattr(tokenizer, "chat_template", None) is None:
-            raise DataError("the tokenizer has no chat template; preference data with message lists needs one")
+            raise DataError("the tokenizer has no chat template; preference data with message lists needs one: set "
+                            "data.chat_template (chatml, llama3, llama2, mistral, zephyr, or a Jinja file) or "
+                            "model.tokenizer")
         prompt = _ids(tokenizer, pair.prompt, add_generation_prompt=True)
         full = [_ids(tokenizer, pair.prompt + r) for r in (pair.chosen, pair.rejected)]
     else:

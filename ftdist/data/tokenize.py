@@ -67,7 +67,8 @@ def _assistant_char_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tu
 def encode_messages(tokenizer, messages: list[dict], max_length: int, train_on_prompt: bool = False):
     """-> (input_ids, labels, truncated). Labels are IGNORE_INDEX outside assistant turns."""
     if getattr(tokenizer, "chat_template", None) is None:
-        raise DataError("the tokenizer has no chat template; use data.format=text or a model with a chat template")
+        raise DataError("the tokenizer has no chat template (a base model?): set data.chat_template (chatml, llama3, "
+                        "llama2, mistral, zephyr, or a Jinja file) or model.tokenizer, or use data.format=text")
     text, spans = _assistant_char_spans(tokenizer, messages)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]

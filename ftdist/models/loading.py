@@ -50,15 +50,22 @@ def _in_hub_cache(repo_id: str) -> bool:
         return False
 
 
-def load_tokenizer(model_cfg):
+def load_tokenizer(model_cfg, chat_template: str | None = None):
+    """The tokenizer of model.tokenizer (default: model.name_or_path), with data.chat_template when given."""
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(model_cfg.name_or_path)
+    key, source = ("model.tokenizer", model_cfg.tokenizer) if getattr(model_cfg, "tokenizer", None) else \
+        ("model.name_or_path", model_cfg.name_or_path)
+    path = resolve_model_path(source)
     _check_source(path, "tokenizer")
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
     except Exception as e:
-        raise ModelError(f"model.name_or_path={model_cfg.name_or_path!r}: cannot load the tokenizer: {e}") from None
+        raise ModelError(f"{key}={source!r}: cannot load the tokenizer: {e}") from None
+    if chat_template:
+        from ftdist.data.templates import resolve_chat_template
+
+        tok.chat_template = resolve_chat_template(chat_template)
     if tok.pad_token_id is None:
         # a pad id is only needed for batching; its positions are masked out of attention and loss
         tok.pad_token = tok.eos_token

@@ -64,7 +64,7 @@ def _train(cfg: Config, run_id: str) -> dict:
     # everything a user can get wrong is checked here, before any actor starts
     if cfg.ppo.reward_fn is not None:
         load_reward_fn(cfg.ppo.reward_fn)
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, cfg.data.chat_template)
     prompts = load_prompts(cfg.data.train, cfg.data, tokenizer)
     eval_prompts = (load_prompts(cfg.data.eval, cfg.data, tokenizer, max_rows=cfg.train.eval_max_samples)
                     if cfg.data.eval else None)

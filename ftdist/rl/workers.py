@@ -158,7 +158,7 @@ class PolicyWorker(_TrainedWorker):
         from ftdist.models.adapters import apply_lora
         from ftdist.models.loading import load_causal_lm, load_tokenizer
 
-        self.tokenizer = load_tokenizer(cfg.model)
+        self.tokenizer = load_tokenizer(cfg.model, cfg.data.chat_template)
         self.engine = self._build_engine(lambda: apply_lora(load_causal_lm(cfg.model), cfg.model), cfg.train.lr)
 
     @torch.no_grad()
@@ -247,7 +247,7 @@ class CriticWorker(_TrainedWorker):
         from ftdist.models.loading import load_tokenizer
 
         model_cfg = dataclasses.replace(cfg.model, name_or_path=critic_source(cfg), lora=None, quantization=None)
-        pad = load_tokenizer(cfg.model).pad_token_id
+        pad = load_tokenizer(cfg.model, cfg.data.chat_template).pad_token_id
         self.engine = self._build_engine(
             lambda: load_reward_model(model_cfg, "sequence_classification", pad, seed=cfg.seed), cfg.ppo.critic_lr)
 
@@ -310,7 +310,7 @@ class RewardWorker(_Worker):
 
         model_cfg = dataclasses.replace(cfg.model, name_or_path=cfg.ppo.reward_model, lora=None, quantization=None,
                                         gradient_checkpointing=False)
-        pad = load_tokenizer(cfg.model).pad_token_id
+        pad = load_tokenizer(cfg.model, cfg.data.chat_template).pad_token_id
         self.frozen = FrozenEngine(lambda: load_reward_model(model_cfg, "sequence_classification", pad), cfg,
                                    self.info, grad_accum=1)
 

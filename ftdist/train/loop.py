@@ -153,7 +153,7 @@ def _train(cfg: Config, info, stop: StopRequest, run_id: str):
         dump_config(cfg, out / "config.yaml")
     grad_accum = _grad_accum(cfg, info.world_size)
 
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, cfg.data.chat_template)
     task = make_task(cfg, tokenizer, info)
     cache_dir = cfg.data.cache_dir or str(out / "cache")
     # rank 0 tokenises and caches; the others wait, then load the cache

@@ -146,3 +146,49 @@ def test_data_filter_keeps_rows_where_every_condition_holds(tok, tmp_path):
     a, _ = tokenize_sft(str(path), tok, _cfg(path, filter=filters).data, cache)
     b, _ = tokenize_sft(str(path), tok, _cfg(path).data, cache)
     assert (len(a), len(b)) == (2, 6)
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama3", "llama2", "mistral", "zephyr", "tinyllama"])
+def test_built_in_chat_templates_train_on_assistant_turns_only(name):
+    """A base model's tokenizer with data.chat_template=NAME: masked assistant-only SFT as with its own template."""
+    from ftdist.config import ModelConfig
+    from ftdist.models.loading import load_tokenizer
+
+    tok = load_tokenizer(ModelConfig(), name)
+    ids, labels, _ = encode_messages(tok, CONV, 512)
+    runs, cur = [], []
+    for t, lab in zip(ids, labels):
+        if lab != IGNORE_INDEX:
+            cur.append(t)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    runs += [cur] if cur else []
+    # two assistant turns, each its content, the template's own end-of-turn markup (e.g. <|im_end|>, which the
+    # model must learn to emit) and one EOS; nothing of the system or user turns is trained
+    assert [r[-1] for r in runs] == [tok.eos_token_id] * 2
+    texts = [tok.decode(r[:-1]).strip() for r in runs]
+    assert texts[0].startswith("1 2 3") and texts[1].startswith("8 9"), texts
+    assert not any(w in t for t in texts for w in ("be brief", "Sort", "again", "user", "system")), texts
+    prompt = tok.apply_chat_template(CONV[:2], tokenize=False, add_generation_prompt=True)
+    assert "be brief" in prompt and "Sort the digits: 3 1 2" in prompt
+
+
+def test_chat_template_from_a_file_or_another_tokenizer(tmp_path):
+    from ftdist.config import ConfigError, ModelConfig
+    from ftdist.data.templates import BUILTIN
+    from ftdist.models.loading import load_tokenizer
+
+    jinja = tmp_path / "t.jinja"
+    jinja.write_text(BUILTIN["chatml"])
+    assert load_tokenizer(ModelConfig(), str(jinja)).chat_template == BUILTIN["chatml"]
+    other = load_tokenizer(ModelConfig(), "llama3")
+    other.save_pretrained(tmp_path / "other")
+    tok = load_tokenizer(ModelConfig(tokenizer=str(tmp_path / "other")))
+    assert tok.chat_template == BUILTIN["llama3"]
+    with pytest.raises(ConfigError, match="data.chat_template='chatlm': neither a built-in template"):
+        load_tokenizer(ModelConfig(), "chatlm")
+    base = load_tokenizer(ModelConfig())
+    base.chat_template = None
+    with pytest.raises(DataError, match="no chat template .* set data.chat_template"):
+        encode_messages(base, CONV, 512)
