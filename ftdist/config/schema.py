@@ -65,8 +65,18 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: Optional[str] = _f(None, "Training data: a JSON/JSONL/CSV/Parquet file or a saved datasets directory; 'ftdist/tiny-task' = the bundled task.")
+    train: Optional[str] = _f(None, "Training data: a JSON/JSONL/CSV/Parquet file, a saved datasets directory, a "
+                              "dataset name as load_dataset takes it (Hub, or a local directory laid out as one); "
+                              "'ftdist/tiny-task' = the bundled task.")
     eval: Optional[str] = _f(None, "Evaluation data, same forms as data.train.")
+    split: str = _f("train", "Split of data.train when it is a dataset name or directory with splits (e.g. train_sft; "
+                    "slices as in datasets: train[:10%]).")
+    eval_split: str = _f("test", "Split of data.eval when it is a dataset name or directory with splits (e.g. "
+                         "test_sft[:3000]).")
+    subset: Optional[str] = _f(None, "Configuration (subset) name of a dataset with several, as load_dataset's name.")
+    revision: Optional[str] = _f(None, "Revision (branch, tag or commit) of a Hub dataset.")
+    max_samples: int = _f(0, "Use at most this many rows of each data source (after data.shuffle_seed); 0 = all.")
+    shuffle_seed: Optional[int] = _f(None, "Shuffle the rows with this seed before data.max_samples; null = file order.")
     format: Literal["auto", "messages", "alpaca", "text", "preference", "prompt"] = _f(
         "auto", "Row format; 'auto' detects it from the columns.")
     columns: dict[str, str] = _f({}, "Column mapping from the format's names to the file's names, e.g. {messages: conversations}.")

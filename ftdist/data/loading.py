@@ -71,10 +71,16 @@ def _file_sha256(path: str, size: int, mtime_ns: int, ctime_ns: int, inode: int)
         return h.hexdigest()
 
 
-def data_fingerprint(spec: str) -> str:
-    """The content digest of a data source as the recipe names it (bundled names resolved)."""
+def data_fingerprint(spec: str, data_cfg=None) -> str:
+    """The content digest of a data source as the recipe names it (bundled names resolved; dataset names by
+    their split's fingerprint)."""
     path = resolve_data_path(spec)
-    return content_digest(path) if os.path.exists(path) else f"missing:{path}"
+    if os.path.isfile(path) or (os.path.isdir(path) and _is_saved_dataset(path)):
+        return content_digest(path)
+    try:
+        return source_digest(spec, data_cfg)
+    except DataError:
+        return f"missing:{path}"
 
 
 def _check_text(path: str, kind: str) -> None:
@@ -106,21 +112,56 @@ def _check_text(path: str, kind: str) -> None:
         raise DataError(f"{path}: no rows" + (" (only a header line)" if kind == "csv" and rows == 1 else ""))
 
 
-def load_rows(spec: str):
-    """A `datasets.Dataset` from a JSON/JSONL/CSV/Parquet file or a saved datasets directory."""
+_FILE_LIKE = (".json", ".jsonl", ".csv", ".parquet", ".txt", ".tsv", ".arrow")
+
+
+def is_hub_name(path: str) -> bool:
+    """A data spec that is no local path: a `datasets.load_dataset` name (e.g. HuggingFaceH4/ultrachat_200k).
+    Something that looks like a file (its extension) stays a local path, so a typo says 'not found'."""
+    return not os.path.exists(path) and not path.lower().endswith(_FILE_LIKE) and not path.startswith((".", "/", "~"))
+
+
+def _split_of(spec: str, data_cfg) -> str:
+    if data_cfg is None:
+        return "train"
+    return data_cfg.split if spec == data_cfg.train else data_cfg.eval_split
+
+
+def load_rows(spec: str, data_cfg=None):
+    """A `datasets.Dataset` from a JSON/JSONL/CSV/Parquet file, a saved datasets directory, a dataset repository
+    directory or a `datasets.load_dataset` name (with data.split / data.eval_split, data.subset, data.revision);
+    then data.shuffle_seed and data.max_samples."""
+    ds = _load_source(spec, data_cfg)
+    if data_cfg is not None and data_cfg.shuffle_seed is not None:
+        ds = ds.shuffle(seed=data_cfg.shuffle_seed)
+    if data_cfg is not None and data_cfg.max_samples > 0 and len(ds) > data_cfg.max_samples:
+        ds = ds.select(range(data_cfg.max_samples))
+    return ds
+
+
+def _is_saved_dataset(path: str) -> bool:
+    return any(os.path.exists(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json"))
+
+
+def _load_source(spec: str, data_cfg):
     import datasets
 
     path = resolve_data_path(spec)
+    datasets.disable_progress_bars()
+    if is_hub_name(path) or (os.path.isdir(path) and not _is_saved_dataset(path)):
+        return _load_repository(path, data_cfg)
     if not os.path.exists(path):
         raise DataError(f"{path}: data file not found")
-    datasets.disable_progress_bars()
+    kind = None
     try:
         if os.path.isdir(path):
             ds = datasets.load_from_disk(path)
             if isinstance(ds, datasets.DatasetDict):
-                if "train" not in ds:
-                    raise DataError(f"{path}: dataset dict has splits {list(ds)}; point at one split's directory")
-                ds = ds["train"]
+                split = _split_of(spec, data_cfg)
+                if split not in ds:
+                    raise DataError(f"{path}: no split {split!r} (splits: {', '.join(ds)}); set data.split or "
+                                    f"data.eval_split")
+                ds = ds[split]
             return ds
         kind = _EXTENSIONS.get(Path(path).suffix.lower())
         if kind is None:
@@ -142,6 +183,43 @@ def load_rows(spec: str):
         where = _json_error(path) if kind == "json" else None
         raise DataError(f"{path}: {where}" if where else
                         f"{path}: cannot be read as a dataset: {type(e).__name__}: {e}") from None
+
+
+def _load_repository(name: str, data_cfg):
+    """datasets.load_dataset(name, subset, split, revision): a Hub dataset, or a local directory laid out as one."""
+    import datasets
+
+    split = _split_of(name, data_cfg)
+    subset = data_cfg.subset if data_cfg is not None else None
+    revision = data_cfg.revision if data_cfg is not None else None
+    what = f"{name}" + (f" (subset {subset!r})" if subset else "")
+    try:
+        return datasets.load_dataset(name, subset, split=split, revision=revision)
+    except Exception as e:
+        msg = " ".join(str(e).split())[:400]
+        if isinstance(e, (FileNotFoundError, datasets.exceptions.DatasetNotFoundError)) or "doesn't exist" in msg \
+                or "Couldn't find" in msg:
+            raise DataError(f"{what}: no such data file or dataset (not a local path; as a dataset name: {msg})") \
+                from None
+        if isinstance(e, ConnectionError) or "Couldn't reach" in msg:
+            raise DataError(f"{what}: not a local path, and as a dataset name it needs the Hub, which cannot be "
+                            f"reached ({msg}); a local file needs its path with the extension") from None
+        if "split" in msg.lower():
+            raise DataError(f"{what}: split {split!r}: {msg} (set data.split / data.eval_split)") from None
+        if "config" in msg.lower():
+            raise DataError(f"{what}: {msg} (set data.subset)") from None
+        raise DataError(f"{what}: cannot be loaded as a dataset: {type(e).__name__}: {msg}") from None
+
+
+def source_digest(spec: str, data_cfg=None) -> str:
+    """What the tokenised cache and a resume compare: a local source's content digest; for a dataset name, the
+    loaded split's fingerprint (which datasets derives from the files and revision) with the subset and split."""
+    path = resolve_data_path(spec)
+    if not (is_hub_name(path) or (os.path.isdir(path) and not _is_saved_dataset(path))):
+        return content_digest(path)
+    ds = _load_repository(path, data_cfg)
+    subset = data_cfg.subset if data_cfg is not None else None
+    return f"dataset:{path}:{subset}:{_split_of(spec, data_cfg)}:{ds._fingerprint}"
 
 
 def _json_error(path: str) -> Optional[str]:

@@ -28,7 +28,7 @@ from ftdist.data.formats import RowProblem, detect_format
 from ftdist.data.loading import DataError, RowError, load_rows, resolve_data_path, row_filter
 from ftdist.data.preference_rows import PreferencePair, filter_reason, normalize_preference
 from ftdist.algos.sft import IGNORE_INDEX
-from ftdist.data.tokenize import _fingerprint, _save_atomically
+from ftdist.data.tokenize import _fingerprint, _save_atomically, source_settings
 
 
 @dataclass
@@ -101,7 +101,7 @@ def encode_pair(tokenizer, pair: PreferencePair, max_prompt_length: int, max_len
 def load_preference_pairs(spec: str, data_cfg, on_row=None):
     """Yield (row number, PreferencePair) for every usable row; on_row(kind, row, message) sees the others."""
     path = resolve_data_path(spec)
-    rows = load_rows(spec)
+    rows = load_rows(spec, data_cfg)
     mapping = data_cfg.columns
     fmt = data_cfg.format
     if fmt == "auto":
@@ -140,9 +140,8 @@ def tokenize_preference(spec: str, tokenizer, data_cfg, cache_dir: Optional[str]
     path = resolve_data_path(spec)
     settings = {k: getattr(data_cfg, k) for k in ("max_length", "max_prompt_length", "format", "columns",
                                                      "on_error", "drop_ties", "min_chosen_score")}
-    if data_cfg.filter:
-        settings["filter"] = data_cfg.filter
-    key = f"pref-{Path(path).stem}-{_fingerprint(path, tokenizer, {**settings, 'v': 1})}"
+    settings.update(source_settings(spec, data_cfg))
+    key = f"pref-{Path(path).stem}-{_fingerprint(spec, tokenizer, {**settings, 'v': 1}, data_cfg)}"
     cache_path = Path(cache_dir) / key if cache_dir else None
     if cache_path is not None and (cache_path / "stats.json").exists():
         stats = PreferenceStats(**json.loads((cache_path / "stats.json").read_text()))

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ftdist.algos.sft import IGNORE_INDEX
 from ftdist.data.formats import SFT_NORMALIZERS, RowProblem, detect_format
-from ftdist.data.loading import DataError, RowError, content_digest, load_rows, resolve_data_path, row_filter
+from ftdist.data.loading import DataError, RowError, load_rows, resolve_data_path, row_filter, source_digest
 
 
 
@@ -120,11 +120,25 @@ def encode_sft_row(tokenizer, row: dict, max_length: int, train_on_prompt: bool)
     return encode_text(tokenizer, row["text"], max_length)
 
 
-def _fingerprint(path: str, tokenizer, settings: dict) -> str:
+def source_settings(spec: str, data_cfg) -> dict:
+    """Which rows of a source are read, beyond its content: keys only when they differ from the defaults (so
+    the cache keys of plain files stay as they were)."""
+    out = {}
+    split = data_cfg.split if spec == data_cfg.train else data_cfg.eval_split
+    if split != ("train" if spec == data_cfg.train else "test"):
+        out["split"] = split
+    for key, default in (("subset", None), ("revision", None), ("max_samples", 0), ("shuffle_seed", None),
+                         ("filter", [])):
+        if getattr(data_cfg, key) != default:
+            out[key] = getattr(data_cfg, key)
+    return out
+
+
+def _fingerprint(spec: str, tokenizer, settings: dict, data_cfg=None) -> str:
     """The tokenised cache's key: the data's content (not its file times), the settings and the tokenizer itself
     (its full definition where the tokenizer can write it out, so a changed vocabulary or merges miss the cache)."""
     h = hashlib.sha256()
-    h.update(content_digest(path).encode())
+    h.update(source_digest(spec, data_cfg).encode())
     h.update(json.dumps(settings, sort_keys=True).encode())
     h.update(str(len(tokenizer)).encode())
     h.update((getattr(tokenizer, "chat_template", None) or "").encode())
@@ -142,17 +156,16 @@ def tokenize_sft(spec: str, tokenizer, data_cfg, cache_dir: str | None, show_pro
 
     path = resolve_data_path(spec)
     settings = {"max_length": data_cfg.max_length, "train_on_prompt": data_cfg.train_on_prompt,
-                "format": data_cfg.format, "columns": data_cfg.columns, "on_error": data_cfg.on_error, "v": 1}
-    if data_cfg.filter:
-        settings["filter"] = data_cfg.filter
+                "format": data_cfg.format, "columns": data_cfg.columns, "on_error": data_cfg.on_error, "v": 1,
+                **source_settings(spec, data_cfg)}
     cache_path = None
     if cache_dir:
-        cache_path = Path(cache_dir) / f"sft-{Path(path).stem}-{_fingerprint(path, tokenizer, settings)}"
+        cache_path = Path(cache_dir) / f"sft-{Path(path).stem}-{_fingerprint(spec, tokenizer, settings, data_cfg)}"
         if (cache_path / "stats.json").exists():
             stats = EncodeStats(**json.loads((cache_path / "stats.json").read_text()))
             return datasets.load_from_disk(str(cache_path / "data")), stats
 
-    rows = load_rows(spec)
+    rows = load_rows(spec, data_cfg)
     mapping = data_cfg.columns
     fmt = data_cfg.format
     if fmt == "auto":

@@ -42,7 +42,7 @@ def render_prompt(value, tokenizer) -> str:
 
 def load_prompts(spec: str, data_cfg, tokenizer, max_rows: int = 0) -> PromptSet:
     """Every row of `spec` rendered; a bad row stops with file and row number (or is skipped with on_error=skip)."""
-    rows = load_rows(spec)
+    rows = load_rows(spec, data_cfg)
     path = resolve_data_path(spec)
     col = data_cfg.columns.get("prompt", "prompt")
     if col not in rows.column_names:

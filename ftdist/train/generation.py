@@ -13,7 +13,7 @@ from ftdist.models.generate import generate as generate_ids
 
 def load_eval_conversations(spec: str, data_cfg, max_samples: int) -> list[tuple[list[dict], str]]:
     """(prompt messages, reference answer) for rows whose last turn is the assistant's."""
-    rows = load_rows(spec)
+    rows = load_rows(spec, data_cfg)
     fmt = data_cfg.format if data_cfg.format != "auto" else detect_format(rows.column_names, data_cfg.columns)
     if fmt not in ("messages", "alpaca"):
         return []

@@ -192,3 +192,49 @@ def test_chat_template_from_a_file_or_another_tokenizer(tmp_path):
     base.chat_template = None
     with pytest.raises(DataError, match="no chat template .* set data.chat_template"):
         encode_messages(base, CONV, 512)
+
+
+def _hub_layout(root):
+    """A dataset repository as on the Hub (HuggingFaceH4/ultrachat_200k's layout): data files per split, named in
+    the README's configs, and a second subset."""
+    (root / "data").mkdir(parents=True)
+    (root / "extra").mkdir()
+    for split, n in (("train_sft", 12), ("test_sft", 5)):
+        _write_jsonl(root / "data" / f"{split}-00000-of-00001.jsonl",
+                     [{"prompt_id": f"{split}-{i}", "messages": [CONV[1], {"role": "assistant", "content": str(i)}]}
+                      for i in range(n)])
+    _write_jsonl(root / "extra" / "train-00000-of-00001.jsonl", [{"messages": CONV[1:3]}] * 3)
+    (root / "README.md").write_text(
+        "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train_sft\n    path: data/train_sft-*\n"
+        "  - split: test_sft\n    path: data/test_sft-*\n- config_name: extra\n  data_files:\n  - split: train\n"
+        "    path: extra/train-*\n---\n# a tiny chat dataset\n")
+    return root
+
+
+def test_a_dataset_repository_by_name_with_split_subset_and_sampling(tok, tmp_path, monkeypatch):
+    from ftdist.data.loading import load_rows
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # everything local, as on a machine without the Hub
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    repo = str(_hub_layout(tmp_path / "ultrachat_mini"))
+    assert len(load_rows(repo, _cfg(repo, split="train_sft").data)) == 12
+    eval_cfg = _cfg("other.jsonl", eval=repo, eval_split="test_sft[:3]").data  # data.eval reads data.eval_split
+    assert [r["prompt_id"] for r in load_rows(repo, eval_cfg)] == ["test_sft-0", "test_sft-1", "test_sft-2"]
+    assert len(load_rows(repo, _cfg(repo, subset="extra").data)) == 3
+    sampled = load_rows(repo, _cfg(repo, split="train_sft", max_samples=4, shuffle_seed=7).data)
+    assert len(sampled) == 4 and sampled["prompt_id"] != [f"train_sft-{i}" for i in range(4)]
+    assert sampled["prompt_id"] == load_rows(repo, _cfg(repo, split="train_sft", max_samples=4,
+                                                        shuffle_seed=7).data)["prompt_id"]  # seeded: the same
+    ds, stats = tokenize_sft(repo, tok, _cfg(repo, split="train_sft").data, str(tmp_path / "cache"))
+    assert stats.rows == 12
+    again, _ = tokenize_sft(repo, tok, _cfg(repo, split="train_sft", max_samples=5).data, str(tmp_path / "cache"))
+    assert len(again) == 5  # max_samples is part of the cache key
+    # what does not exist is one line naming it and what does
+    with pytest.raises(DataError, match=r"split 'train'.*train_sft"):
+        load_rows(repo, _cfg(repo).data)
+    with pytest.raises(DataError, match=r"extr.*set data.subset"):
+        load_rows(repo, _cfg(repo, subset="extr").data)
+    with pytest.raises(DataError, match="someone/no_such_dataset: not a local path, and as a dataset name it needs"):
+        load_rows("someone/no_such_dataset", _cfg("someone/no_such_dataset").data)  # offline: the Hub is not asked
+    with pytest.raises(DataError, match="data file not found"):
+        load_rows(str(tmp_path / "trian.jsonl"), None)
