@@ -210,6 +210,9 @@ class DPOConfig:
 @dataclass
 class ORPOConfig:
     beta: float = _f(0.1, "Weight of the odds-ratio term added to the SFT loss on the chosen responses.")
+    nll: Literal["trl", "pair_mean"] = _f(
+        "trl", "The SFT term: trl = TRL's ORPOTrainer (token mean over the chosen rows' prompt and response tokens "
+        "of the micro-batch); pair_mean = each pair's mean over its response tokens, then the mean over pairs.")
 
 
 @dataclass

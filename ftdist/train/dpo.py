@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import torch
+
 from ftdist.algos.dpo import dpo_loss, orpo_loss
-from ftdist.algos.sft import sequence_logprobs
+from ftdist.algos.sft import IGNORE_INDEX, sequence_logprobs, sft_loss_sum
 from ftdist.models.adapters import apply_lora
 from ftdist.models.forward import causal_logits
 from ftdist.models.loading import load_causal_lm
@@ -50,15 +52,26 @@ class DPOTask(PolicyPairTask):
 class ORPOTask(PolicyPairTask):
     """SFT on the chosen responses plus an odds-ratio preference term; no reference model.
 
-    TRL averages the NLL over all chosen tokens of a batch; here each pair's NLL
-    is its own per-token mean, so a pair weighs the same whatever batch it lands
-    in (the loop normalises by pairs).
+    orpo.nll=trl (default) takes the SFT term as TRL's ORPOTrainer does: the token mean of the cross-entropy
+    over every real token of the chosen rows (prompt and response) of the micro-batch. pair_mean takes each
+    pair's mean over its response tokens, so a pair weighs the same whatever batch it lands in.
     """
 
     name = "orpo"
 
     def loss(self, engine, batch):
         batch = batch.to(engine.device)
-        chosen, rejected = self.policy_logps(engine, batch, average=True).chunk(2)  # (B,), (B,)
-        loss, metrics = orpo_loss(chosen, rejected, -chosen.mean(), beta=self.cfg.orpo.beta)
+        logits = causal_logits(engine.forward, batch, self.attn_impl, self.dtype)  # (2B, T, V)
+        chosen, rejected = sequence_logprobs(logits, batch.labels, average=True).chunk(2)  # (B,), (B,)
+        if self.cfg.orpo.nll == "trl":
+            n = batch.n_pairs
+            mask = batch.attention_mask[:n]
+            targets = batch.input_ids[:n].masked_fill(mask == 0, IGNORE_INDEX)
+            # a row's first real token has nothing before it to be predicted from (with left padding a pad would)
+            targets[torch.arange(n, device=targets.device), mask.argmax(dim=-1)] = IGNORE_INDEX
+            nll_sum, count = sft_loss_sum(logits[:n], targets)
+            nll = nll_sum / count.clamp(min=1)
+        else:
+            nll = -chosen.mean()
+        loss, metrics = orpo_loss(chosen, rejected, nll, beta=self.cfg.orpo.beta)
         return pair_sums(loss, metrics, batch.n_pairs)

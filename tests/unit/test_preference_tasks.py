@@ -141,7 +141,7 @@ def test_score_options_need_scores_in_the_data(models, tmp_path):
 def test_orpo_task_by_hand(models, tmp_path):
     rows, beta = _chat_rows(), 0.25
     task, engine, batch = _task(tmp_path, rows, stage="orpo", model={"name_or_path": models["policy"]},
-                                orpo={"beta": beta})
+                                orpo={"beta": beta, "nll": "pair_mean"})
     loss, metrics = _ftdist(task, engine, batch)
     with torch.no_grad():
         logits = engine.module(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
@@ -153,6 +153,45 @@ def test_orpo_task_by_hand(models, tmp_path):
     expected = -c.mean() - beta * torch.nn.functional.logsigmoid(log_odds).mean()
     torch.testing.assert_close(loss, expected, **TOL)
     torch.testing.assert_close(torch.tensor(metrics["nll_loss"]), -c.mean(), **TOL)
+
+
+@pytest.mark.parametrize("rows", ["chat", "text"])
+def test_orpo_task_matches_trl_orpo_trainer(models, tmp_path, rows):
+    """orpo.nll=trl (the default): the loss and metrics of TRL's own ORPOTrainer.get_batch_loss_metrics on the same
+    pairs, in TRL's batch layout (each row's real tokens, right-padded)."""
+    import warnings
+
+    from tests.trl_bare import bare
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "experimental" warning on import
+        from trl.experimental.orpo.orpo_trainer import ORPOTrainer
+
+    rows = _chat_rows() if rows == "chat" else TEXT_ROWS
+    task, engine, batch = _task(tmp_path, rows, stage="orpo", model={"name_or_path": models["policy"]},
+                                orpo={"beta": 0.25})
+    loss, metrics = _ftdist(task, engine, batch)
+    pad = models["tok"].pad_token_id
+
+    def trl_side(rows_of_side):
+        real = [batch.attention_mask[i].bool() for i in rows_of_side]
+        width = max(int(m.sum()) for m in real)
+        out = {}
+        for key, src, fill in (("input_ids", batch.input_ids, pad), ("attention_mask", batch.attention_mask, 0),
+                               ("labels", batch.labels, -100)):
+            out[key] = torch.stack([torch.nn.functional.pad(src[i][m], (0, width - int(m.sum())), value=fill)
+                                    for i, m in zip(rows_of_side, real)])
+        return out
+
+    n = batch.n_pairs
+    trl_batch = {f"{side}_{k}": v for side, idx in (("chosen", range(n)), ("rejected", range(n, 2 * n)))
+                 for k, v in trl_side(list(idx)).items()}
+    trainer = bare(ORPOTrainer, beta=0.25, is_encoder_decoder=False, padding_value=pad, aux_loss_enabled=False)
+    with torch.no_grad():
+        trl_loss, trl_metrics = trainer.get_batch_loss_metrics(engine.module, trl_batch, "train")
+    torch.testing.assert_close(loss, trl_loss.float(), **TOL)
+    for key in ("nll_loss", "log_odds_ratio", "log_odds_chosen", "rewards/chosen", "rewards/rejected"):
+        torch.testing.assert_close(torch.tensor(float(metrics[key])), torch.tensor(float(trl_metrics[key])), **TOL)
 
 
 def test_task_accuracy_reads_chat_pairs(models, tmp_path):
