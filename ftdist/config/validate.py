@@ -36,9 +36,10 @@ def resume_changes(saved: dict, current: dict) -> list[tuple[str, object, object
         return out
 
     a, b = flat(saved), flat(current)
-    for d in (a, b):  # the default warmup, as recipes before train.warmup_steps recorded it
+    for d in (a, b):  # keys added later, with the meaning a recipe from before them had
         if d.get("train.warmup_ratio") is None and d.get("train.warmup_steps") is None:
             d["train.warmup_ratio"] = 0.03
+        d.setdefault("train.group_by_length", False)
     changed = [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
     return [c for c in changed if not c[0].startswith(RESUME_SAFE_KEYS)]
 

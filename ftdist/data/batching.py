@@ -91,10 +91,29 @@ class StepPlan:
         return len(self.steps)
 
 
+MEGA_BATCH_STEPS = 50  # as transformers' LengthGroupedSampler: mega-batches of up to 50 steps' rows
+
+
+def length_grouped_rows(rows: list[Row], lengths: Sequence[int], per_step: int) -> list[Row]:
+    """The shuffled rows cut into mega-batches of up to MEGA_BATCH_STEPS steps (fewer on small data: at least 4
+    mega-batches), each sorted longest first: the steps cut from it hold rows of similar length (little padding)
+    while the mega-batches keep the epoch's random order (the transformers Trainer's group_by_length)."""
+    steps_per_mega = max(1, min(MEGA_BATCH_STEPS, len(rows) // (per_step * 4)))
+    size = per_step * steps_per_mega
+    out = []
+    for i in range(0, len(rows), size):
+        out += sorted(rows[i:i + size], key=lambda r: -row_len_of(r, lengths))
+    return out
+
+
 def plan_epoch(lengths: Sequence[int], *, seed: int, epoch: int, micro_batch_size: int, grad_accum: int,
-               world_size: int, rank: int, packing: bool, capacity: int) -> StepPlan:
+               world_size: int, rank: int, packing: bool, capacity: int, group_by_length: bool = True) -> StepPlan:
+    """group_by_length (unpacked rows): see length_grouped_rows(); the steps are then still whole mega-batch slices,
+    so the same rows form each step on any number of ranks."""
     rows = epoch_rows(lengths, seed, epoch, packing, capacity)
     per_step = micro_batch_size * grad_accum * world_size
+    if group_by_length and not packing:
+        rows = length_grouped_rows(rows, lengths, per_step)
     n_steps = len(rows) // per_step  # an incomplete last step would change the effective batch: dropped
     steps = []
     for s in range(n_steps):

@@ -160,3 +160,37 @@ def test_padding_fraction_small_with_packing():
     bins = best_fit_pack(lengths, list(range(len(lengths))), 1024)
     used = sum(lengths)
     assert 1 - used / (len(bins) * 1024) < 0.03
+
+
+def test_group_by_length_cuts_padding_across_the_epoch_and_keeps_every_row():
+    """train.group_by_length (default): long-tailed lengths, one micro-batch per step (the case that used to get
+    no grouping at all): padding falls from the random-batch level to a few percent; every row is still used
+    once; the plan stays deterministic and the same rows form each step on 1 or 2 ranks."""
+    import random
+
+    rng = random.Random(0)
+    lengths = [min(512, max(8, int(rng.lognormvariate(4.5, 0.9)))) for _ in range(4000)]
+    kw = dict(seed=3, epoch=0, micro_batch_size=8, grad_accum=1, world_size=1, rank=0, packing=False, capacity=512)
+
+    def padding(plan):
+        real = padded = 0
+        for step in plan.steps:
+            for micro in step:
+                widths = [lengths[r[0]] for r in micro]
+                real += sum(widths)
+                padded += max(widths) * len(widths)
+        return 1 - real / padded
+
+    plain = plan_epoch(lengths, **kw, group_by_length=False)
+    grouped = plan_epoch(lengths, **kw)
+    # exact for this seeded data (no floating-point rounding involved): 0.61 without grouping, 0.033 with it; a
+    # sorted mega-batch of 400 rows leaves neighbours a few percent apart, random batches of 8 from a lognormal
+    # with sigma 0.9 pad to their longest, about twice the mean
+    assert padding(plain) > 0.5 and padding(grouped) < 0.05
+    used = sorted(r[0] for step in grouped.steps for mb in step for r in mb)
+    assert used == sorted(r[0] for step in plain.steps for mb in step for r in mb) == list(range(4000))
+    assert plan_epoch(lengths, **kw).steps == grouped.steps
+    assert plan_epoch(lengths, **{**kw, "epoch": 1}).steps != grouped.steps
+    two = [plan_epoch(lengths, **{**kw, "micro_batch_size": 4, "world_size": 2, "rank": r}) for r in (0, 1)]
+    for s in range(len(grouped)):
+        assert sorted(r[0] for r in grouped.steps[s][0]) == sorted(r[0] for p in two for r in p.steps[s][0])
