@@ -116,7 +116,8 @@ class TrainConfig:
         "cosine_with_restarts).")
     weight_decay: float = _f(0.0, "Decoupled weight decay; never applied to biases and norm weights.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 disables clipping.")
-    optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit", "adafactor", "sgd", "lion"] = _f(
+    optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit", "adafactor", "sgd", "lion",
+                       "rmsprop", "adagrad"] = _f(
         "adamw_torch", "Optimizer (DeepSpeed CPU Adam is used automatically with optimizer offload).")
     optimizer_kwargs: dict[str, Any] = _f(
         {}, "Extra arguments of the optimizer, as its class names them; they override ftdist's defaults (e.g. "

@@ -52,6 +52,10 @@ def build_optimizer(train_cfg, param_groups: list[dict], offload: bool = False):
         return _make(torch.optim.AdamW, param_groups, train_cfg, lr=lr, betas=betas, eps=train_cfg.adam_eps)
     if name == "sgd":
         return _make(torch.optim.SGD, param_groups, train_cfg, lr=lr, momentum=0.9)
+    if name == "rmsprop":
+        return _make(torch.optim.RMSprop, param_groups, train_cfg, lr=lr, eps=train_cfg.adam_eps)
+    if name == "adagrad":
+        return _make(torch.optim.Adagrad, param_groups, train_cfg, lr=lr, eps=train_cfg.adam_eps)
     if name == "adafactor":
         from transformers.optimization import Adafactor
 

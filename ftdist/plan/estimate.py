@@ -71,6 +71,8 @@ OPTIMIZER_STATE_BYTES = {
     "sgd": 4.0,  # momentum buffer
     "lion": 4.0,  # one momentum buffer
     "adafactor": 0.0,  # factored second moment, rows + columns only: ~0 per parameter
+    "rmsprop": 4.0,  # square average (a momentum buffer adds 4 more when optimizer_kwargs sets momentum)
+    "adagrad": 4.0,  # running sum of squared gradients
 }
 OPTIMIZER_ALIASES = {"adamw": "adamw_torch", "adam": "adamw_torch"}
 METHODS = ("full", "lora", "qlora")

@@ -146,7 +146,7 @@ def test_eval_pass_does_not_break_4bit_gradients():
 
 
 @pytest.mark.parametrize("name", ["adamw_torch", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit", "adafactor",
-                                  "sgd", "lion"])
+                                  "sgd", "lion", "rmsprop", "adagrad"])
 def test_optimizers_get_only_trainable_parameters_and_no_decay_on_biases_norms(name):
     torch.manual_seed(0)
     cfg = load_config("qlora_tiny", ["model.quantization=null", "model.lora.bias=all", "train.weight_decay=0.1",
