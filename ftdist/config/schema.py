@@ -80,7 +80,9 @@ class DataConfig:
     format: Literal["auto", "messages", "alpaca", "text", "preference", "prompt"] = _f(
         "auto", "Row format; 'auto' detects it from the columns.")
     columns: dict[str, str] = _f({}, "Column mapping from the format's names to the file's names, e.g. {messages: conversations}.")
-    max_length: int = _f(2048, "Maximum tokens per sample; longer samples are truncated (and counted).")
+    max_length: Optional[int] = _f(
+        2048, "Maximum tokens per sample; longer samples are truncated (and counted). null = the model's maximum "
+        "(max_position_embeddings in its config).")
     packing: bool = _f(False, "Pack several samples per row (best fit) with attention kept within each sample.")
     train_on_prompt: bool = _f(False, "Also compute the loss on system/user tokens (default: assistant turns only).")
     on_error: Literal["raise", "skip"] = _f("raise", "Malformed rows: stop with file and row number, or count and skip them.")

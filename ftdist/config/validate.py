@@ -70,8 +70,8 @@ def validate(cfg: Config) -> None:
     """Combinations that cannot work are rejected before anything loads."""
     t, ds, m = cfg.train, cfg.deepspeed, cfg.model
     positive = {"train.micro_batch_size": t.micro_batch_size, "train.global_batch_size": t.global_batch_size,
-                "data.max_length": cfg.data.max_length, "train.log_every": t.log_every,
-                "train.max_nonfinite_steps": t.max_nonfinite_steps}
+                "data.max_length": 1 if cfg.data.max_length is None else cfg.data.max_length,
+                "train.log_every": t.log_every, "train.max_nonfinite_steps": t.max_nonfinite_steps}
     for k, v in positive.items():
         if v <= 0:
             raise ConfigError(f"{k}: got {v}, must be > 0")
@@ -164,7 +164,7 @@ def _validate_preference(cfg: Config) -> None:
         raise ConfigError(f"data.format: got {d.format!r} for stage={cfg.stage}, allowed: 'preference' or 'auto'")
     if d.packing:
         raise ConfigError(f"data.packing=true is not supported for stage={cfg.stage} (pairs are batched, not packed)")
-    if not 0 < d.max_prompt_length <= d.max_length:
+    if not 0 < d.max_prompt_length <= (d.max_length or d.max_prompt_length):  # null: checked once resolved
         raise ConfigError(f"data.max_prompt_length: got {d.max_prompt_length}, allowed: 0 < x <= data.max_length "
                           f"({d.max_length})")
     if cfg.stage == "rm" and cfg.rm.score_diff_scaling and cfg.rm.score_diff_weighting:
@@ -222,7 +222,7 @@ def _validate_ppo(cfg: Config) -> None:
     if cfg.data.train is None:
         raise ConfigError("data.train: stage=ppo needs prompts: a file with a 'prompt' column (text or a message "
                           "list), e.g. 'ftdist/tiny-task/prompts'")
-    if p.max_new_tokens >= cfg.data.max_length:
+    if cfg.data.max_length is not None and p.max_new_tokens >= cfg.data.max_length:
         raise ConfigError(f"ppo.max_new_tokens={p.max_new_tokens} leaves no room for the prompt within "
                           f"data.max_length={cfg.data.max_length}")
     if (p.reward_fn is None) == (p.reward_model is None):

@@ -8,9 +8,12 @@ partitions parameters as they are created.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 
 import torch
+
+log = logging.getLogger("ftdist")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -172,3 +175,30 @@ def count_parameters(model) -> tuple[int, int]:
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total
+
+
+def resolve_max_length(cfg):
+    """The recipe with data.max_length: null replaced by the model's maximum (max_position_embeddings, or
+    n_positions), checked as a recipe value would have been."""
+    import dataclasses
+
+    if cfg.data.max_length is not None:
+        return cfg
+    from transformers import AutoConfig
+
+    from ftdist.config import ConfigError, validate
+
+    path = resolve_model_path(cfg.model.name_or_path)
+    try:
+        mc = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    except Exception as e:
+        raise ModelError(f"model.name_or_path={cfg.model.name_or_path!r}: cannot read its config for "
+                         f"data.max_length=null: {e}") from None
+    n = getattr(mc, "max_position_embeddings", None) or getattr(mc, "n_positions", None)
+    if not n:
+        raise ConfigError(f"data.max_length=null: {cfg.model.name_or_path} states no maximum length "
+                          f"(max_position_embeddings); set data.max_length")
+    log.info("data.max_length=null: %d, the model's max_position_embeddings", n)
+    out = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_length=int(n)))
+    validate(out)
+    return out

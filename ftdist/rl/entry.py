@@ -25,9 +25,12 @@ def _absolute(path):
 def _resolved(cfg: Config) -> Config:
     import dataclasses
 
+    from ftdist.models.loading import resolve_max_length
+
     model = dataclasses.replace(cfg.model, name_or_path=_absolute(cfg.model.name_or_path))
     ppo = dataclasses.replace(cfg.ppo, reward_model=_absolute(cfg.ppo.reward_model))
-    return dataclasses.replace(cfg, output_dir=str(Path(cfg.output_dir).resolve()), model=model, ppo=ppo)
+    cfg = dataclasses.replace(cfg, output_dir=str(Path(cfg.output_dir).resolve()), model=model, ppo=ppo)
+    return resolve_max_length(cfg)
 
 
 def train(cfg: Config) -> dict:

@@ -25,7 +25,7 @@ from ftdist.engine.checkpoint import (export_final, find_latest, load_checkpoint
                                       refuse_foreign_checkpoints, resolve_resume, save_checkpoint)
 from ftdist.engine.dist import all_reduce_sum, barrier, from_main, init_distributed, rank_batches
 from ftdist.engine.universal import reshard_refusal, to_universal
-from ftdist.models.loading import count_parameters, load_tokenizer
+from ftdist.models.loading import count_parameters, load_tokenizer, resolve_max_length
 from ftdist.run import rundir, testing
 from ftdist.run.logs import fmt_metrics, setup_logging
 from ftdist.run.metrics import MetricsWriter, Progress
@@ -147,6 +147,7 @@ def _claim_output_dir(cfg: Config, info):
 
 
 def _train(cfg: Config, info, stop: StopRequest, run_id: str):
+    cfg = resolve_max_length(cfg)
     seed_everything(cfg.seed)
     out = Path(cfg.output_dir)
     if info.is_main:

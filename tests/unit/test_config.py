@@ -186,3 +186,20 @@ def test_old_checkpoints_default_warmup_is_not_a_recipe_change():
     now["train"]["warmup_steps"] = 5
     now["train"]["warmup_ratio"] = None
     assert [c[0] for c in resume_changes(before, now)] == ["train.warmup_ratio", "train.warmup_steps"]
+
+
+def test_max_length_null_is_the_models_maximum():
+    import json
+
+    from ftdist.models.loading import resolve_max_length
+    from ftdist.models.tiny import resolve_model_path
+
+    cfg = load_config("sft_tiny", ["data.max_length=null"])
+    assert cfg.data.max_length is None
+    limit = json.loads(open(f"{resolve_model_path('ftdist/tiny')}/config.json").read())["max_position_embeddings"]
+    assert resolve_max_length(cfg).data.max_length == limit
+    assert resolve_max_length(load_config("sft_tiny", [])).data.max_length == 128  # a number stays
+    # the combinations a number must satisfy are checked once the maximum is known
+    pref = load_config("dpo_tiny", ["data.max_length=null", f"data.max_prompt_length={limit + 1}"])
+    with pytest.raises(ConfigError, match="data.max_prompt_length"):
+        resolve_max_length(pref)
