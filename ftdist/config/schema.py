@@ -140,8 +140,9 @@ class TrainConfig:
     eval_max_samples: int = _f(200, "At most this many eval rows are used for accuracy.")
     progress_bar: bool = _f(True, "Show a progress bar on rank 0.")
     group_by_length: bool = _f(
-        True, "Unpacked rows: steps of rows of similar length, from shuffled mega-batches of 50 steps sorted by "
-        "length (the transformers Trainer's group_by_length); less padding. No effect with data.packing.")
+        False, "Unpacked rows: steps of rows of similar length, cut from mega-batches of 50 steps sorted by length "
+        "(the transformers Trainer's group_by_length), in random step order; much less padding, but steps of "
+        "uniform length can train worse (README). No effect with data.packing.")
     save_final: bool = _f(True, "Write the model to output_dir/final at the end (false: the checkpoints only; a "
                           "LoRA run's hold its adapter, a full run's DeepSpeed's zero_to_fp32.py).")
 

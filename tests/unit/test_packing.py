@@ -163,9 +163,9 @@ def test_padding_fraction_small_with_packing():
 
 
 def test_group_by_length_cuts_padding_across_the_epoch_and_keeps_every_row():
-    """train.group_by_length (default): long-tailed lengths, one micro-batch per step (the case that used to get
-    no grouping at all): padding falls from the random-batch level to a few percent; every row is still used
-    once; the plan stays deterministic and the same rows form each step on 1 or 2 ranks."""
+    """train.group_by_length=true: long-tailed lengths, one micro-batch per step (a case the within-step sort cannot
+    help): padding falls from the random-batch level to a few percent; every row is still used once; the plan
+    stays deterministic and the same rows form each step on 1 or 2 ranks."""
     import random
 
     rng = random.Random(0)
@@ -181,7 +181,8 @@ def test_group_by_length_cuts_padding_across_the_epoch_and_keeps_every_row():
                 padded += max(widths) * len(widths)
         return 1 - real / padded
 
-    plain = plan_epoch(lengths, **kw, group_by_length=False)
+    plain = plan_epoch(lengths, **kw)
+    kw["group_by_length"] = True
     grouped = plan_epoch(lengths, **kw)
     # exact for this seeded data (no floating-point rounding involved): 0.61 without grouping, 0.033 with it; a
     # sorted mega-batch of 400 rows leaves neighbours a few percent apart, random batches of 8 from a lognormal
