@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -35,14 +34,6 @@ def _gb(x: float) -> str:
     return f"{x:.2f} GB" if x >= 0.1 else f"{x * 1e3:.1f} MB"
 
 
-def _env() -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
-
-
 def _train(recipe: dict, path: Path, nproc: int = 0) -> list[dict]:
     """`ftdist train` in its own process (nproc > 0: under torchrun with that many ranks); the metrics."""
     import yaml
@@ -50,7 +41,7 @@ def _train(recipe: dict, path: Path, nproc: int = 0) -> list[dict]:
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
                 if nproc else [sys.executable])
-    proc = subprocess.run([*launcher, "-m", "ftdist", "train", str(path)], env=_env(), cwd=ROOT,
+    proc = subprocess.run([*launcher, "-m", "ftdist", "train", str(path)], env=gpu_sft.subprocess_env(), cwd=ROOT,
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"ftdist train {path} failed ({proc.returncode}):\n{proc.stderr[-6000:]}")

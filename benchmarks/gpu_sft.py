@@ -74,6 +74,16 @@ def model_flops_per_token(config: dict, lengths: list[int]) -> tuple[float, floa
     return 6 * n + 12 * layers * heads * hd * s, 6 * n
 
 
+def subprocess_env() -> dict:
+    """The environment of an `ftdist train` child: this checkout first on PYTHONPATH (what is already there, e.g.
+    wheels installed with --target, after it), offline, and no launcher variables of a parent run."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
 def run_setting(work: Path, s: dict, a, checkpointing: bool, packing: bool = True) -> dict:
     name = f"ckpt-{'on' if checkpointing else 'off'}" + ("" if packing else "-padded")
     out = work / "runs" / name
@@ -97,11 +107,7 @@ def run_setting(work: Path, s: dict, a, checkpointing: bool, packing: bool = Tru
         # not already run with this recipe in this work directory (gpu_check.sh runs ckpt-off twice)
         shutil.rmtree(out, ignore_errors=True)
         path.write_text(text)
-        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-            env.pop(k, None)
-        proc = subprocess.run([sys.executable, "-m", "ftdist", "train", str(path)], env=env, cwd=ROOT,
+        proc = subprocess.run([sys.executable, "-m", "ftdist", "train", str(path)], env=subprocess_env(), cwd=ROOT,
                               capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"ftdist train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"

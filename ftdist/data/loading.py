@@ -75,8 +75,6 @@ def data_fingerprint(spec: str, data_cfg=None) -> str:
     """The content digest of a data source as the recipe names it (bundled names resolved; dataset names by
     their split's fingerprint)."""
     path = resolve_data_path(spec)
-    if os.path.isfile(path) or (os.path.isdir(path) and _is_saved_dataset(path)):
-        return content_digest(path)
     try:
         return source_digest(spec, data_cfg)
     except DataError:
@@ -121,7 +119,8 @@ def is_hub_name(path: str) -> bool:
     return not os.path.exists(path) and not path.lower().endswith(_FILE_LIKE) and not path.startswith((".", "/", "~"))
 
 
-def _split_of(spec: str, data_cfg) -> str:
+def split_of(spec: str, data_cfg) -> str:
+    """The split a source is read with: data.split for data.train, data.eval_split for data.eval."""
     if data_cfg is None:
         return "train"
     return data_cfg.split if spec == data_cfg.train else data_cfg.eval_split
@@ -143,12 +142,17 @@ def _is_saved_dataset(path: str) -> bool:
     return any(os.path.exists(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json"))
 
 
+def _is_repository(path: str) -> bool:
+    """Read through datasets.load_dataset: a dataset name, or a directory laid out as a Hub repository."""
+    return is_hub_name(path) or (os.path.isdir(path) and not _is_saved_dataset(path))
+
+
 def _load_source(spec: str, data_cfg):
     import datasets
 
     path = resolve_data_path(spec)
     datasets.disable_progress_bars()
-    if is_hub_name(path) or (os.path.isdir(path) and not _is_saved_dataset(path)):
+    if _is_repository(path):
         return _load_repository(path, data_cfg)
     if not os.path.exists(path):
         raise DataError(f"{path}: data file not found")
@@ -157,7 +161,7 @@ def _load_source(spec: str, data_cfg):
         if os.path.isdir(path):
             ds = datasets.load_from_disk(path)
             if isinstance(ds, datasets.DatasetDict):
-                split = _split_of(spec, data_cfg)
+                split = split_of(spec, data_cfg)
                 if split not in ds:
                     raise DataError(f"{path}: no split {split!r} (splits: {', '.join(ds)}); set data.split or "
                                     f"data.eval_split")
@@ -189,7 +193,7 @@ def _load_repository(name: str, data_cfg):
     """datasets.load_dataset(name, subset, split, revision): a Hub dataset, or a local directory laid out as one."""
     import datasets
 
-    split = _split_of(name, data_cfg)
+    split = split_of(name, data_cfg)
     subset = data_cfg.subset if data_cfg is not None else None
     revision = data_cfg.revision if data_cfg is not None else None
     what = f"{name}" + (f" (subset {subset!r})" if subset else "")
@@ -215,11 +219,11 @@ def source_digest(spec: str, data_cfg=None) -> str:
     """What the tokenised cache and a resume compare: a local source's content digest; for a dataset name, the
     loaded split's fingerprint (which datasets derives from the files and revision) with the subset and split."""
     path = resolve_data_path(spec)
-    if not (is_hub_name(path) or (os.path.isdir(path) and not _is_saved_dataset(path))):
+    if not _is_repository(path):
         return content_digest(path)
     ds = _load_repository(path, data_cfg)
     subset = data_cfg.subset if data_cfg is not None else None
-    return f"dataset:{path}:{subset}:{_split_of(spec, data_cfg)}:{ds._fingerprint}"
+    return f"dataset:{path}:{subset}:{split_of(spec, data_cfg)}:{ds._fingerprint}"
 
 
 def _json_error(path: str) -> Optional[str]:

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from ftdist.algos.sft import IGNORE_INDEX
 from ftdist.data.formats import SFT_NORMALIZERS, RowProblem, detect_format
-from ftdist.data.loading import DataError, RowError, load_rows, resolve_data_path, row_filter, source_digest
+from ftdist.data.loading import (DataError, RowError, load_rows, resolve_data_path, row_filter, source_digest,
+                                 split_of)
 
 
 
@@ -124,7 +125,7 @@ def source_settings(spec: str, data_cfg) -> dict:
     """Which rows of a source are read, beyond its content: keys only when they differ from the defaults (so
     the cache keys of plain files stay as they were)."""
     out = {}
-    split = data_cfg.split if spec == data_cfg.train else data_cfg.eval_split
+    split = split_of(spec, data_cfg)
     if split != ("train" if spec == data_cfg.train else "test"):
         out["split"] = split
     for key, default in (("subset", None), ("revision", None), ("max_samples", 0), ("shuffle_seed", None),
