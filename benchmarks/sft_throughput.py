@@ -11,6 +11,9 @@ optimizer steps of the same effective batch in samples:
 
   ftdist       ftdist.train.loop.train(cfg): the real loop and DeepSpeed engine (ZeRO-0, one process),
                data.packing=true (best-fit rows of max_length tokens)
+  ftdist_unpacked        the same with data.packing=false and the recipe default train.group_by_length=step,
+               one micro-batch size = the step's samples (each step's rows run as micro-batches of similar length)
+  ftdist_unpacked_plain  the same with train.group_by_length=false (one padded micro-batch per step)
   trl          trl.SFTTrainer with its defaults (padded batches in random order), except fp32 and no
                gradient checkpointing, which every arm shares
   trl_packing  the same with packing=True (TRL's best-fit packing, padding-free rows)
@@ -48,7 +51,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-ARMS = ("ftdist", "trl", "trl_packing", "bare")
+ARMS = ("ftdist", "ftdist_unpacked", "ftdist_unpacked_plain", "trl", "trl_packing", "bare")
 SETTINGS = {
     # model shape, data and schedule of the full run and of the smoke test
     "full": dict(hidden=512, intermediate=1536, layers=6, heads=8, kv_heads=4, vocab=8192, samples=3000,
@@ -208,7 +211,7 @@ def _window(marks: list[tuple[float, float, int, int]], warmup: int) -> dict:
             "tokens_per_cpu_s": real / max(c1 - c0, 1e-9), "padding_fraction": 1 - real / max(processed, 1)}
 
 
-def arm_ftdist(work: Path, s: dict, a) -> dict:
+def arm_ftdist(work: Path, s: dict, a, packing: bool = True, group_by_length="step") -> dict:
     from ftdist.config import load_config
     from ftdist.train.loop import train
     from ftdist.run.metrics import MetricsWriter
@@ -224,14 +227,17 @@ def arm_ftdist(work: Path, s: dict, a) -> dict:
             marks.append(_mark(record["tokens"], (marks[-1][3] if marks else 0) + step_processed))
         log(self, record)
 
-    rows, _ = rows_per_step(work, s, a.seed)
-    out = work / "runs" / f"ftdist-{os.getpid()}"
+    # unpacked: one micro-batch of the whole step's samples (micro = global batch, the case in which only a
+    # split of the step's rows by length can cut padding)
+    rows = rows_per_step(work, s, a.seed)[0] if packing else s["batch"]
+    out = work / "runs" / f"ftdist-{'packed' if packing else group_by_length}-{os.getpid()}"
     cfg = load_config(data=dict(
         stage="sft", output_dir=str(out), seed=a.seed,
         model={"name_or_path": str(work / "model"), "dtype": "fp32", "attn_implementation": "sdpa"},
-        data={"train": str(work / "data.jsonl"), "max_length": s["max_length"], "packing": True,
+        data={"train": str(work / "data.jsonl"), "max_length": s["max_length"], "packing": packing,
               "cache_dir": str(work / "cache")},
-        train={"micro_batch_size": 1, "global_batch_size": rows, "max_steps": s["steps"], "lr": LR,
+        train={"micro_batch_size": 1 if packing else rows, "global_batch_size": rows,
+               "group_by_length": group_by_length, "max_steps": s["steps"], "lr": LR,
                "scheduler": "linear", "warmup_ratio": 0.0, "weight_decay": 0.0, "max_grad_norm": 1.0,
                "log_every": 1, "progress_bar": False},
         deepspeed={"zero_stage": 0}, checkpoint={"every_steps": 0, "keep_last": 1, "resume": "never"},
@@ -328,6 +334,8 @@ def run_arm(name: str, work: Path, s: dict, a) -> dict:
     t0 = time.perf_counter()
     if name == "ftdist":
         r = arm_ftdist(work, s, a)
+    elif name.startswith("ftdist_unpacked"):
+        r = arm_ftdist(work, s, a, packing=False, group_by_length=False if name.endswith("_plain") else "step")
     elif name == "bare":
         r = arm_bare(work, s, a)
     else:

@@ -139,10 +139,12 @@ class TrainConfig:
     eval_max_new_tokens: int = _f(32, "Tokens generated per eval prompt for accuracy.")
     eval_max_samples: int = _f(200, "At most this many eval rows are used for accuracy.")
     progress_bar: bool = _f(True, "Show a progress bar on rank 0.")
-    group_by_length: bool = _f(
-        False, "Unpacked rows: steps of rows of similar length, cut from mega-batches of 50 steps sorted by length "
-        "(the transformers Trainer's group_by_length), in random step order; much less padding, but steps of "
-        "uniform length can train worse (README). No effect with data.packing.")
+    group_by_length: Union[bool, Literal["step", "epoch"]] = _f(
+        "step", "Unpacked rows. step: each step's rows run as micro-batches of similar length (up to "
+        "train.micro_batch_size rows; more micro-batches where the padding saved pays for them), the same rows and "
+        "the same update as without it. epoch (or true): steps of rows of similar length, cut from mega-batches of "
+        "50 steps sorted by length (the transformers Trainer's group_by_length), in random step order; can train "
+        "worse (README). false: micro-batches cut from each step's rows in order. No effect with data.packing.")
     save_final: bool = _f(True, "Write the model to output_dir/final at the end (false: the checkpoints only; a "
                           "LoRA run's hold its adapter, a full run's DeepSpeed's zero_to_fp32.py).")
 

@@ -40,6 +40,10 @@ def resume_changes(saved: dict, current: dict) -> list[tuple[str, object, object
         if d.get("train.warmup_ratio") is None and d.get("train.warmup_steps") is None:
             d["train.warmup_ratio"] = 0.03
         d.setdefault("train.group_by_length", False)
+        if d["train.group_by_length"] in ("step", False):  # the same rows and update in each step (a split only)
+            d["train.group_by_length"] = "step"
+        elif d["train.group_by_length"] is True:
+            d["train.group_by_length"] = "epoch"
     changed = [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
     return [c for c in changed if not c[0].startswith(RESUME_SAFE_KEYS)]
 

@@ -8,6 +8,7 @@ continues from a step number alone.
 from __future__ import annotations
 
 import bisect
+import math
 import random
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -114,14 +115,25 @@ def length_grouped_rows(rows: list[Row], lengths: Sequence[int], per_step: int, 
 
 
 def plan_epoch(lengths: Sequence[int], *, seed: int, epoch: int, micro_batch_size: int, grad_accum: int,
-               world_size: int, rank: int, packing: bool, capacity: int, group_by_length: bool = False) -> StepPlan:
-    """group_by_length (unpacked rows): see length_grouped_rows(); the steps are then still whole mega-batch slices,
-    so the same rows form each step on any number of ranks."""
+               world_size: int, rank: int, packing: bool, capacity: int, group_by_length: bool | str = False,
+               micro_overhead: Optional[float] = None) -> StepPlan:
+    """The steps of one epoch on this rank.
+
+    group_by_length="epoch" (or true; unpacked rows): see length_grouped_rows(); the steps are then still whole
+    mega-batch slices, so the same rows form each step on any number of ranks. Otherwise the rows of a step are
+    a random draw, sorted by length before they are dealt to ranks and micro-batches.
+
+    micro_overhead (unpacked rows, not with "epoch"): the cost of one more forward/backward, in padded tokens.
+    Given, each rank's rows of a step run as as many micro-batches of similar length as pays (split_by_length):
+    the same rows form the step, so the update is the same (the loss is normalised over the whole step), with
+    less padding. None: grad_accum micro-batches of micro_batch_size rows."""
     rows = epoch_rows(lengths, seed, epoch, packing, capacity)
     per_step = micro_batch_size * grad_accum * world_size
-    if group_by_length and not packing:
+    by_epoch = group_by_length in (True, "epoch") and not packing
+    if by_epoch:
         rows = length_grouped_rows(rows, lengths, per_step, random.Random(seed * 100_003 + epoch + 1))
     n_steps = len(rows) // per_step  # an incomplete last step would change the effective batch: dropped
+    split = micro_overhead is not None and not packing and not by_epoch
     steps = []
     for s in range(n_steps):
         step_rows = rows[s * per_step:(s + 1) * per_step]
@@ -129,9 +141,52 @@ def plan_epoch(lengths: Sequence[int], *, seed: int, epoch: int, micro_batch_siz
             # length-grouped micro-batches: similar lengths pad less; the update is unchanged because
             # the loss is normalised over the whole step
             step_rows = sorted(step_rows, key=lambda r: row_len_of(r, lengths))
+        if split:
+            steps.append(split_ranks_by_length([step_rows[r::world_size] for r in range(world_size)], lengths,
+                                               micro_batch_size, micro_overhead)[rank])
+            continue
         mine = step_rows[rank::world_size]
         steps.append([mine[m * micro_batch_size:(m + 1) * micro_batch_size] for m in range(grad_accum)])
     return StepPlan(steps)
+
+
+def split_by_length(rows: list[Row], lengths: Sequence[int], max_rows: int, overhead: float) -> list[list[Row]]:
+    """Rows sorted by length, cut into consecutive micro-batches of at most max_rows rows that minimise
+    sum(rows x longest row + overhead) over the micro-batches (exact, by dynamic programming: for rows sorted by
+    length, some optimal split is into consecutive runs)."""
+    width = [row_len_of(r, lengths) for r in rows]
+    n = len(rows)
+    best, cut = [0.0] + [math.inf] * n, [0] * (n + 1)
+    for i in range(1, n + 1):
+        for j in range(max(0, i - max_rows), i):
+            cost = best[j] + (i - j) * width[i - 1] + overhead
+            if cost < best[i]:
+                best[i], cut[i] = cost, j
+    out, i = [], n
+    while i > 0:
+        out.append(rows[cut[i]:i])
+        i = cut[i]
+    return out[::-1]
+
+
+def split_ranks_by_length(rank_rows: list[list[Row]], lengths: Sequence[int], max_rows: int,
+                          overhead: float) -> list[list[list[Row]]]:
+    """split_by_length for every rank's rows of one step, then the ranks with fewer micro-batches split theirs
+    further (where that saves the most padding) until every rank runs as many: a ZeRO forward/backward is
+    collective, so every rank must run the same number."""
+    per_rank = [split_by_length(r, lengths, max_rows, overhead) for r in rank_rows]
+    k = max(len(p) for p in per_rank)
+    for groups in per_rank:
+        while len(groups) < k:
+            def saving(g: list[Row]) -> tuple[int, int]:
+                # cutting g (ascending) after its c-th row: its first c rows pad to the c-th, not to the last
+                w = [row_len_of(r, lengths) for r in g]
+                return max((c * (w[-1] - w[c - 1]), c) for c in range(1, len(g)))
+
+            candidates = [(saving(g), i) for i, g in enumerate(groups) if len(g) > 1]
+            (_, c), i = max(candidates)
+            groups[i:i + 1] = [groups[i][:c], groups[i][c:]]
+    return per_rank
 
 
 def row_len_of(row: Row, lengths: Sequence[int]) -> int:

@@ -215,6 +215,11 @@ class Engine:
         # the caller (train/step.py) has normalised the loss over the whole step
         self.engine.backward(loss, scale_wrt_gas=False)
 
+    def accumulation_boundary(self, last: bool) -> None:
+        """Before each micro-batch's forward: whether it is the last of its optimizer step (then its backward
+        completes the gradient reduction and step() updates), however many micro-batches the step holds."""
+        self.engine.set_gradient_accumulation_boundary(last)
+
     def step(self) -> None:
         if self._own_clipping and self.engine.is_gradient_accumulation_boundary():
             # the gradients are complete here (ZeRO-0 all-reduces them in the boundary's backward)

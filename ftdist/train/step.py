@@ -10,8 +10,9 @@ returns SUMS over a micro-batch's units. Then:
   2. divide each micro-batch's loss sum by that count, so the gradient is the
             true mean over the step however samples are split over micro-batches
             and ranks (the 2024 gradient-accumulation bug is a per-micro-batch mean);
-  3. backward and step through DeepSpeed on every micro-batch: DeepSpeed owns the
-            accumulation boundary (its own 1/accumulation scaling is off) and
+  3. backward and step through DeepSpeed on every micro-batch, the last one marked as
+            the accumulation boundary (a step may hold any number of micro-batches, the
+            same on every rank); DeepSpeed's own 1/accumulation scaling is off, and it
             AVERAGES gradients over ranks, which the world-size factor undoes;
   4. sum the metrics as tensors and all-reduce them once at the end of the step:
             no host sync per micro-batch.
@@ -68,7 +69,8 @@ def optimizer_step(engine, micro_batches: Sequence, units: Sequence[float], loss
     total, *summed = all_reduce_sum([sum(units), *((counters or {})[k] for k in keys)], engine.device)
     scale = engine.info.world_size / max(total, 1.0)
     sums: dict[str, torch.Tensor] = {}
-    for micro in micro_batches:
+    for i, micro in enumerate(micro_batches):
+        engine.accumulation_boundary(i == len(micro_batches) - 1)
         loss_sum, metrics = loss_fn(micro)
         engine.backward(loss_sum * scale)
         engine.step()

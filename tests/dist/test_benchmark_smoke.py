@@ -29,12 +29,14 @@ def _table(out: str) -> dict[str, list[str]]:
 
 def test_sft_throughput_tiny_has_every_arm():
     table = _table(_run("sft_throughput.py", "--tiny", "--repeats", "1"))
-    assert list(table) == ["ftdist", "trl", "trl_packing", "bare"]
+    assert list(table) == ["ftdist", "ftdist_unpacked", "ftdist_unpacked_plain", "trl", "trl_packing", "bare"]
     padding = {arm: float(cells[4].rstrip("%")) for arm, cells in table.items()}
     for arm, cells in table.items():
         assert float(cells[0]) > 0 and float(cells[2]) > 0, (arm, cells)  # tokens/s, tokens per CPU-s
     assert padding["ftdist"] == padding["bare"] == padding["trl_packing"] == 0.0
     assert padding["trl"] > 5.0  # padded batches of mixed lengths
+    # the same steps' rows: split by length (train.group_by_length=step) never pads more than one micro-batch
+    assert padding["ftdist_unpacked"] < padding["ftdist_unpacked_plain"]
 
 
 @pytest.mark.parametrize("compare", ["ckpt", "packing"])

@@ -162,6 +162,18 @@ def test_padding_fraction_small_with_packing():
     assert 1 - used / (len(bins) * 1024) < 0.03
 
 
+def _padding(plans, lengths) -> float:
+    """The padding share of the tokens of unpacked micro-batches (each padded to its longest row)."""
+    real = padded = 0
+    for plan in plans:
+        for step in plan.steps:
+            for micro in step:
+                widths = [lengths[r[0]] for r in micro]
+                real += sum(widths)
+                padded += max(widths) * len(widths)
+    return 1 - real / padded
+
+
 def test_group_by_length_cuts_padding_across_the_epoch_and_keeps_every_row():
     """train.group_by_length=true: long-tailed lengths, one micro-batch per step (a case the within-step sort cannot
     help): padding falls from the random-batch level to a few percent; every row is still used once; the plan
@@ -173,13 +185,7 @@ def test_group_by_length_cuts_padding_across_the_epoch_and_keeps_every_row():
     kw = dict(seed=3, epoch=0, micro_batch_size=8, grad_accum=1, world_size=1, rank=0, packing=False, capacity=512)
 
     def padding(plan):
-        real = padded = 0
-        for step in plan.steps:
-            for micro in step:
-                widths = [lengths[r[0]] for r in micro]
-                real += sum(widths)
-                padded += max(widths) * len(widths)
-        return 1 - real / padded
+        return _padding([plan], lengths)
 
     plain = plan_epoch(lengths, **kw)
     kw["group_by_length"] = True
@@ -195,3 +201,59 @@ def test_group_by_length_cuts_padding_across_the_epoch_and_keeps_every_row():
     two = [plan_epoch(lengths, **{**kw, "micro_batch_size": 4, "world_size": 2, "rank": r}) for r in (0, 1)]
     for s in range(len(grouped)):
         assert sorted(r[0] for r in grouped.steps[s][0]) == sorted(r[0] for p in two for r in p.steps[s][0])
+
+
+def test_split_by_length_is_the_cheapest_split():
+    """split_by_length against every split of the sorted rows into consecutive runs of at most max_rows (brute
+    force over the 2^(n-1) cut sets): the same minimal cost, integers, so exactly equal."""
+    import itertools
+    import random
+
+    from ftdist.data.batching import split_by_length
+
+    rng = random.Random(1)
+    for _ in range(200):
+        n, max_rows, overhead = rng.randint(1, 8), rng.randint(1, 4), rng.choice((0, 16, 32, 200))
+        lengths = sorted(rng.randint(1, 300) for _ in range(n))
+        rows = [[i] for i in range(n)]
+
+        def cost(groups):
+            return sum(len(g) * max(lengths[r[0]] for r in g) + overhead for g in groups)
+
+        best = min(cost([rows[a:b] for a, b in zip((0, *cuts), (*cuts, n))])
+                   for k in range(n) for cuts in itertools.combinations(range(1, n), k)
+                   if all(b - a <= max_rows for a, b in zip((0, *cuts), (*cuts, n))))
+        got = split_by_length(rows, lengths, max_rows, overhead)
+        assert [r for g in got for r in g] == rows and all(1 <= len(g) <= max_rows for g in got)
+        assert cost(got) == best
+
+
+def test_length_split_cuts_padding_within_steps_on_every_rank():
+    """train.group_by_length=step with micro-batch = global batch (no accumulation to sort into): the rows of each
+    step are the same as without it, every rank runs the same number of micro-batches of at most micro_batch_size
+    rows, and on long-tailed lengths the padding falls from ~60% to under 10%."""
+    import random
+
+    rng = random.Random(0)
+    lengths = [min(512, max(8, int(rng.lognormvariate(4.5, 0.9)))) for _ in range(4000)]
+    kw = dict(seed=3, epoch=0, grad_accum=1, packing=False, capacity=512)
+
+    def padding(plans):
+        return _padding(plans, lengths)
+
+    for world in (1, 2):
+        plain = [plan_epoch(lengths, micro_batch_size=8 // world, world_size=world, rank=r, **kw)
+                 for r in range(world)]
+        split = [plan_epoch(lengths, micro_batch_size=8 // world, world_size=world, rank=r, micro_overhead=32, **kw)
+                 for r in range(world)]
+        for s in range(len(plain[0])):
+            assert sorted(r[0] for p in split for mb in p.steps[s] for r in mb) == \
+                sorted(r[0] for p in plain for mb in p.steps[s] for r in mb)
+            assert len({len(p.steps[s]) for p in split}) == 1  # as many micro-batches on every rank
+            assert all(len(mb) <= 8 // world for p in split for mb in p.steps[s])
+        # exact for this seeded data (integer lengths): random batches of a lognormal with sigma 0.9 pad to
+        # their longest, about twice the mean; runs of similar length after sorting pad a few percent
+        assert padding(plain) > 0.5 and padding(split) < 0.10
+    # no overhead given: the fixed split of grad_accum micro-batches of micro_batch_size rows
+    assert [len(st) for st in plan_epoch(lengths, micro_batch_size=4, world_size=1, rank=0,
+                                         **{**kw, "grad_accum": 2}).steps] == [2] * 500
