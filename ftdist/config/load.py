@@ -64,8 +64,12 @@ def _coerce(value, tp, key: str):
             try:
                 return _coerce(value, a, key)
             except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else str(bad))
+                errors.append((a, str(e)))
+        # a mapping or a list: the one alternative of that kind says what is wrong inside it
+        fitting = [msg for a, msg in errors if _container_kind(a) is type(value)]
+        if len(fitting) == 1:
+            raise ConfigError(fitting[0])
+        raise ConfigError(errors[0][1] if len(errors) == 1 else str(bad))
     if dataclasses.is_dataclass(tp):
         if value is True:  # `model.lora: true` = defaults
             value = {}
@@ -107,6 +111,13 @@ def _coerce(value, tp, key: str):
     return value
 
 
+def _container_kind(tp):
+    """dict for a mapping type (a section or dict[...]), list for list[...], None for anything else."""
+    if dataclasses.is_dataclass(tp) or typing.get_origin(tp) is dict:
+        return dict
+    return list if typing.get_origin(tp) is list else None
+
+
 def _unknown_key(cls, name: str, prefix: str) -> ConfigError:
     names = [f.name for f in dataclasses.fields(cls)]
     close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
@@ -123,6 +134,10 @@ def _build(cls, data: dict, prefix: str = ""):
         if k not in names:
             raise _unknown_key(cls, str(k), pre)
         kwargs[k] = _coerce(v, hints[k], pre + k)
+    required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING and f.name not in kwargs]
+    if required:
+        raise ConfigError(f"{prefix or cls.__name__}: missing key '{required[0]}' (required)")
     return cls(**kwargs)
 
 

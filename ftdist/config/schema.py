@@ -64,11 +64,40 @@ class ModelConfig:
 
 
 @dataclass
+class DataSource:
+    """One source of a data mixture (an item of data.train or data.eval); keys left out take the data.* value."""
+    path: str = field(metadata={"help": "A file, datasets directory or dataset name, as data.train takes it."})
+    split: Optional[str] = _f(None, "Split read (default data.split for data.train, data.eval_split for data.eval).")
+    subset: Optional[str] = _f(None, "Configuration name (default data.subset).")
+    revision: Optional[str] = _f(None, "Hub revision (default data.revision).")
+    format: Optional[Literal["auto", "messages", "alpaca", "text", "preference", "prompt"]] = _f(
+        None, "Row format (default data.format).")
+    columns: Optional[dict[str, str]] = _f(None, "Column mapping (default data.columns).")
+    filter: Optional[list[str]] = _f(None, "Row conditions (default data.filter).")
+    max_samples: Optional[int] = _f(None, "Rows read at most, after shuffle_seed (default data.max_samples).")
+    shuffle_seed: Optional[int] = _f(None, "Shuffle before max_samples (default data.shuffle_seed).")
+    weight: Optional[float] = _f(
+        None, "Rows taken = weight x the source's usable rows, rounded: below 1 a seeded subsample, above 1 whole "
+        "repeats plus a seeded subsample for the fraction.")
+    samples: Optional[int] = _f(None, "Exactly this many rows taken (repeating the source as needed).")
+
+    def __repr__(self) -> str:  # the keys given, as the recipe has them
+        return repr({k: v for k, v in dataclasses.asdict(self).items() if v is not None})
+
+
+Sources = Union[str, list[Union[str, DataSource]]]
+
+
+@dataclass
 class DataConfig:
-    train: Optional[str] = _f(None, "Training data: a JSON/JSONL/CSV/Parquet file, a saved datasets directory, a "
-                              "dataset name as load_dataset takes it (Hub, or a local directory laid out as one); "
-                              "'ftdist/tiny-task' = the bundled task.")
-    eval: Optional[str] = _f(None, "Evaluation data, same forms as data.train.")
+    train: Optional[Sources] = _f(
+        None, "Training data: a JSON/JSONL/CSV/Parquet file, a saved datasets directory, a dataset name as "
+        "load_dataset takes it (Hub, or a local directory laid out as one); 'ftdist/tiny-task' = the bundled task. "
+        "Or a mixture: a list of such names and of mappings with path and, each optional, split, subset, revision, "
+        "format, columns, filter, max_samples, shuffle_seed (default: the data.* value) and weight or samples (how "
+        "many of its rows are taken; README).")
+    eval: Optional[Sources] = _f(None, "Evaluation data, same forms as data.train (a list's sources read "
+                                 "data.eval_split by default).")
     split: str = _f("train", "Split of data.train when it is a dataset name or directory with splits (e.g. train_sft; "
                     "slices as in datasets: train[:10%]).")
     eval_split: str = _f("test", "Split of data.eval when it is a dataset name or directory with splits (e.g. "
@@ -318,4 +347,9 @@ class Config:
     ppo: PPOConfig = _f(PPOConfig(), "PPO section (stage: ppo).")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        for which in ("train", "eval"):  # a mixture's sources with the keys they set (null = the data.* value)
+            if isinstance(out["data"][which], list):
+                out["data"][which] = [s if isinstance(s, str) else {k: v for k, v in s.items() if v is not None}
+                                      for s in out["data"][which]]
+        return out

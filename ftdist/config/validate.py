@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 
 from ftdist.config.filters import parse_filter
-from ftdist.config.schema import OFFLOAD_OPTIMIZERS, PREFERENCE_STAGES, Config, ConfigError, ModelConfig
+from ftdist.config.schema import (OFFLOAD_OPTIMIZERS, PREFERENCE_STAGES, Config, ConfigError, DataSource,
+                                  ModelConfig)
 
 # ppo.colocation -> the groups that share devices ("all": every group the recipe starts)
 COLOCATED = {"policy_ref": ("policy", "ref"), "critic_reward": ("critic", "reward"), "ref_reward": ("ref", "reward")}
@@ -139,13 +140,43 @@ def validate(cfg: Config) -> None:
         _validate_preference(cfg)
     if cfg.stage == "ppo":
         _validate_ppo(cfg)
-    for text in cfg.data.filter:
+    _check_filters("data.filter", cfg.data.filter)
+    if cfg.data.train is None and cfg.stage != "ppo":
+        raise ConfigError("data.train: no training data given (a file path, a datasets directory, or 'ftdist/tiny-task')")
+    for which in ("train", "eval"):
+        if isinstance(getattr(cfg.data, which), list):
+            _validate_sources(cfg, which)
+
+
+def _check_filters(key: str, filters: list[str]) -> None:
+    for text in filters:
         try:
             parse_filter(text)
         except ValueError as e:
-            raise ConfigError(f"data.filter: {e}") from None
-    if cfg.data.train is None and cfg.stage != "ppo":
-        raise ConfigError("data.train: no training data given (a file path, a datasets directory, or 'ftdist/tiny-task')")
+            raise ConfigError(f"{key}: {e}") from None
+
+
+def _validate_sources(cfg: Config, which: str) -> None:
+    """The sources of a data mixture (data.train or data.eval given as a list)."""
+    sources = getattr(cfg.data, which)
+    if not sources:
+        raise ConfigError(f"data.{which}: an empty list; give a source (a path or dataset name) or a list of them")
+    for i, src in enumerate(sources):
+        if not isinstance(src, DataSource):
+            continue
+        key = f"data.{which}[{i}]"
+        if src.weight is not None and src.samples is not None:
+            raise ConfigError(f"{key}: weight={src.weight} and samples={src.samples}: give one of them")
+        if src.weight is not None and src.weight <= 0:
+            raise ConfigError(f"{key}.weight: got {src.weight}, must be a number > 0")
+        if src.samples is not None and src.samples < 1:
+            raise ConfigError(f"{key}.samples: got {src.samples}, must be an integer >= 1")
+        if src.max_samples is not None and src.max_samples < 0:
+            raise ConfigError(f"{key}.max_samples: got {src.max_samples}, must be >= 0 (0 = all)")
+        if cfg.stage in PREFERENCE_STAGES and src.format not in (None, "auto", "preference"):
+            raise ConfigError(f"{key}.format: got {src.format!r} for stage={cfg.stage}, allowed: 'preference' or "
+                              f"'auto'")
+        _check_filters(f"{key}.filter", src.filter or [])
 
 
 def _validate_scheduler_kwargs(name: str, kwargs: dict) -> None:

@@ -56,7 +56,7 @@ def train(cfg: Config) -> dict:
 def _train(cfg: Config, run_id: str) -> dict:
     from ftdist.engine.checkpoint import resolve_resume
     from ftdist.models.loading import load_tokenizer
-    from ftdist.rl.prompts import load_prompts
+    from ftdist.rl.prompts import load_prompt_sources
     from ftdist.rl.workers import load_reward_fn
     from ftdist.run.metrics import MetricsWriter
     from ftdist.run.seeding import seed_everything
@@ -68,8 +68,10 @@ def _train(cfg: Config, run_id: str) -> dict:
     if cfg.ppo.reward_fn is not None:
         load_reward_fn(cfg.ppo.reward_fn)
     tokenizer = load_tokenizer(cfg.model, cfg.data.chat_template)
-    prompts = load_prompts(cfg.data.train, cfg.data, tokenizer)
-    eval_prompts = (load_prompts(cfg.data.eval, cfg.data, tokenizer, max_rows=cfg.train.eval_max_samples)
+    prompts, mixed = load_prompt_sources(cfg.data, "train", tokenizer, cfg.seed)
+    for line in filter(None, mixed.split("\n")):
+        log.info("data %s", line)
+    eval_prompts = (load_prompt_sources(cfg.data, "eval", tokenizer, cfg.seed, cfg.train.eval_max_samples)[0]
                     if cfg.data.eval else None)
     if len(prompts) < cfg.ppo.rollout_batch_size:
         log.warning("data.train has %d prompts, fewer than ppo.rollout_batch_size=%d: prompts repeat within an "

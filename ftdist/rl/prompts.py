@@ -28,6 +28,13 @@ class PromptSet:
     def take(self, index: list[int]) -> "PromptSet":
         return PromptSet([self.texts[i] for i in index], {k: [v[i] for i in index] for k, v in self.extras.items()})
 
+    @staticmethod
+    def concat(sets: list["PromptSet"]) -> "PromptSet":
+        """The prompts of every set in turn; a column some sets lack is None on their prompts."""
+        names = list(dict.fromkeys(k for s in sets for k in s.extras))
+        return PromptSet([t for s in sets for t in s.texts],
+                         {k: [v for s in sets for v in s.extras.get(k, [None] * len(s))] for k in names})
+
 
 def render_prompt(value, tokenizer) -> str:
     if isinstance(value, str):
@@ -68,6 +75,24 @@ def load_prompts(spec: str, data_cfg, tokenizer, max_rows: int = 0) -> PromptSet
     if not texts:
         raise DataError(f"{path}: no usable prompts")
     return PromptSet(texts, extras)
+
+
+def load_prompt_sources(data_cfg, which: str, tokenizer, seed: int, max_rows: int = 0) -> tuple[PromptSet, str]:
+    """data.train or data.eval as prompts: one source as load_prompts reads it, or a mixture whose sources each
+    give the prompts their weight or samples ask for (seeded), concatenated. -> (prompts, one line per source)."""
+    from ftdist.data.mixture import capped, single_source, source_configs, source_rows
+
+    sources = source_configs(data_cfg, which)
+    if single_source(sources):
+        return load_prompts(sources[0].spec, data_cfg, tokenizer, max_rows), ""
+    sets, lines = [], []
+    for src in sources:
+        read = load_prompts(src.spec, src.cfg, tokenizer)
+        sets.append(read.take(source_rows(src, len(read), seed).tolist()))
+        share = f" ({src.share})" if src.share else ""
+        lines.append(f"{src.label}: read {len(read)} prompts; took {len(sets[-1])}{share}")
+    mixed = PromptSet.concat(sets)
+    return mixed.take(capped(len(mixed), max_rows, seed).tolist()), "\n".join(lines)
 
 
 class PromptSampler:

@@ -203,7 +203,7 @@ def _train(cfg: Config, info, stop: StopRequest, run_id: str):
     extra_save = (lambda d: engine.export_hf(str(d / "adapter"), tokenizer)) if engine.is_peft else None
 
     # what a resume checks against: the recipe, the number of ranks and the training data's content
-    saved_with = {"config": cfg.to_dict(), "world_size": info.world_size, "data": data_fingerprint(cfg.data.train, cfg.data)}
+    saved_with = {"config": cfg.to_dict(), "world_size": info.world_size, "data": task.data_fingerprint() if isinstance(cfg.data.train, list) else data_fingerprint(cfg.data.train, cfg.data)}
 
     def save(step: int) -> None:
         save_checkpoint(engine, ckpt_root, step, {**asdict(state), **saved_with}, cfg.checkpoint.keep_last, run_id,

@@ -11,10 +11,17 @@ from __future__ import annotations
 import logging
 
 from ftdist.data.loading import DataError
+from ftdist.data.mixture import (list_lengths, mix_lists, mix_tokenized, mixture_fingerprint, mixture_summary,
+                                 source_configs)
 from ftdist.data.preference import PreferenceData, collate_pairs, load_preference_pairs, tokenize_preference
 from ftdist.models.loading import DTYPES, attn_implementation
 
 log = logging.getLogger("ftdist")
+
+
+def pair_tokens(ds):
+    """Tokens of each tokenised pair as PreferenceStats counts them: the prompt twice and both responses."""
+    return 2 * list_lengths(ds, "prompt_ids") + list_lengths(ds, "chosen_ids") + list_lengths(ds, "rejected_ids")
 
 
 def pair_sums(loss, metrics: dict, n_pairs: int) -> tuple:
@@ -35,16 +42,24 @@ class PairTask:
         self.cache_dir = None
 
     def prepare_data(self, cache_dir: str, show_progress: bool) -> str:
+        """Tokenise data.train and data.eval, each source on its own (a mixture's pairs then taken by weight)."""
         self.cache_dir = cache_dir
         d = self.cfg.data
-        ds, stats, key = tokenize_preference(d.train, self.tokenizer, d, cache_dir, show_progress)
-        self.train = PreferenceData(ds, key)
-        summary = f"train: {stats.summary()}"
+
+        def tokenize(src):
+            return tokenize_preference(src.spec, self.tokenizer, src.cfg, cache_dir, show_progress)
+
+        ds, parts, key = mix_tokenized(source_configs(d, "train"), tokenize, pair_tokens, self.cfg.seed)
+        self.train = PreferenceData(ds, key)  # the key names these pairs (precomputed reference log-probs)
+        summary = mixture_summary("train", parts, unit="pairs")
         if d.eval:
-            eds, estats, ekey = tokenize_preference(d.eval, self.tokenizer, d, cache_dir, show_progress)
+            eds, eparts, ekey = mix_tokenized(source_configs(d, "eval"), tokenize, pair_tokens, self.cfg.seed)
             self.eval = PreferenceData(eds, ekey)
-            summary += f"\neval: {estats.summary()}"
+            summary += "\n" + mixture_summary("eval", eparts, unit="pairs")
         return summary
+
+    def data_fingerprint(self) -> str:
+        return mixture_fingerprint(self.cfg.data)
 
     def require_column(self, column: str, why: str) -> None:
         for split, data in (("data.train", self.train), ("data.eval", self.eval)):
@@ -80,12 +95,18 @@ class PairTask:
             return {}
         from ftdist.train.generation import exact_match_accuracy
 
-        convs = []
-        for _, pair in load_preference_pairs(self.cfg.data.eval, self.cfg.data, on_row=lambda *skipped: None):
-            if pair.conversational and len(pair.chosen) == 1:
-                convs.append((pair.prompt, pair.chosen[0]["content"]))
-            if len(convs) >= self.cfg.train.eval_max_samples:
-                break
+        limit = self.cfg.train.eval_max_samples
+
+        def chats(src) -> list:
+            convs = []
+            for _, pair in load_preference_pairs(src.spec, src.cfg, on_row=lambda *skipped: None):
+                if pair.conversational and len(pair.chosen) == 1:
+                    convs.append((pair.prompt, pair.chosen[0]["content"]))
+                if len(convs) >= limit:
+                    break
+            return convs
+
+        convs = mix_lists(source_configs(self.cfg.data, "eval"), chats, self.cfg.seed, limit)
         if not convs:
             return {}
         acc = exact_match_accuracy(engine, self.tokenizer, convs, self.cfg.train.eval_max_new_tokens,

@@ -9,6 +9,8 @@ import torch
 
 from ftdist.algos.sft import sft_loss_sum
 from ftdist.data.batching import TokenData, collate_rows
+from ftdist.data.mixture import (list_lengths, mix_lists, mix_tokenized, mixture_fingerprint, mixture_summary,
+                                 source_configs)
 from ftdist.data.tokenize import tokenize_sft
 from ftdist.models.adapters import apply_lora
 from ftdist.models.forward import causal_logits
@@ -30,16 +32,28 @@ class SFTTask:
         self.train = self.eval = None
 
     def prepare_data(self, cache_dir: str, show_progress: bool) -> str:
-        ds, stats = tokenize_sft(self.cfg.data.train, self.tokenizer, self.cfg.data, cache_dir, show_progress)
+        """Tokenise data.train and data.eval, each source on its own (a mixture's rows then taken by weight)."""
+        def tokenize(src):
+            return tokenize_sft(src.spec, self.tokenizer, src.cfg, cache_dir, show_progress)
+
+        def with_examples(stats) -> str:
+            examples = " (e.g. " + "; ".join(stats.skipped_examples[:3]) + ")" if stats.skipped_examples else ""
+            return stats.summary() + examples
+
+        def tokens(ds):
+            return list_lengths(ds, "input_ids")
+
+        ds, parts, _ = mix_tokenized(source_configs(self.cfg.data, "train"), tokenize, tokens, self.cfg.seed)
         self.train = TokenData(ds)
-        summary = f"train: {stats.summary()}"
-        if stats.skipped_examples:
-            summary += " (e.g. " + "; ".join(stats.skipped_examples[:3]) + ")"
+        summary = mixture_summary("train", parts, with_examples)
         if self.cfg.data.eval:
-            eds, estats = tokenize_sft(self.cfg.data.eval, self.tokenizer, self.cfg.data, cache_dir, show_progress)
+            eds, eparts, _ = mix_tokenized(source_configs(self.cfg.data, "eval"), tokenize, tokens, self.cfg.seed)
             self.eval = TokenData(eds)
-            summary += f"\neval: {estats.summary()}"
+            summary += "\n" + mixture_summary("eval", eparts)
         return summary
+
+    def data_fingerprint(self) -> str:
+        return mixture_fingerprint(self.cfg.data)
 
     def train_lengths(self):
         return self.train.lengths
@@ -78,7 +92,9 @@ class SFTTask:
         nll = means.get("eval/nll", means["eval/loss"])
         out = {"eval/perplexity": math.exp(min(nll, 50.0))}  # exp(50) ~ 5e21: no overflow
         if self.cfg.train.eval_accuracy and self.cfg.data.eval:
-            convs = load_eval_conversations(self.cfg.data.eval, self.cfg.data, self.cfg.train.eval_max_samples)
+            limit = self.cfg.train.eval_max_samples
+            convs = mix_lists(source_configs(self.cfg.data, "eval"),
+                              lambda src: load_eval_conversations(src.spec, src.cfg, limit), self.cfg.seed, limit)
             out["eval/accuracy"] = exact_match_accuracy(engine, self.tokenizer, convs,
                                                         self.cfg.train.eval_max_new_tokens,
                                                         self.cfg.train.micro_batch_size * 4)

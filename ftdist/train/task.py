@@ -25,6 +25,9 @@ class Task(Protocol):
     def prepare_data(self, cache_dir: str, show_progress: bool) -> str:
         """Tokenise train/eval data (called on rank 0 first, then the others reuse the cache); returns a summary."""
 
+    def data_fingerprint(self) -> str:
+        """The training data's content (every source's, with a mixture's shares), which a resume compares."""
+
     def train_lengths(self) -> Sequence[int]: ...
 
     def eval_rows(self) -> list[Row]: ...
