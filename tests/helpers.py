@@ -137,3 +137,19 @@ def adam_tolerance(lr: float, eps: float, grad: float, weight: float, steps: int
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def start_ranks(n: int, train_args: list[str], log_dir: Path, env: dict | None = None) -> list[subprocess.Popen]:
+    """`ftdist train ARGS` as n ranks started by hand with srun-style RANK/WORLD_SIZE/MASTER_* variables (torchrun
+    would kill the others as soon as one exits, hiding what they do then); output in log_dir/rank{R}.log."""
+    port = _free_port()
+    procs = []
+    for rank in range(n):
+        full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "RANK": str(rank),
+                    "WORLD_SIZE": str(n), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                    **(env or {})}
+        with open(Path(log_dir) / f"rank{rank}.log", "w") as log:
+            procs.append(subprocess.Popen([sys.executable, "-m", "ftdist", "train", *train_args], cwd=ROOT,
+                                          env=full_env, stdout=log, stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL, start_new_session=True))
+    return procs

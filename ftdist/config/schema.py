@@ -127,6 +127,9 @@ class DataConfig:
         "and a YAML value, e.g. ['chosen_score >= 8', 'status != tie', 'in_gsm8k_train == false'].")
     min_chosen_score: Optional[float] = _f(None, "Preference data: drop pairs whose chosen score is below this.")
     num_workers: int = _f(0, "DataLoader worker processes.")
+    num_proc: Optional[int] = _f(
+        None, "Processes that read and tokenise the data (on the rank that does it; the others wait for its "
+        "cache). null = the CPUs available to it, one per 5000 rows at most.")
     cache_dir: Optional[str] = _f(None, "Where tokenised data is cached (default: output_dir/cache).")
 
 

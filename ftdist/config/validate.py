@@ -22,7 +22,14 @@ COLOCATED = {"policy_ref": ("policy", "ref"), "critic_reward": ("critic", "rewar
 RESUME_SAFE_KEYS = ("output_dir", "overwrite_output_dir", "checkpoint.", "logging.", "dist.timeout_s",
                     "train.log_every", "train.eval_every", "train.progress_bar", "train.eval_accuracy",
                     "train.eval_max_new_tokens", "train.eval_max_samples", "data.train", "data.eval",
-                    "data.cache_dir", "data.num_workers", "ppo.eval_every", "train.save_final")
+                    "data.eval_split", "data.cache_dir", "data.num_workers", "data.num_proc", "ppo.eval_every",
+                    "train.save_final")
+
+
+def _resume_safe(key: str) -> bool:
+    """A key of RESUME_SAFE_KEYS, or inside one of its sections (those ending with a dot): data.train is safe,
+    data.train_on_prompt is not."""
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_SAFE_KEYS)
 
 
 def resume_changes(saved: dict, current: dict) -> list[tuple[str, object, object]]:
@@ -46,7 +53,7 @@ def resume_changes(saved: dict, current: dict) -> list[tuple[str, object, object
         elif d["train.group_by_length"] is True:
             d["train.group_by_length"] = "epoch"
     changed = [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
-    return [c for c in changed if not c[0].startswith(RESUME_SAFE_KEYS)]
+    return [c for c in changed if not _resume_safe(c[0])]
 
 
 def ppo_groups(cfg: Config) -> dict[str, int]:

@@ -21,6 +21,9 @@ class RowError(DataError):
         self.path, self.row, self.problem = path, row, problem
         super().__init__(f"{path}: row {row}: {problem}")
 
+    def __reduce__(self):  # raised in a tokenising worker process, re-raised in the parent
+        return RowError, (self.path, self.row, self.problem)
+
 
 def resolve_data_path(spec: str) -> str:
     """'ftdist/tiny-task' (train split) or 'ftdist/tiny-task/<name>' map to the bundled task files."""
@@ -126,11 +129,12 @@ def split_of(spec: str, data_cfg) -> str:
     return data_cfg.split if spec == data_cfg.train else data_cfg.eval_split
 
 
-def load_rows(spec: str, data_cfg=None):
+def load_rows(spec: str, data_cfg=None, scratch: Optional[str] = None):
     """A `datasets.Dataset` from a JSON/JSONL/CSV/Parquet file, a saved datasets directory, a dataset repository
     directory or a `datasets.load_dataset` name (with data.split / data.eval_split, data.subset, data.revision);
-    then data.shuffle_seed and data.max_samples."""
-    ds = _load_source(spec, data_cfg)
+    then data.shuffle_seed and data.max_samples. A file's rows are read into memory, or with `scratch` (a directory
+    the caller removes after use) into Arrow files there, memory-mapped: large files stay on disk."""
+    ds = _load_source(spec, data_cfg, scratch)
     if data_cfg is not None and data_cfg.shuffle_seed is not None:
         ds = ds.shuffle(seed=data_cfg.shuffle_seed)
     if data_cfg is not None and data_cfg.max_samples > 0 and len(ds) > data_cfg.max_samples:
@@ -147,7 +151,7 @@ def _is_repository(path: str) -> bool:
     return is_hub_name(path) or (os.path.isdir(path) and not _is_saved_dataset(path))
 
 
-def _load_source(spec: str, data_cfg):
+def _load_source(spec: str, data_cfg, scratch: Optional[str] = None):
     import datasets
 
     path = resolve_data_path(spec)
@@ -174,13 +178,14 @@ def _load_source(spec: str, data_cfg):
             raise DataError(f"{path}: the file is empty (0 bytes)")
         if kind in ("json", "csv"):
             _check_text(path, kind)
-        # in memory, built in a throw-away cache: datasets' own cache is keyed on the file's path and time, so a
-        # file rewritten in place could come back stale; files are small next to their tokenised form (cached
-        # by ftdist under a content hash)
+        # built in a throw-away cache: datasets' own cache is keyed on the file's path and time, so a file
+        # rewritten in place could come back stale (ftdist caches the tokenised form under a content hash)
+        if scratch is not None:
+            return datasets.load_dataset(kind, data_files=path, split="train", cache_dir=scratch)
         import tempfile
 
-        with tempfile.TemporaryDirectory(prefix="ftdist-rows-") as scratch:
-            return datasets.load_dataset(kind, data_files=path, split="train", keep_in_memory=True, cache_dir=scratch)
+        with tempfile.TemporaryDirectory(prefix="ftdist-rows-") as tmp:
+            return datasets.load_dataset(kind, data_files=path, split="train", keep_in_memory=True, cache_dir=tmp)
     except DataError:
         raise
     except Exception as e:  # datasets raises many types for a malformed file

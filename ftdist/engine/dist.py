@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import re
 import socket
 import subprocess
@@ -137,6 +138,42 @@ def from_main(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+_main_results = 0
+
+
+def run_on_main_then_others(main_fn, others_fn=None, poll_s: float = 0.5):
+    """main_fn() on rank 0 while the other ranks wait, then others_fn() on them (e.g. tokenise and cache, then
+    read the cache); returns this rank's result. The others wait through the rendezvous store, not a collective,
+    so no process-group timeout limits how long rank 0 may take; an exception on rank 0 is re-raised on every
+    rank as the same type and message (no rank is left waiting), a dead rank 0 ends the wait when the store
+    goes with it (or the launcher stops the job)."""
+    global _main_results
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return main_fn()
+    _main_results += 1
+    key = f"ftdist/main/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{_main_results}"
+    store = dist.distributed_c10d._get_default_store()
+    if dist.get_rank() == 0:
+        try:
+            out = main_fn()
+        except Exception as e:
+            try:
+                store.set(key, pickle.dumps(e))
+            except Exception:  # an exception that does not pickle: its type and message
+                store.set(key, pickle.dumps(RuntimeError(f"{type(e).__name__}: {e}")))
+            raise
+        store.set(key, b"ok")
+        return out
+    import time
+
+    while not store.check([key]):
+        time.sleep(poll_s)
+    answer = store.get(key)
+    if answer != b"ok":
+        raise pickle.loads(answer)
+    return others_fn() if others_fn is not None else None
 
 
 def barrier() -> None:

@@ -3,6 +3,7 @@
 These are the only places where ftdist reads test-only settings:
   FTDIST_HANG_AFTER_CHECKPOINT=N  wait (for ever) right after the step-N checkpoint is committed
   FTDIST_PID_DIR=DIR              each Ray Train worker writes DIR/rank{R}.pid
+  FTDIST_SLOW_DATA_S=S            rank 0 takes S seconds longer to prepare the data (a large dataset)
 """
 
 from __future__ import annotations
@@ -27,3 +28,10 @@ def record_pid(rank: int) -> None:
     if pid_dir:
         Path(pid_dir).mkdir(parents=True, exist_ok=True)
         Path(pid_dir, f"rank{rank}.pid").write_text(str(os.getpid()))
+
+
+def before_data() -> None:
+    delay = float(os.environ.get("FTDIST_SLOW_DATA_S", "0") or 0)
+    if delay > 0:
+        log.warning("FTDIST_SLOW_DATA_S=%s: preparing the data %ss longer", delay, delay)
+        time.sleep(delay)

@@ -23,7 +23,8 @@ from ftdist.data.batching import plan_epoch
 from ftdist.data.loading import data_fingerprint
 from ftdist.engine.checkpoint import (export_final, find_latest, load_checkpoint, read_trainer_state,
                                       refuse_foreign_checkpoints, resolve_resume, save_checkpoint)
-from ftdist.engine.dist import all_reduce_sum, barrier, from_main, init_distributed, rank_batches
+from ftdist.engine.dist import (all_reduce_sum, barrier, from_main, init_distributed, rank_batches,
+                                run_on_main_then_others)
 from ftdist.engine.universal import reshard_refusal, to_universal
 from ftdist.models.loading import count_parameters, load_tokenizer, resolve_max_length
 from ftdist.run import rundir, testing
@@ -168,12 +169,14 @@ def _train(cfg: Config, info, stop: StopRequest, run_id: str):
     tokenizer = load_tokenizer(cfg.model, cfg.data.chat_template)
     task = make_task(cfg, tokenizer, info)
     cache_dir = cfg.data.cache_dir or str(out / "cache")
-    # rank 0 tokenises and caches; the others wait, then load the cache
+    # rank 0 tokenises and caches, however long that takes; the others wait, then load the cache
+    def tokenise() -> str:
+        testing.before_data()
+        return task.prepare_data(cache_dir, show_progress=cfg.train.progress_bar)
+
+    summary = run_on_main_then_others(tokenise, lambda: task.prepare_data(cache_dir, show_progress=False))
     if info.is_main:
-        log.info("data %s", task.prepare_data(cache_dir, show_progress=cfg.train.progress_bar))
-    barrier()
-    if not info.is_main:
-        task.prepare_data(cache_dir, show_progress=False)
+        log.info("data %s", summary)
 
     lengths = task.train_lengths()
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, _free_port, read_metrics
+from tests.helpers import read_metrics, start_ranks
 
 pytestmark = pytest.mark.dist
 
@@ -25,18 +24,9 @@ SLACK_S = 25  # the survivors' check-in through the store (10 s) plus exit
 
 
 def _start_ranks(run_dir: Path, log_dir: Path) -> list[subprocess.Popen]:
-    port = _free_port()
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "RANK": str(rank), "WORLD_SIZE": "2",
-               "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        cmd = [sys.executable, "-m", "ftdist", "train", "sft_tiny", f"output_dir={run_dir}", "data.eval=null",
-               "train.max_steps=1000", "train.log_every=1", "train.progress_bar=false", "checkpoint.every_steps=0",
-               f"dist.timeout_s={TIMEOUT_S}", "dist.backend=gloo"]
-        with open(log_dir / f"rank{rank}.log", "w") as log:
-            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL, start_new_session=True))
-    return procs
+    return start_ranks(2, ["sft_tiny", f"output_dir={run_dir}", "data.eval=null", "train.max_steps=1000",
+                           "train.log_every=1", "train.progress_bar=false", "checkpoint.every_steps=0",
+                           f"dist.timeout_s={TIMEOUT_S}", "dist.backend=gloo"], log_dir)
 
 
 @pytest.mark.parametrize("fault", ["killed", "hung"])

@@ -203,3 +203,21 @@ def test_max_length_null_is_the_models_maximum():
     pref = load_config("dpo_tiny", ["data.max_length=null", f"data.max_prompt_length={limit + 1}"])
     with pytest.raises(ConfigError, match="data.max_prompt_length"):
         resolve_max_length(pref)
+
+
+def test_resume_safe_keys_are_whole_keys_or_sections():
+    """data.train may name another path (its content is compared), data.train_on_prompt changes the training;
+    group_by_length step/false hold the same rows per step (a split only), epoch does not."""
+    from ftdist.config import resume_changes
+
+    base = load_config("sft_tiny").to_dict()
+
+    def changed(section, key, value):
+        now = {**base, section: {**base[section], key: value}}
+        return [c[0] for c in resume_changes(base, now)]
+
+    assert changed("data", "train", "other.jsonl") == [] and changed("checkpoint", "every_steps", 7) == []
+    assert changed("data", "train_on_prompt", True) == ["data.train_on_prompt"]
+    assert changed("data", "num_proc", 2) == []
+    assert changed("train", "group_by_length", False) == []
+    assert changed("train", "group_by_length", "epoch") == ["train.group_by_length"]

@@ -238,3 +238,42 @@ def test_a_dataset_repository_by_name_with_split_subset_and_sampling(tok, tmp_pa
         load_rows("someone/no_such_dataset", _cfg("someone/no_such_dataset").data)  # offline: the Hub is not asked
     with pytest.raises(DataError, match="data file not found"):
         load_rows(str(tmp_path / "trian.jsonl"), None)
+
+
+def test_parallel_tokenising_equals_one_process(tok, tmp_path):
+    """data.num_proc=2 (two worker processes, each tokenising half the rows) gives the same rows in the same order,
+    the same counts and the same skipped-row messages as one process; a bad row met in a worker is reported from
+    the parent with its file and row number."""
+    rows = []
+    for i in range(60):
+        if i % 7 == 3:
+            rows.append({"messages": [{"role": "user", "content": "hi"}], "n": i})  # no assistant turn: no target
+        elif i % 11 == 5:
+            rows.append({"messages": "not a list", "n": i})  # malformed
+        else:
+            rows.append({"messages": CONV[:3] + [{"role": "user", "content": f"row {i}"},
+                                                  {"role": "assistant", "content": "x " * (i % 9)}], "n": i})
+    f = _write_jsonl(tmp_path / "d.jsonl", rows)
+    kw = dict(on_error="skip", filter=["n != 10"])
+    one_ds, one = tokenize_sft(str(f), tok, _cfg(f, num_proc=1, **kw).data, None)
+    two_ds, two = tokenize_sft(str(f), tok, _cfg(f, num_proc=2, **kw).data, str(tmp_path / "cache"))
+    assert one_ds["input_ids"] == two_ds["input_ids"] and one_ds["labels"] == two_ds["labels"]
+    assert one.__dict__ == two.__dict__
+    # 60 rows: 1 filtered (n == 10); skipped as malformed: the 4 rows i % 11 == 5 (5, 16, 27, 49; 38 is also
+    # i % 7 == 3, where the first rule wins) and the 8 without an assistant turn (i % 7 == 3: 3, 17, 24, 31, 38,
+    # 45, 52, 59; 10 is filtered first)
+    assert (one.filtered, one.skipped, one.no_target) == (1, 12, 0)
+    assert one.rows == 60 - 1 - 12 == len(one_ds)
+    assert one.skipped_examples[0].startswith("row 4: ")  # i = 3, 1-based
+    assert one.tokens == sum(len(x) for x in one_ds["input_ids"])
+    with pytest.raises(RowError) as e:
+        tokenize_sft(str(f), tok, _cfg(f, num_proc=2).data, None)
+    assert e.value.row == 4 and str(f) in str(e.value)
+
+
+def test_process_count():
+    from ftdist.data.parallel import MIN_ROWS_PER_PROCESS, available_cpus, process_count
+
+    assert process_count(None, 10) == 1  # small data: one process
+    assert process_count(None, 100 * MIN_ROWS_PER_PROCESS) == available_cpus()
+    assert process_count(4, 3) == 3 and process_count(4, 10_000) == 4
