@@ -17,8 +17,9 @@ lognormal), the same BPE tokenizer and chat template, read from disk by each arm
 
 Measured per run, each in its own process: rows per second from reading the file to the finished dataset
 (imports and TRL's trainer set-up not counted), and the peak resident memory of the process and its worker
-processes together during that time (sampled every 50 ms; it includes what each arm had imported: TRL's
-arm holds torch, transformers' trainer and a tiny model). The arms run in
+processes together during that time, and its anonymous part (sampled every 50 ms from /proc; both include
+what each arm had imported: TRL's arm holds torch, transformers' trainer and a tiny model; RSS also counts the
+pages of memory-mapped Arrow files read, which the anonymous part leaves out). The arms run in
 rotating order. Timings on a shared machine swing; compare the arms within one run.
 """
 
@@ -28,6 +29,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -72,26 +74,37 @@ def write_data(work: Path, rows: int, seed: int = 0) -> Path:
 
 
 class PeakRSS:
-    """Peak resident memory of this process plus its children, sampled in a thread."""
+    """Peak resident memory of this process plus its children, sampled in a thread: all of it (`peak`), and its
+    anonymous part (`peak_anon`: the heap, Python objects; without the pages of memory-mapped Arrow files, which
+    count as resident while read but are the page cache's to drop)."""
 
     def __init__(self, every_s: float = 0.05):
         import psutil
 
-        self.proc, self.peak, self.every_s = psutil.Process(), 0, every_s
+        self.proc, self.peak, self.peak_anon, self.every_s = psutil.Process(), 0, 0, every_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _anon_bytes(pid: int) -> int:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+        return 0
 
     def _run(self):
         import psutil
 
         while not self._stop.is_set():
-            total = 0
+            total = anon = 0
             for p in [self.proc, *self.proc.children(recursive=True)]:
                 try:
                     total += p.memory_info().rss
-                except psutil.Error:
+                    anon += self._anon_bytes(p.pid)
+                except (psutil.Error, OSError):
                     pass
-            self.peak = max(self.peak, total)
+            self.peak, self.peak_anon = max(self.peak, total), max(self.peak_anon, anon)
             time.sleep(self.every_s)
 
     def __enter__(self):
@@ -138,8 +151,10 @@ def run_arm(arm: str, data: Path, work: Path, procs: int) -> dict:
             ds = trainer._prepare_dataset(raw, tok, args, False, None, "train")
             rows, tokens = len(ds), sum(len(x) for x in ds["input_ids"])
         seconds = time.perf_counter() - t0
+    del ds
+    shutil.rmtree(scratch, ignore_errors=True)  # the tokenised copy of 100k conversations is ~1 GB
     return {"arm": arm, "rows": rows, "tokens": tokens, "procs": procs, "seconds": seconds,
-            "rows_per_s": rows / seconds, "peak_rss_mb": mem.peak / 2**20}
+            "rows_per_s": rows / seconds, "peak_rss_mb": mem.peak / 2**20, "peak_anon_mb": mem.peak_anon / 2**20}
 
 
 def spawn(arm: str, data: Path, work: Path, procs: int) -> dict:
@@ -153,16 +168,17 @@ def spawn(arm: str, data: Path, work: Path, procs: int) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| conversations | processes | ftdist rows/s | TRL rows/s | ftdist / TRL | ftdist peak RSS MB | "
-             "TRL peak RSS MB | ftdist s | TRL s |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| conversations | processes | ftdist rows/s | TRL rows/s | ftdist / TRL | ftdist s | TRL s | "
+             "ftdist peak RSS MB (anonymous) | TRL peak RSS MB (anonymous) |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     keyed = {(r["arm"], r["n"], r["procs"]): r for r in results}
     for n, p in sorted({(r["n"], r["procs"]) for r in results}):
         f, t = keyed.get(("ftdist", n, p)), keyed.get(("trl", n, p))
         if not (f and t):
             continue
         lines.append(f"| {n:,} | {p} | {f['rows_per_s']:.0f} | {t['rows_per_s']:.0f} | "
-                     f"{f['rows_per_s'] / t['rows_per_s']:.2f}x | {f['peak_rss_mb']:.0f} | {t['peak_rss_mb']:.0f} | "
-                     f"{f['seconds']:.1f} | {t['seconds']:.1f} |")
+                     f"{f['rows_per_s'] / t['rows_per_s']:.2f}x | {f['seconds']:.1f} | {t['seconds']:.1f} | "
+                     f"{f['peak_rss_mb']:.0f} ({f['peak_anon_mb']:.0f}) | {t['peak_rss_mb']:.0f} ({t['peak_anon_mb']:.0f}) |")
     return "\n".join(lines)
 
 
@@ -196,7 +212,8 @@ def main(argv=None) -> int:
                 r = {**spawn(arm, paths[n], work, pr), "n": n}
                 results.append(r)
                 print(f"{n} rows, {pr} process(es), {arm}: {r['rows_per_s']:.0f} rows/s, {r['seconds']:.1f}s, "
-                      f"{r['tokens']} tokens, peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+                      f"{r['tokens']} tokens, peak RSS {r['peak_rss_mb']:.0f} MB ({r['peak_anon_mb']:.0f} MB "
+                      f"anonymous)", flush=True)
     print()
     print(table(results))
     if a.json:

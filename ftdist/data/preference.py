@@ -28,7 +28,8 @@ from ftdist.data.formats import RowProblem, detect_format
 from ftdist.data.loading import DataError, RowError, load_rows, resolve_data_path, row_filter
 from ftdist.data.preference_rows import PreferencePair, filter_reason, normalize_preference
 from ftdist.algos.sft import IGNORE_INDEX
-from ftdist.data.tokenize import _fingerprint, _save_atomically, source_settings
+from ftdist.data.parallel import Dropped
+from ftdist.data.tokenize import _fingerprint, build_cached, column_sum, source_settings
 
 
 @dataclass
@@ -133,8 +134,54 @@ def load_preference_pairs(spec: str, data_cfg, on_row=None):
         yield i + 1, pair
 
 
+class _PairEncoder:
+    """One preference row -> prompt/chosen/rejected token ids (run in tokenising worker processes: picklable)."""
+
+    empty = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "score_chosen": math.nan,
+             "score_rejected": math.nan, "margin": math.nan, "truncated": False, "n_tokens": 0}
+
+    def __init__(self, tokenizer, data_cfg, keep, path: str):
+        self.tokenizer, self.keep, self.path, self.mapping = tokenizer, keep, path, data_cfg.columns
+        self.max_prompt_length, self.max_length = data_cfg.max_prompt_length, data_cfg.max_length
+        self.drop_ties, self.min_chosen_score = data_cfg.drop_ties, data_cfg.min_chosen_score
+        self.on_error = data_cfg.on_error
+
+    @staticmethod
+    def features():
+        import datasets
+
+        ids = datasets.Sequence(datasets.Value("int32"))
+        return datasets.Features({"prompt_ids": ids, "chosen_ids": ids, "rejected_ids": ids,
+                                  **{k: datasets.Value("float64") for k in ("score_chosen", "score_rejected", "margin")},
+                                  "truncated": datasets.Value("bool"), "n_tokens": datasets.Value("int64"),
+                                  "drop": datasets.Value("string"), "note": datasets.Value("string")})
+
+    def encode_many(self, rows: list[dict], indices: list[int]) -> list:
+        return [self._encode(row, index) for row, index in zip(rows, indices)]
+
+    def _encode(self, row: dict, index: int):
+        if self.keep is not None and not self.keep(row, index):
+            return Dropped("filtered")
+        try:
+            pair = normalize_preference(row, self.mapping)
+            reason = filter_reason(pair, self.drop_ties, self.min_chosen_score)
+            if reason is not None:
+                return Dropped(reason)
+            prompt, chosen, rejected, truncated = encode_pair(self.tokenizer, pair, self.max_prompt_length,
+                                                              self.max_length)
+        except RowProblem as e:
+            if self.on_error == "skip":
+                return Dropped("skipped", f"row {index + 1}: {e}")
+            raise RowError(self.path, index + 1, str(e)) from None
+        return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected,
+                **{k: (math.nan if getattr(pair, k) is None else getattr(pair, k))
+                   for k in ("score_chosen", "score_rejected", "margin")},
+                "truncated": truncated, "n_tokens": 2 * len(prompt) + len(chosen) + len(rejected)}
+
+
 def tokenize_preference(spec: str, tokenizer, data_cfg, cache_dir: Optional[str], show_progress: bool = False):
-    """Tokenise a preference file once (cached like SFT data). -> (datasets.Dataset, PreferenceStats, cache key)."""
+    """Tokenise a preference source once (cached, and in data.num_proc processes, like SFT data).
+    -> (datasets.Dataset, PreferenceStats, cache key)."""
     import datasets
 
     path = resolve_data_path(spec)
@@ -147,45 +194,30 @@ def tokenize_preference(spec: str, tokenizer, data_cfg, cache_dir: Optional[str]
         stats = PreferenceStats(**json.loads((cache_path / "stats.json").read_text()))
         return datasets.load_from_disk(str(cache_path / "data")), stats, key
 
-    stats = PreferenceStats()
+    def make_encoder(rows):
+        fmt = data_cfg.format
+        if fmt == "auto":
+            try:
+                fmt = detect_format(rows.column_names, data_cfg.columns)
+            except RowProblem as e:
+                raise DataError(f"{path}: {e}") from None
+        if fmt != "preference":
+            raise DataError(f"{path}: preference stages need data.format=preference (chosen/rejected columns), "
+                            f"the file looks like {fmt!r}; map its columns with data.columns")
+        return _PairEncoder(tokenizer, data_cfg, row_filter(data_cfg.filter, rows.column_names, path), path)
 
-    def on_row(kind: str, row: int, message: str) -> None:
-        if kind == "skipped":
-            stats.skipped += 1
-            if len(stats.skipped_examples) < 5:
-                stats.skipped_examples.append(f"row {row}: {message}")
-        else:
-            setattr(stats, kind, getattr(stats, kind) + 1)
+    def finish(encoded, kept, drops, notes) -> PreferenceStats:
+        stats = PreferenceStats(rows=len(kept), skipped=drops.get("skipped", 0), ties=drops.get("ties", 0),
+                                low_score=drops.get("low_score", 0), filtered=drops.get("filtered", 0),
+                                truncated=column_sum(encoded, "truncated"), tokens=column_sum(encoded, "n_tokens"),
+                                skipped_examples=[note for _, note in notes[:5]])
+        if not kept:
+            raise DataError(f"{path}: no usable preference pairs ({stats.summary()})")
+        return stats
 
-    cols: dict[str, list] = {k: [] for k in ("prompt_ids", "chosen_ids", "rejected_ids", "score_chosen",
-                                             "score_rejected", "margin")}
-    pairs = load_preference_pairs(spec, data_cfg, on_row)
-    if show_progress:
-        from tqdm import tqdm
-
-        pairs = tqdm(pairs, desc=f"tokenising {Path(path).name}", unit="pair")
-    for row, pair in pairs:
-        try:
-            prompt, chosen, rejected, truncated = encode_pair(tokenizer, pair, data_cfg.max_prompt_length,
-                                                              data_cfg.max_length)
-        except RowProblem as e:
-            if data_cfg.on_error == "skip":
-                on_row("skipped", row, str(e))
-                continue
-            raise RowError(path, row, str(e)) from None
-        stats.rows += 1
-        stats.truncated += int(truncated)
-        stats.tokens += 2 * len(prompt) + len(chosen) + len(rejected)
-        for k, v in (("prompt_ids", prompt), ("chosen_ids", chosen), ("rejected_ids", rejected)):
-            cols[k].append(v)
-        for k in ("score_chosen", "score_rejected", "margin"):
-            v = getattr(pair, k)
-            cols[k].append(math.nan if v is None else v)
-    if not cols["prompt_ids"]:
-        raise DataError(f"{path}: no usable preference pairs ({stats.summary()})")
-    ds = datasets.Dataset.from_dict(cols)
-    if cache_path is not None:
-        _save_atomically(ds, stats, cache_path)
+    ds, stats = build_cached(spec, data_cfg, cache_path, key, make_encoder, finish,
+                             ["prompt_ids", "chosen_ids", "rejected_ids", "score_chosen", "score_rejected", "margin"],
+                             f"tokenising {Path(path).name}" if show_progress else None)
     return ds, stats, key
 
 

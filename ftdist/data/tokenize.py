@@ -258,6 +258,48 @@ def scratch_dir(cache_dir: str | None):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def column_sum(encoded, column: str) -> int:
+    """The sum of a numeric column, or of the lengths of a list column, over all encoded rows (in Arrow)."""
+    import pyarrow.compute as pc
+
+    col = encoded.with_format("arrow")[column]
+    if hasattr(col.type, "value_type"):
+        col = pc.list_value_length(col)
+    return int(pc.sum(col.cast("int64")).as_py() or 0)
+
+
+def build_cached(spec: str, data_cfg, cache_path: Path | None, fingerprint: str, make_encoder, finish,
+                 columns: list[str], desc: str | None):
+    """Read a source, encode every row in data.num_proc processes (data/parallel.py), keep the rows not dropped
+    and save their `columns` atomically at cache_path (or return them in memory when it is None).
+
+    make_encoder(rows) -> the encoder (may raise DataError, e.g. for the format); finish(encoded, kept, drops,
+    notes) -> stats (raises DataError when no row is usable). Returns (datasets.Dataset, stats)."""
+    import datasets
+
+    with scratch_dir(str(cache_path.parent) if cache_path is not None else None) as scratch:
+        rows = load_rows(spec, data_cfg, scratch=scratch)
+        encoder = make_encoder(rows)
+        encoded = encode_dataset(rows, encoder, features=encoder.features(), num_proc=data_cfg.num_proc,
+                                 scratch=scratch, fingerprint=fingerprint, desc=desc)
+        kept, drops, notes = drop_summary(encoded)
+        stats = finish(encoded, kept, drops, notes)
+        ds = encoded.select(kept).select_columns(columns)
+        if cache_path is None:
+            return ds.flatten_indices(keep_in_memory=True), stats
+        _save_atomically(ds, stats, cache_path)
+    return datasets.load_from_disk(str(cache_path / "data")), stats
+
+
+def cache_location(kind: str, spec: str, tokenizer, settings: dict, data_cfg, cache_dir: str | None):
+    """(cache path or None, fingerprint): the fingerprint also names the intermediate files (a fresh one when
+    nothing is cached)."""
+    if not cache_dir:
+        return None, uuid.uuid4().hex
+    fingerprint = _fingerprint(spec, tokenizer, settings, data_cfg)
+    return Path(cache_dir) / f"{kind}-{Path(resolve_data_path(spec)).stem}-{fingerprint}", fingerprint
+
+
 def tokenize_sft(spec: str, tokenizer, data_cfg, cache_dir: str | None, show_progress: bool = False):
     """Tokenise a data source once; the result is cached under cache_dir and reused by every rank and restart.
 
@@ -265,23 +307,17 @@ def tokenize_sft(spec: str, tokenizer, data_cfg, cache_dir: str | None, show_pro
     Returns (datasets.Dataset with input_ids/labels, EncodeStats).
     """
     import datasets
-    import pyarrow.compute as pc
 
     path = resolve_data_path(spec)
     settings = {"max_length": data_cfg.max_length, "train_on_prompt": data_cfg.train_on_prompt,
                 "format": data_cfg.format, "columns": data_cfg.columns, "on_error": data_cfg.on_error, "v": 1,
                 **source_settings(spec, data_cfg)}
-    fingerprint = uuid.uuid4().hex  # the name of the intermediate files when nothing is cached
-    cache_path = None
-    if cache_dir:
-        fingerprint = _fingerprint(spec, tokenizer, settings, data_cfg)
-        cache_path = Path(cache_dir) / f"sft-{Path(path).stem}-{fingerprint}"
-        if (cache_path / "stats.json").exists():
-            stats = EncodeStats(**json.loads((cache_path / "stats.json").read_text()))
-            return datasets.load_from_disk(str(cache_path / "data")), stats
+    cache_path, fingerprint = cache_location("sft", spec, tokenizer, settings, data_cfg, cache_dir)
+    if cache_path is not None and (cache_path / "stats.json").exists():
+        stats = EncodeStats(**json.loads((cache_path / "stats.json").read_text()))
+        return datasets.load_from_disk(str(cache_path / "data")), stats
 
-    with scratch_dir(cache_dir) as scratch:
-        rows = load_rows(spec, data_cfg, scratch=scratch)
+    def make_encoder(rows):
         fmt = data_cfg.format
         if fmt == "auto":
             try:
@@ -292,26 +328,21 @@ def tokenize_sft(spec: str, tokenizer, data_cfg, cache_dir: str | None, show_pro
             raise DataError(f"{path}: data.format={fmt!r} is not an SFT format (use messages, alpaca or text)")
         if fmt != "text":
             require_chat_template(tokenizer)  # before any worker starts
-        encoder = _SFTEncoder(tokenizer, SFT_NORMALIZERS[fmt], data_cfg,
-                              row_filter(data_cfg.filter, rows.column_names, path), path)
-        encoded = encode_dataset(rows, encoder, features=encoder.features(), num_proc=data_cfg.num_proc,
-                                 scratch=scratch, fingerprint=fingerprint,
-                                 desc=f"tokenising {Path(path).name}" if show_progress else None)
-        kept, drops, notes = drop_summary(encoded)
-        table = encoded.with_format("arrow")
+        return _SFTEncoder(tokenizer, SFT_NORMALIZERS[fmt], data_cfg,
+                           row_filter(data_cfg.filter, rows.column_names, path), path)
+
+    def finish(encoded, kept, drops, notes) -> EncodeStats:
         stats = EncodeStats(rows=len(kept), filtered=drops.get("filtered", 0), skipped=drops.get("skipped", 0),
-                            no_target=drops.get("no_target", 0),
-                            tokens=int(pc.sum(pc.list_value_length(table["input_ids"])).as_py() or 0),
-                            target_tokens=int(pc.sum(table["n_target"]).as_py() or 0),
-                            truncated=int(pc.sum(table["truncated"].cast("int64")).as_py() or 0),
+                            no_target=drops.get("no_target", 0), tokens=column_sum(encoded, "input_ids"),
+                            target_tokens=column_sum(encoded, "n_target"),
+                            truncated=column_sum(encoded, "truncated"),
                             skipped_examples=[note for _, note in notes[:5]])
         if not kept:
             raise DataError(f"{path}: no usable rows ({stats.summary()})")
-        ds = encoded.select(kept).select_columns(["input_ids", "labels"])
-        if cache_path is None:
-            return ds.flatten_indices(keep_in_memory=True), stats
-        _save_atomically(ds, stats, cache_path)
-    return datasets.load_from_disk(str(cache_path / "data")), stats
+        return stats
+
+    return build_cached(spec, data_cfg, cache_path, fingerprint, make_encoder, finish, ["input_ids", "labels"],
+                        f"tokenising {Path(path).name}" if show_progress else None)
 
 
 def _save_atomically(ds, stats: EncodeStats, cache_path: Path) -> None:

@@ -82,3 +82,16 @@ def test_gpu_zero_check_matches_a_plain_bf16_loop_on_cpu(tmp_path):
     for name in ("zero2", "zero3"):
         assert max(abs(a - b) / b for a, b in zip(losses[name], losses["plain"])) <= 4 * 2.0 ** -8
     assert losses["plain"][-1] < 0.8 * losses["plain"][0]  # the updates are large enough to be seen
+
+
+def test_tokenize_throughput_tiny_compares_both_arms():
+    out = _run("tokenize_throughput.py", "--tiny")
+    rows = [line for line in out.splitlines() if line.startswith("| 300 |")]
+    assert [r.split("|")[2].strip() for r in rows] == ["1", "2"]  # one and two processes
+    for r in rows:
+        cells = [c.strip() for c in r.strip("|").split("|")]
+        assert float(cells[2]) > 0 and float(cells[3]) > 0, r  # rows/s of both arms
+    # the same work: the template closes every turn with EOS (ftdist inserts none) and both arms truncate at
+    # 1024 tokens, so every run prints the same token count
+    counts = {line.split(", ")[4] for line in out.splitlines() if line.startswith("300 rows")}
+    assert len(counts) == 1 and counts.pop().endswith(" tokens"), out

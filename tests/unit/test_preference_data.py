@@ -199,3 +199,28 @@ def test_preference_config_is_validated():
     assert (cfg.train.lr, cfg.dpo.beta, cfg.data.max_prompt_length, cfg.data.max_length) == (5e-5, 0.1, 1024, 1536)
     assert (cfg.model.lora.r, cfg.model.lora.alpha, cfg.model.lora.target_modules) == (16, 16.0, "all-linear")
     assert cfg.train.scheduler == "cosine" and cfg.model.gradient_checkpointing
+
+
+def test_parallel_tokenising_of_pairs_equals_one_process(tok, tmp_path):
+    """data.num_proc=2: the same pairs, scores, counts and skipped-row messages as one process, and a bad row met
+    in a worker process is reported with its file and row number."""
+    rows = []
+    for i in range(40):
+        if i % 9 == 4:
+            rows.append({"prompt": [USER], "chosen": [USER], "rejected": " x", "score_chosen": 1, "score_rejected": 0})
+        else:
+            rows.append({"prompt": f"Q{i}", "chosen": " a" * (1 + i % 5), "rejected": " b",
+                         "score_chosen": i % 7, "score_rejected": 3})
+    path = _write_jsonl(tmp_path / "p.jsonl", rows)
+    kw = dict(on_error="skip", drop_ties=True, filter=["score_chosen != 6"])
+    one_ds, one, _ = tokenize_preference(path, tok, _data_cfg(path, num_proc=1, **kw), None)
+    two_ds, two, _ = tokenize_preference(path, tok, _data_cfg(path, num_proc=2, **kw), str(tmp_path / "cache"))
+    for col in ("prompt_ids", "chosen_ids", "rejected_ids", "score_chosen", "score_rejected"):
+        assert one_ds[col] == two_ds[col], col
+    assert one.__dict__ == two.__dict__
+    # 40 rows: i % 9 == 4 malformed (4, 13, 22, 31); of the others, score_chosen = i % 7 == 6 filtered (6, 20, 27,
+    # 34; 13 is malformed first) and i % 7 == 3 ties with score_rejected 3 (3, 10, 17, 24, 38; 31 is malformed)
+    assert (one.skipped, one.filtered, one.ties, one.rows) == (4, 4, 5, 40 - 4 - 4 - 5)
+    assert one.skipped_examples[0].startswith("row 5: ")
+    with pytest.raises(RowError, match=r"p\.jsonl: row 5: "):
+        tokenize_preference(path, tok, _data_cfg(path, num_proc=2), None)
