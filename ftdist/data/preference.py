@@ -24,12 +24,12 @@ from typing import Optional
 
 import torch
 
-from ftdist.data.formats import RowProblem, detect_format
+from ftdist.data.formats import RowProblem
 from ftdist.data.loading import DataError, RowError, load_rows, resolve_data_path, row_filter
 from ftdist.data.preference_rows import PreferencePair, filter_reason, normalize_preference
 from ftdist.algos.sft import IGNORE_INDEX
 from ftdist.data.parallel import Dropped
-from ftdist.data.tokenize import _fingerprint, build_cached, column_sum, source_settings
+from ftdist.data.tokenize import _fingerprint, build_cached, column_sum, row_format, source_settings
 
 
 @dataclass
@@ -104,12 +104,7 @@ def load_preference_pairs(spec: str, data_cfg, on_row=None):
     path = resolve_data_path(spec)
     rows = load_rows(spec, data_cfg)
     mapping = data_cfg.columns
-    fmt = data_cfg.format
-    if fmt == "auto":
-        try:
-            fmt = detect_format(rows.column_names, mapping)
-        except RowProblem as e:
-            raise DataError(f"{path}: {e}") from None
+    fmt = row_format(rows, data_cfg, path)
     if fmt != "preference":
         raise DataError(f"{path}: preference stages need data.format=preference (chosen/rejected columns), "
                         f"the file looks like {fmt!r}; map its columns with data.columns")
@@ -195,12 +190,7 @@ def tokenize_preference(spec: str, tokenizer, data_cfg, cache_dir: Optional[str]
         return datasets.load_from_disk(str(cache_path / "data")), stats, key
 
     def make_encoder(rows):
-        fmt = data_cfg.format
-        if fmt == "auto":
-            try:
-                fmt = detect_format(rows.column_names, data_cfg.columns)
-            except RowProblem as e:
-                raise DataError(f"{path}: {e}") from None
+        fmt = row_format(rows, data_cfg, path)
         if fmt != "preference":
             raise DataError(f"{path}: preference stages need data.format=preference (chosen/rejected columns), "
                             f"the file looks like {fmt!r}; map its columns with data.columns")

@@ -258,6 +258,16 @@ def scratch_dir(cache_dir: str | None):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def row_format(rows, data_cfg, path: str) -> str:
+    """data.format, or the format detected from the columns for 'auto' (a DataError naming the file if none)."""
+    if data_cfg.format != "auto":
+        return data_cfg.format
+    try:
+        return detect_format(rows.column_names, data_cfg.columns)
+    except RowProblem as e:
+        raise DataError(f"{path}: {e}") from None
+
+
 def column_sum(encoded, column: str) -> int:
     """The sum of a numeric column, or of the lengths of a list column, over all encoded rows (in Arrow)."""
     import pyarrow.compute as pc
@@ -318,12 +328,7 @@ def tokenize_sft(spec: str, tokenizer, data_cfg, cache_dir: str | None, show_pro
         return datasets.load_from_disk(str(cache_path / "data")), stats
 
     def make_encoder(rows):
-        fmt = data_cfg.format
-        if fmt == "auto":
-            try:
-                fmt = detect_format(rows.column_names, data_cfg.columns)
-            except RowProblem as e:
-                raise DataError(f"{path}: {e}") from None
+        fmt = row_format(rows, data_cfg, path)
         if fmt not in SFT_NORMALIZERS:
             raise DataError(f"{path}: data.format={fmt!r} is not an SFT format (use messages, alpaca or text)")
         if fmt != "text":
