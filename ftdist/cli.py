@@ -137,6 +137,17 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("merge", help="merge LoRA adapters into a 16/32-bit base model",
                        parents=[merge.build_parser()], add_help=False)
     m.set_defaults(func=merge.run)
+    from ftdist import export
+
+    e = sub.add_parser("export", help="write a run's checkpoint (any step) as a Hugging Face model or PEFT adapter",
+                       parents=[export.build_parser()], add_help=False)
+    e.set_defaults(func=export.run)
+    from ftdist import infer
+
+    g = sub.add_parser("generate", help="generate answers to a file of prompts (batched; split over ranks)",
+                       parents=[infer.build_parser()], add_help=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description=infer.__doc__)
+    g.set_defaults(func=infer.run)
     return p
 
 

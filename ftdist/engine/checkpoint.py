@@ -224,6 +224,23 @@ def export_final(engine, export, final: Path) -> None:
     barrier()
 
 
+def consolidated_weights(engine_dir: Path) -> dict:
+    """The model's weights from a checkpoint's DeepSpeed state (checkpoints/step-N/engine), on CPU, for any number
+    of ranks: ZeRO-1/2/3 shards gathered by DeepSpeed's zero_to_fp32 (fp32 master weights), a ZeRO-0 state as
+    saved; read weights-only."""
+    from ftdist.engine.universal import weights_only_torch_load
+
+    with weights_only_torch_load():
+        if any(engine_dir.glob("zero_pp_rank_*optim_states.pt")):
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            return get_fp32_state_dict_from_zero_checkpoint(str(engine_dir.parent), tag=engine_dir.name)
+        model_file = engine_dir / "mp_rank_00_model_states.pt"
+        if not model_file.exists():
+            raise ConfigError(f"{engine_dir}: no DeepSpeed model state (mp_rank_00_model_states.pt)")
+        return torch.load(str(model_file), map_location="cpu")["module"]
+
+
 def read_trainer_state(path: Path) -> dict:
     return json.loads((Path(path) / "trainer_state.json").read_text())
 

@@ -1,0 +1,226 @@
+"""`ftdist generate`: answers of a trained model to a file of prompts, batched, with the usual sampling options.
+
+    ftdist generate runs/sft/final --prompts prompts.jsonl --out answers.jsonl
+    ftdist generate runs/lora/final --prompts p.jsonl --out a.jsonl --temperature 0.7 --top-p 0.9 -n 4 --seed 1
+    torchrun --nproc_per_node 2 -m ftdist generate runs/sft --step 400 --prompts p.jsonl --out a.jsonl
+
+MODEL is a Hugging Face model directory, a run's output_dir (its final/, or with --step a checkpoint, exported
+first with `ftdist export`), a LoRA adapter directory (its base from adapter_config.json, or --base), or
+'ftdist/tiny'. Prompts: any data file ftdist reads (JSONL, JSON, CSV, Parquet, a datasets directory) with a
+`prompt` column (text, used as it is; or a list of messages, rendered with the chat template and its generation
+prompt) or a `messages` column (a final assistant turn is left out: it is the reference). Generation is
+batched with left padding and the KV cache; launched with several ranks, each generates its share of the
+prompts and rank 0 writes every answer in prompt order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger("ftdist")
+
+
+class InferError(ValueError):
+    pass
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="model directory, run output_dir, LoRA adapter directory, or 'ftdist/tiny'")
+    p.add_argument("--step", default=None,
+                   help="with a run output_dir: a checkpoint step (or 'latest') instead of its final/ model")
+    p.add_argument("--base", default=None, help="a LoRA adapter's base model (default: the one its config names)")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32", "auto"), default="auto",
+                   help="weights' dtype (default: bf16 on a GPU, fp32 on CPU)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ftdist generate", description="Generate answers to a file of prompts.")
+    add_model_args(p)
+    p.add_argument("--prompts", required=True, help="data file with a 'prompt' or 'messages' column")
+    p.add_argument("--out", required=True, help="output JSON Lines file: one row per prompt and sample")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens generated at most per answer (default 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default 0: off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="as transformers (default 1.0: off)")
+    p.add_argument("-n", "--num-return-sequences", type=int, default=1, help="samples per prompt (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (rank r uses seed + r; default 0)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default 8)")
+    p.add_argument("--max-prompt-length", type=int, default=None,
+                   help="keep the last N tokens of a longer prompt (default: all)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    return p
+
+
+# -- the model ---------------------------------------------------------------------------------
+def resolve_model_dir(model: str, step: Optional[str], scratch: str) -> str:
+    """A directory from_pretrained can read (a model or a PEFT adapter): a run's final/ or exported checkpoint."""
+    from ftdist.models.loading import resolve_model_path
+
+    path = Path(resolve_model_path(model))
+    if not path.exists():
+        raise InferError(f"{model}: no such model directory")
+    if (path / "config.yaml").exists() and not (path / "config.json").exists():  # a run's output_dir
+        if step is None:
+            if not (path / "final").is_dir():
+                raise InferError(f"{model}: a run without final/ (still training, or train.save_final=false): "
+                                 f"pass --step N or --step latest")
+            return str(path / "final")
+        from ftdist.export import ExportError, export
+
+        try:
+            return str(export(str(path), step, os.path.join(scratch, "model")))
+        except ExportError as e:
+            raise InferError(str(e)) from None
+    if step is not None:
+        raise InferError(f"--step {step}: {model} is not a run's output_dir (no config.yaml)")
+    if not ((path / "config.json").exists() or (path / "adapter_config.json").exists()):
+        raise InferError(f"{model}: neither a model (config.json) nor a LoRA adapter (adapter_config.json)")
+    return str(path)
+
+
+def load_model(model: str, step: Optional[str] = None, base: Optional[str] = None, dtype: str = "auto",
+               device=None, scratch: Optional[str] = None):
+    """(model in eval mode on `device`, tokenizer) for inference."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ftdist.models.loading import resolve_model_path
+
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype == "auto":
+        dtype = "bf16" if device.type == "cuda" else "fp32"
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    path = Path(resolve_model_dir(model, step, scratch or tempfile.mkdtemp(prefix="ftdist-model-")))
+    try:
+        if (path / "adapter_config.json").exists():
+            from peft import PeftModel
+
+            named = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            base_path = resolve_model_path(base or named or "")
+            if not base_path or not Path(base_path).exists() and base_path.startswith((".", "/")):
+                raise InferError(f"{model}: a LoRA adapter whose base {base or named!r} is not found: pass --base")
+            lm = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch_dtype)
+            lm = PeftModel.from_pretrained(lm, str(path), is_trainable=False)
+            tok_dir = path if (path / "tokenizer_config.json").exists() else Path(base_path)
+        else:
+            lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
+            tok_dir = path
+        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    except InferError:
+        raise
+    except (OSError, ValueError) as e:
+        raise InferError(f"{model}: cannot be loaded: {' '.join(str(e).split())[:300]}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return lm.to(device).eval(), tokenizer
+
+
+# -- the prompts -------------------------------------------------------------------------------
+def load_prompts(path: str, tokenizer) -> list[tuple[object, str]]:
+    """[(the prompt as the file gives it, the text the model continues)]."""
+    from ftdist.data.formats import RowProblem, normalize_messages
+    from ftdist.data.loading import DataError, load_rows
+
+    try:
+        rows = load_rows(path)
+    except DataError as e:
+        raise InferError(str(e)) from None
+    column = "prompt" if "prompt" in rows.column_names else "messages" if "messages" in rows.column_names else None
+    if column is None:
+        raise InferError(f"{path}: no 'prompt' or 'messages' column (columns: {', '.join(rows.column_names)})")
+    out = []
+    for i, row in enumerate(rows):
+        value = row[column]
+        if isinstance(value, str):
+            out.append((value, value))
+            continue
+        try:
+            messages = normalize_messages(value)
+        except RowProblem as e:
+            raise InferError(f"{path}: row {i + 1}: {e}") from None
+        if messages and messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        if not messages:
+            raise InferError(f"{path}: row {i + 1}: no prompt before the assistant turn")
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise InferError(f"{path}: row {i + 1} is a conversation and the model's tokenizer has no chat template")
+        out.append((value, tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)))
+    return out
+
+
+# -- the command -------------------------------------------------------------------------------
+def run(args) -> int:
+    import torch
+
+    from ftdist.engine.dist import gather_to_main, init_distributed
+    from ftdist.models.generate import generate
+    from ftdist.run.logs import setup_logging
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        print(f"ftdist generate: error: --out {out} exists (use --overwrite)", file=sys.stderr)
+        return 2
+    info = init_distributed() if "RANK" in os.environ else None
+    rank, world = (info.rank, info.world_size) if info else (0, 1)
+    setup_logging(rank == 0)
+    device = torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() and info else
+                          "cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        with tempfile.TemporaryDirectory(prefix="ftdist-generate-") as scratch:
+            model, tok = load_model(args.model, args.step, args.base, args.dtype, device, scratch)
+            prompts = load_prompts(args.prompts, tok)
+            records = _generate_share(model, tok, prompts, args, rank, world, device, generate)
+    except InferError as e:
+        print(f"ftdist generate: error: {e}", file=sys.stderr)
+        return 2
+    everything = gather_to_main(records)
+    if rank == 0:
+        rows = sorted((r for part in everything for r in part), key=lambda r: (r["index"], r["sample"]))
+        tmp = out.with_name(f".{out.name}.tmp")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        os.replace(tmp, out)
+        print(f"{len(rows)} answers to {len(prompts)} prompts written to {out}")
+    return 0
+
+
+def _generate_share(model, tok, prompts, args, rank: int, world: int, device, generate) -> list[dict]:
+    """This rank's prompts (every world-th), in batches; one record per prompt and sample."""
+    import torch
+    from tqdm import tqdm
+
+    torch.manual_seed(args.seed + rank)
+    mine = list(range(rank, len(prompts), world))
+    sample = args.temperature > 0
+    records, new_tokens, t0 = [], 0, time.time()
+    bar = tqdm(total=len(mine) * args.num_return_sequences, desc="generating", unit="answer",
+               disable=rank != 0 or not sys.stderr.isatty() and os.environ.get("FTDIST_PROGRESS") != "1")
+    for start in range(0, len(mine), args.batch_size):
+        batch = [i for i in mine[start:start + args.batch_size] for _ in range(args.num_return_sequences)]
+        _, response = generate(model, tok, [prompts[i][1] for i in batch], max_new_tokens=args.max_new_tokens,
+                               device=device, max_prompt_tokens=args.max_prompt_length, do_sample=sample,
+                               temperature=args.temperature if sample else 1.0, top_p=args.top_p,
+                               top_k=args.top_k, repetition_penalty=args.repetition_penalty)
+        response = response.cpu()
+        for k, (i, ids) in enumerate(zip(batch, response.tolist())):
+            ended = tok.eos_token_id in ids
+            ids = ids[:ids.index(tok.eos_token_id)] if ended else ids
+            new_tokens += len(ids) + int(ended)
+            records.append({"index": i, "sample": k % args.num_return_sequences, "prompt": prompts[i][0],
+                            "response": tok.decode(ids, skip_special_tokens=True), "new_tokens": len(ids),
+                            "finish_reason": "eos" if ended else "length"})
+        bar.update(len(batch))
+        bar.set_postfix(tok_s=int(new_tokens / max(time.time() - t0, 1e-9)))
+    bar.close()
+    return records
