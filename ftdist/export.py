@@ -117,12 +117,14 @@ def _tied_names(model) -> set[str]:
 def run(args) -> int:
     from ftdist.run.logs import setup_logging
 
-    from ftdist.cli import _user_errors
+    from ftdist.config import ConfigError
+    from ftdist.engine.engine import UnsafeCheckpointError
+    from ftdist.models.loading import ModelError
 
     setup_logging(True)
     try:
         out = export(args.run_dir, args.step, args.out, args.overwrite)
-    except (ExportError, *_user_errors()) as e:
+    except (ExportError, ConfigError, ModelError, UnsafeCheckpointError) as e:
         print(f"ftdist export: error: {e}", file=sys.stderr)
         return 2
     print(f"exported to {out}")

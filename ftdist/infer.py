@@ -161,7 +161,11 @@ def load_prompts(path: str, tokenizer) -> list[tuple[object, str]]:
 def run(args) -> int:
     import torch
 
+    from ftdist.config import ConfigError
+    from ftdist.data.loading import DataError
     from ftdist.engine.dist import gather_to_main, init_distributed
+    from ftdist.engine.engine import UnsafeCheckpointError
+    from ftdist.models.loading import ModelError
     from ftdist.models.generate import generate
     from ftdist.run.logs import setup_logging
 
@@ -179,7 +183,7 @@ def run(args) -> int:
             model, tok = load_model(args.model, args.step, args.base, args.dtype, device, scratch)
             prompts = load_prompts(args.prompts, tok)
             records = _generate_share(model, tok, prompts, args, rank, world, device, generate)
-    except InferError as e:
+    except (InferError, ConfigError, DataError, ModelError, UnsafeCheckpointError) as e:
         print(f"ftdist generate: error: {e}", file=sys.stderr)
         return 2
     everything = gather_to_main(records)

@@ -9,7 +9,8 @@ The order, lowest first (a package imports only from its own layer or the layers
     engine   the only importer of DeepSpeed
     train, eval    siblings that never import each other
     rl       PPO: workers, Ray shells, driver
-    plan, merge    the other verbs
+    plan, merge, export   the other verbs
+    infer    `ftdist generate` (reads a run's checkpoint through export)
     cli      the command line
 """
 
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.unit
 
 PACKAGE = Path(__file__).resolve().parents[2] / "ftdist"
 LAYERS = [("algos",), ("config",), ("run",), ("data", "models"), ("engine",), ("train", "eval"), ("rl",),
-          ("plan", "merge"), ("cli",), ("__main__",)]
+          ("plan", "merge", "export"), ("infer",), ("cli",), ("__main__",)]
 # imports allowed inside a layer, and why
 WITHIN = {("models", "data"): "the tiny model trains its tokenizer on the bundled task's text"}
 LEVEL = {pkg: i for i, layer in enumerate(LAYERS) for pkg in layer}
