@@ -148,6 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
                        parents=[infer.build_parser()], add_help=False, formatter_class=argparse.RawDescriptionHelpFormatter,
                        description=infer.__doc__)
     g.set_defaults(func=infer.run)
+    c = sub.add_parser("chat", help="chat with a model in the terminal (streamed answers, /reset, /system)",
+                       parents=[infer.build_chat_parser()], add_help=False)
+    c.set_defaults(func=infer.run_chat)
+    from ftdist import evaluate
+
+    ev = sub.add_parser("eval", help="evaluate models side by side: perplexity, exact match, multiple choice",
+                        parents=[evaluate.build_parser()], add_help=False,
+                        formatter_class=argparse.RawDescriptionHelpFormatter, description=evaluate.__doc__)
+    ev.set_defaults(func=evaluate.run)
     return p
 
 

@@ -1,4 +1,5 @@
-"""`ftdist generate`: answers of a trained model to a file of prompts, batched, with the usual sampling options.
+"""`ftdist generate` and `ftdist chat`: answers of a trained model to a file of prompts (batched, with the
+usual sampling options), or in an interactive chat.
 
     ftdist generate runs/sft/final --prompts prompts.jsonl --out answers.jsonl
     ftdist generate runs/lora/final --prompts p.jsonl --out a.jsonl --temperature 0.7 --top-p 0.9 -n 4 --seed 1
@@ -46,17 +47,33 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--prompts", required=True, help="data file with a 'prompt' or 'messages' column")
     p.add_argument("--out", required=True, help="output JSON Lines file: one row per prompt and sample")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens generated at most per answer (default 256)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default 0: off)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="as transformers (default 1.0: off)")
+    add_sampling_args(p, temperature=0.0)
     p.add_argument("-n", "--num-return-sequences", type=int, default=1, help="samples per prompt (default 1)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (rank r uses seed + r; default 0)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default 8)")
     p.add_argument("--max-prompt-length", type=int, default=None,
                    help="keep the last N tokens of a longer prompt (default: all)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    return p
+
+
+def add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens generated at most per answer (default 256)")
+    p.add_argument("--temperature", type=float, default=temperature,
+                   help=f"0 = greedy; > 0 samples (default {temperature:g})")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default 0: off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="as transformers (default 1.0: off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+
+
+def build_chat_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ftdist chat", description="Chat with a model in the terminal: its chat "
+                                "template, answers streamed as they are generated, the conversation kept. "
+                                "Commands: /reset (clear the history), /system TEXT (set the system prompt; "
+                                "/system alone removes it), /exit or Ctrl-D (quit).")
+    add_model_args(p)
+    add_sampling_args(p, temperature=0.7)
+    p.add_argument("--system", default=None, help="system prompt to start with")
     return p
 
 
@@ -228,3 +245,69 @@ def _generate_share(model, tok, prompts, args, rank: int, world: int, device, ge
         bar.set_postfix(tok_s=int(new_tokens / max(time.time() - t0, 1e-9)))
     bar.close()
     return records
+
+
+# -- the chat ----------------------------------------------------------------------------------
+CHAT_HELP = "/reset clears the history, /system TEXT sets the system prompt, /exit (or Ctrl-D) quits"
+
+
+def run_chat(args) -> int:
+    import torch
+    from transformers import TextStreamer
+
+    from ftdist.models.generate import generate
+    from ftdist.run.logs import setup_logging
+
+    setup_logging(True)
+    try:
+        with tempfile.TemporaryDirectory(prefix="ftdist-chat-") as scratch:
+            model, tok = load_model(args.model, args.step, args.base, args.dtype, None, scratch)
+    except InferError as e:
+        print(f"ftdist chat: error: {e}", file=sys.stderr)
+        return 2
+    if getattr(tok, "chat_template", None) is None:
+        print(f"ftdist chat: error: {args.model}: the tokenizer has no chat template", file=sys.stderr)
+        return 2
+    torch.manual_seed(args.seed)
+    device = next(model.parameters()).device
+    system, history = args.system, []
+    sample = args.temperature > 0
+    print(f"ftdist chat with {args.model}: {CHAT_HELP}", flush=True)
+    while True:
+        try:
+            line = input("you> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            history = []
+            print("(history cleared)", flush=True)
+            continue
+        if text == "/system" or text.startswith("/system "):
+            system, history = text[len("/system"):].strip() or None, []
+            print(f"(system prompt {'set' if system else 'removed'}; history cleared)", flush=True)
+            continue
+        if text.startswith("/"):
+            print(f"(unknown command {text.split()[0]}: {CHAT_HELP})", flush=True)
+            continue
+        history.append({"role": "user", "content": line})
+        messages = ([{"role": "system", "content": system}] if system else []) + history
+        prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        print("assistant> ", end="", flush=True)
+        try:
+            _, response = generate(model, tok, [prompt], max_new_tokens=args.max_new_tokens, device=device,
+                                   do_sample=sample, temperature=args.temperature if sample else 1.0,
+                                   top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
+                                   streamer=TextStreamer(tok, skip_prompt=True, skip_special_tokens=True))
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat
+            print("\n(answer interrupted)", flush=True)
+            history.pop()
+            continue
+        ids = response[0].tolist()
+        ids = ids[:ids.index(tok.eos_token_id)] if tok.eos_token_id in ids else ids
+        history.append({"role": "assistant", "content": tok.decode(ids, skip_special_tokens=True)})

@@ -106,7 +106,9 @@ def _ids_and_offsets(tokenizer, texts: list[str]) -> list[tuple[list[int], list[
     if not texts:
         return []
     backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
-    if backend is not None:
+    # the backend keeps the padding and truncation of the tokenizer's last padded call (e.g. left padding for
+    # generation), which the tokenizer's own call resets: only a backend without them is called directly
+    if backend is not None and backend.padding is None and backend.truncation is None:
         return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)]
     enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     return list(zip(enc["input_ids"], enc["offset_mapping"]))

@@ -14,11 +14,12 @@ import torch
 def generate(module, tokenizer, prompts: list[str], *, max_new_tokens: int, device, synced_gpus: bool = False,
              max_prompt_tokens: Optional[int] = None, do_sample: bool = False, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
-             min_new_tokens: int = 0) -> tuple[dict, torch.Tensor]:
+             min_new_tokens: int = 0, streamer=None) -> tuple[dict, torch.Tensor]:
     """Returns (the encoded prompts: input_ids, attention_mask (B, P) on the CPU, left-padded and, with
     max_prompt_tokens, cut from the left; the response ids (B, R) on the device, padded after EOS).
 
     synced_gpus: every rank keeps stepping until all are done (ZeRO-3 gathers weights in every forward).
+    streamer: a transformers streamer that receives the tokens as they are generated (`ftdist chat`).
     """
     side = (tokenizer.padding_side, tokenizer.truncation_side)
     tokenizer.padding_side = tokenizer.truncation_side = "left"  # keep the end of a long prompt, next to the response
@@ -41,7 +42,7 @@ def generate(module, tokenizer, prompts: list[str], *, max_new_tokens: int, devi
                               max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                               pad_token_id=tokenizer.pad_token_id,
                               use_cache=True,  # off in training when gradient checkpointing is on
-                              synced_gpus=synced_gpus, **sampling)
+                              synced_gpus=synced_gpus, streamer=streamer, **sampling)
     finally:
         module.train(was_training)
     return enc, out[:, enc["input_ids"].size(1):]

@@ -277,3 +277,16 @@ def test_process_count():
     assert process_count(None, 10) == 1  # small data: one process
     assert process_count(None, 100 * MIN_ROWS_PER_PROCESS) == available_cpus()
     assert process_count(4, 3) == 3 and process_count(4, 10_000) == 4
+
+
+def test_tokenising_after_a_padded_call_is_unchanged(tok, tmp_path):
+    """A padded, truncated call (as generation makes, left padding) leaves its settings in the fast tokenizer's
+    backend; tokenising data afterwards must still give the unpadded ids."""
+    f = _write_jsonl(tmp_path / "d.jsonl", [{"messages": CONV}, {"messages": CONV[:3]}])
+    before, _ = tokenize_sft(str(f), tok, _cfg(f).data, None)
+    side = tok.padding_side
+    tok.padding_side = "left"
+    tok(["a", "a much longer text than the first"], padding=True, truncation=True, max_length=8)
+    tok.padding_side = side
+    after, _ = tokenize_sft(str(f), tok, _cfg(f).data, None)
+    assert after["input_ids"] == before["input_ids"] and after["labels"] == before["labels"]

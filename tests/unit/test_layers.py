@@ -10,7 +10,8 @@ The order, lowest first (a package imports only from its own layer or the layers
     train, eval    siblings that never import each other
     rl       PPO: workers, Ray shells, driver
     plan, merge, export   the other verbs
-    infer    `ftdist generate` (reads a run's checkpoint through export)
+    infer    `ftdist generate` and `ftdist chat` (reads a run's checkpoint through export)
+    evaluate `ftdist eval` (loads models through infer)
     cli      the command line
 """
 
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.unit
 
 PACKAGE = Path(__file__).resolve().parents[2] / "ftdist"
 LAYERS = [("algos",), ("config",), ("run",), ("data", "models"), ("engine",), ("train", "eval"), ("rl",),
-          ("plan", "merge", "export"), ("infer",), ("cli",), ("__main__",)]
+          ("plan", "merge", "export"), ("infer",), ("evaluate",), ("cli",), ("__main__",)]
 # imports allowed inside a layer, and why
 WITHIN = {("models", "data"): "the tiny model trains its tokenizer on the bundled task's text"}
 LEVEL = {pkg: i for i, layer in enumerate(LAYERS) for pkg in layer}

@@ -1,0 +1,96 @@
+"""`ftdist eval` end to end on the tiny model: perplexity equals the exponential of an independently computed
+mean NLL, exact match counts answers equal to the model's own greedy ones, multiple choice picks the option of
+highest log-likelihood; two models side by side in one table, eval.json and samples.jsonl."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.helpers import ROOT
+
+pytestmark = pytest.mark.dist
+
+MAX_NEW = 6
+
+
+def _eval(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ftdist", "eval", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_eval_suites_and_side_by_side(tmp_path):
+    from ftdist.infer import load_model
+    from ftdist.models.generate import generate
+
+    model, tok = load_model("ftdist/tiny", device=torch.device("cpu"))
+    conv = [{"role": "user", "content": "Sort the digits: 3 1 2"}, {"role": "assistant", "content": "1 2 3"}]
+    conv2 = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "Sort: 9 7 8"},
+             {"role": "assistant", "content": "7 8 9"}, {"role": "user", "content": "and 2 1"},
+             {"role": "assistant", "content": "1 2"}]
+    ppl = _write(tmp_path / "ppl.jsonl", [{"messages": conv}, {"messages": conv2}])
+    # the first two references are the model's own greedy answers: exactly 2 of 3 rows match
+    prompts = ["Sort the digits: 9 4", "Hello"]
+    _, response = generate(model, tok, prompts, max_new_tokens=MAX_NEW, device=torch.device("cpu"))
+    greedy = []
+    for ids in response.tolist():
+        ids = ids[:ids.index(tok.eos_token_id)] if tok.eos_token_id in ids else ids
+        greedy.append(tok.decode(ids, skip_special_tokens=True))
+    qa = _write(tmp_path / "qa.jsonl", [{"prompt": prompts[0], "answer": greedy[0]},
+                                         {"prompt": prompts[1], "answer": greedy[1]},
+                                         {"prompt": "Sort the digits: 5 5", "answer": "zq zq zq zq zq zq zq zq"}])
+    mc = _write(tmp_path / "mc.jsonl", [{"question": "Sort 2 1", "options": ["1 2", "2 1", "banana"], "answer": 0},
+                                         {"question": "Sort 4 3", "options": ["3 4", "cat"], "answer": "B"}])
+    out = tmp_path / "out"
+    proc = _eval("base=ftdist/tiny", "again=ftdist/tiny", "--suite", f"perplexity={ppl}", "--suite",
+                 f"exact_match={qa}", "--suite", f"choice={mc}", "--max-new-tokens", str(MAX_NEW), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| model | perplexity (n=2) | exact_match (n=3) | choice (n=2)")
+    assert [r.split("|")[1].strip() for r in table[1:]] == ["base", "again"]  # after the header
+    res = json.loads((out / "eval.json").read_text())["results"]
+    assert res["base"] == res["again"]  # the same model, deterministic: the same numbers
+    r = res["base"]
+
+    # perplexity: the NLL of the target tokens (the assistant turns and their EOS, as training counts them), summed
+    # in float64 here against float32 sums there over ~30 tokens: relative 1e-5 covers the rounding
+    from ftdist.config import load_config
+    from ftdist.data.tokenize import tokenize_sft
+
+    ds, _ = tokenize_sft(ppl, tok, load_config(data={"data": {"train": ppl, "max_length": 2048}}).data, None)
+    nll, n = 0.0, 0
+    for x, y in zip(ds["input_ids"], ds["labels"]):
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=torch.tensor([x])).logits[0].double(), -1)
+        for t in range(1, len(x)):
+            if y[t] != -100:
+                nll, n = nll - float(lp[t - 1, y[t]]), n + 1
+    assert r["perplexity"]["target_tokens"] == n
+    assert r["perplexity"]["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-5)
+
+    assert r["exact_match"]["exact_match"] == pytest.approx(2 / 3) and r["exact_match"]["rows"] == 3
+    lo, hi = r["exact_match"]["exact_match_ci95"]
+    assert lo < 2 / 3 < hi
+
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 2 * (2 + 3 + 2)  # two models x the rows of the three suites
+    picks = [s for s in samples if s["model"] == "base" and s["suite"] == "choice"]
+    for s in picks:  # the pick is the option of highest summed log-prob
+        assert s["pick"] == max(range(len(s["options"])), key=s["logprobs"].__getitem__)
+    assert r["choice"]["acc"] == pytest.approx(sum(s["pick"] == s["answer"] for s in picks) / 2)
+
+
+def test_eval_errors_name_the_problem(tmp_path):
+    proc = _eval("ftdist/tiny", "--suite", "bleu=x.jsonl")
+    assert proc.returncode == 2 and "SUITE=FILE" in proc.stderr and "Traceback" not in proc.stderr
+    bad = _write(tmp_path / "mc.jsonl", [{"question": "q", "options": ["a"], "answer": 0}])
+    proc = _eval("ftdist/tiny", "--suite", f"choice={bad}")
+    assert proc.returncode == 2 and "row 1: needs `question`" in proc.stderr
