@@ -15,6 +15,13 @@ LoRA adapter, ftdist/tiny), optionally named as NAME=MODEL. Suites (SUITE=FILE, 
   choice       multiple choice by log-likelihood, as lm-evaluation-harness does: each option's summed log-prob
                after the question (acc), and divided by its length in characters (acc_norm); rows with
                `question`, `options` (or `choices`) and `answer` (the option's index, letter or text)
+  reward       greedy answers to prompts scored by a reward model (--reward-model, an `ftdist train rm_*`
+               output): mean reward, and the win rate against the first model on the same prompts
+  judge        a local judge model (--judge-model, any causal LM) rates each greedy answer: the probability-
+               weighted score over the rating tokens 1-10 after a rubric (G-Eval's scoring; --judge-template,
+               default: ftdist/judge_templates/score.txt), and, for every model after the first, the pairwise
+               preference against the first model's answer, asked in both orders to cancel position bias
+               (pairwise.txt)
 
 Output: a table (one row per model, one column per metric, with the rows counted and a 95% interval for
 accuracies), OUT/eval.json, and OUT/samples.jsonl with every prompt, answer, reference and score.
@@ -30,7 +37,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-SUITES = ("perplexity", "exact_match", "contains", "choice")
+SUITES = ("perplexity", "exact_match", "contains", "choice", "reward", "judge")
+TEMPLATES = Path(__file__).parent / "judge_templates"
 
 
 class EvalError(ValueError):
@@ -51,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer length for exact_match/contains")
     p.add_argument("--max-length", type=int, default=2048, help="tokens per row for perplexity (longer: truncated)")
     p.add_argument("--batch-size", type=int, default=8, help="rows per forward or generate call (default 8)")
+    p.add_argument("--reward-model", default=None, help="reward model directory for the reward suite")
+    p.add_argument("--judge-model", default=None, help="causal LM directory (or ftdist/tiny) for the judge suite")
+    p.add_argument("--judge-template", default=None,
+                   help="rubric for the judge's 1-10 rating, with {question} and {answer} (default: shipped)")
+    p.add_argument("--pairwise-template", default=None,
+                   help="pairwise rubric with {question}, {answer_a}, {answer_b} (default: shipped)")
     p.add_argument("--out", default=None, help="directory for eval.json and samples.jsonl")
     return p
 
@@ -108,8 +122,8 @@ def _rows(path: str, max_samples: int):
     return rows.select(range(min(len(rows), max_samples))) if max_samples > 0 else rows
 
 
-def qa_rows(path: str, max_samples: int) -> list[tuple[object, list | str, str]]:
-    """[(prompt as given, prompt messages or text, reference)]."""
+def qa_rows(path: str, max_samples: int, need_reference: bool = True) -> list[tuple[object, list | str, str]]:
+    """[(prompt as given, prompt messages or text, reference ('' where none is needed and none is given))]."""
     from ftdist.data.formats import RowProblem, normalize_messages
 
     rows = _rows(path, max_samples)
@@ -128,6 +142,10 @@ def qa_rows(path: str, max_samples: int) -> list[tuple[object, list | str, str]]
                 if msgs and msgs[-1]["role"] == "assistant" and len(msgs) > 1:
                     out.append((row["messages"], msgs[:-1], msgs[-1]["content"]))
                     continue
+            if not need_reference and row.get("prompt") is not None:
+                value = row["prompt"]
+                out.append((value, value if isinstance(value, str) else normalize_messages(value), ""))
+                continue
         except RowProblem as e:
             raise EvalError(f"{path}: row {i + 1}: {e}") from None
         raise EvalError(f"{path}: row {i + 1}: needs a prompt and a reference (`prompt` with `reference`/`answer`"
@@ -200,16 +218,15 @@ def suite_perplexity(model, tok, path: str, args) -> tuple[dict, list[dict]]:
     return {"perplexity": math.exp(min(mean, 50.0)), "nll": mean, "rows": len(ds), "target_tokens": n_tok}, samples
 
 
-def suite_answers(model, tok, path: str, args, contains: bool) -> tuple[dict, list[dict]]:
+def greedy_answers(model, tok, rows, path: str, args) -> list[str]:
+    """The model's greedy answer to each row's prompt (text as it is, messages through the chat template)."""
     from ftdist.models.generate import generate
 
-    rows = qa_rows(path, args.max_samples)
     device = next(model.parameters()).device
-    correct, samples = 0, []
+    answers = []
     for start in range(0, len(rows), args.batch_size):
-        chunk = rows[start:start + args.batch_size]
         texts = []
-        for _, prompt, _ in chunk:
+        for _, prompt, _ in rows[start:start + args.batch_size]:
             if isinstance(prompt, str):
                 texts.append(prompt)
             elif getattr(tok, "chat_template", None) is None:
@@ -217,14 +234,20 @@ def suite_answers(model, tok, path: str, args, contains: bool) -> tuple[dict, li
             else:
                 texts.append(tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True))
         _, response = generate(model, tok, texts, max_new_tokens=args.max_new_tokens, device=device)
-        for (given, _, ref), ids in zip(chunk, response.tolist()):
+        for ids in response.tolist():
             ids = ids[:ids.index(tok.eos_token_id)] if tok.eos_token_id in ids else ids
-            answer = tok.decode(ids, skip_special_tokens=True)
-            a, r = normalise(answer), normalise(ref)
-            ok = (r in a) if contains else (a == r)
-            correct += ok
-            samples.append({"row": len(samples), "prompt": given, "answer": answer, "reference": ref,
-                            "score": int(ok)})
+            answers.append(tok.decode(ids, skip_special_tokens=True))
+    return answers
+
+
+def suite_answers(model, tok, path: str, args, contains: bool) -> tuple[dict, list[dict]]:
+    rows = qa_rows(path, args.max_samples)
+    correct, samples = 0, []
+    for (given, _, ref), answer in zip(rows, greedy_answers(model, tok, rows, path, args)):
+        a, r = normalise(answer), normalise(ref)
+        ok = (r in a) if contains else (a == r)
+        correct += ok
+        samples.append({"row": len(samples), "prompt": given, "answer": answer, "reference": ref, "score": int(ok)})
     name = "contains" if contains else "exact_match"
     lo, hi = accuracy_interval(correct, len(rows))
     return {name: correct / max(len(rows), 1), f"{name}_ci95": [lo, hi], "rows": len(rows)}, samples
@@ -269,13 +292,145 @@ def suite_choice(model, tok, path: str, args) -> tuple[dict, list[dict]]:
             "acc_norm_ci95": list(accuracy_interval(acc_norm, n)), "rows": n}, samples
 
 
-def evaluate_model(model, tok, suites: list[tuple[str, str]], args) -> tuple[dict, list[dict]]:
+def mean_interval(values: list[float]) -> list[float]:
+    """95% normal interval of a mean (1.96 standard errors; a single value: the value itself)."""
+    n = len(values)
+    m = sum(values) / max(n, 1)
+    if n < 2:
+        return [m, m]
+    half = 1.959964 * math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1) / n)
+    return [m - half, m + half]
+
+
+def _conversation_text(tok, prompt, answer: str) -> str:
+    """The prompt and answer as the scoring model sees them: its chat template for conversations."""
+    if isinstance(prompt, str) or getattr(tok, "chat_template", None) is None:
+        text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
+        return text + answer
+    return tok.apply_chat_template(list(prompt) + [{"role": "assistant", "content": answer}], tokenize=False)
+
+
+class RewardScorer:
+    """Scores of (prompt, answer) pairs under a reward model (an ftdist rm output: XForSequenceClassification),
+    taken at the last real token as training takes them (models/heads.py)."""
+
+    def __init__(self, path: str, dtype, device):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        try:
+            self.model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype).to(device)
+            self.tok = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as e:
+            raise EvalError(f"--reward-model {path}: cannot be loaded: {' '.join(str(e).split())[:300]}") from None
+        self.model.eval()
+        self.device = device
+
+    def scores(self, pairs: list[tuple[object, str]], batch_size: int) -> list[float]:
+        import torch
+
+        from ftdist.algos.reward import gather_last
+        from ftdist.models.heads import token_values
+
+        out = []
+        for start in range(0, len(pairs), batch_size):
+            texts = [_conversation_text(self.tok, p, a) for p, a in pairs[start:start + batch_size]]
+            enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            inputs = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+            with torch.no_grad():
+                values = token_values(self.model.__call__, self.model, inputs)
+            out += gather_last(values, inputs["attention_mask"]).tolist()
+        return out
+
+
+def load_template(path: str | None, default: str, fields: tuple[str, ...]) -> str:
+    text = Path(path or TEMPLATES / default).read_text()
+    missing = [f for f in fields if "{" + f + "}" not in text]
+    if missing:
+        raise EvalError(f"{path or default}: the template lacks {', '.join('{' + f + '}' for f in missing)}")
+    return text
+
+
+class Judge:
+    """A causal LM as a judge: ratings as the probability-weighted mean over the rating tokens 1..10 (G-Eval's
+    scoring: no answer parsing, no sampling), and pairwise preferences from P(A) against P(B)."""
+
+    def __init__(self, path: str, args, device):
+        from ftdist.infer import load_model
+
+        self.model, self.tok = load_model(path, dtype=args.dtype, device=device)
+        self.score_template = load_template(args.judge_template, "score.txt", ("question", "answer"))
+        self.pair_template = load_template(args.pairwise_template, "pairwise.txt", ("question", "answer_a", "answer_b"))
+        self.device = device
+
+    def _next_probs(self, prompt: str):
+        import torch
+
+        ids = self.tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(self.device)
+        with torch.no_grad():
+            return torch.softmax(self.model(input_ids=ids).logits[0, -1].float(), -1)
+
+    def _first_token(self, text: str) -> int:
+        return self.tok(text, add_special_tokens=False)["input_ids"][0]
+
+    def _next_token_probs(self, prompt: str, choices: list[str]) -> list[float]:
+        """The judge's probability of each choice's first token after the prompt, renormalised over the choices."""
+        probs = self._next_probs(prompt)
+        p = [float(probs[self._first_token(c)]) for c in choices]
+        total = sum(p)
+        return [x / total for x in p] if total > 0 else [1 / len(p)] * len(p)
+
+    def rate(self, question: str, answer: str) -> float:
+        """Expected rating over 1..10. Where "10" starts with the token of "1" (digits tokenised one by one), its
+        probability is P("1") P("0" | "1") and the rating 1 keeps the rest of P("1")."""
+        prompt = self.score_template.format(question=question, answer=answer)
+        probs = self._next_probs(prompt)
+        p = {k: float(probs[self._first_token(str(k))]) for k in range(1, 10)}
+        ten = self.tok("10", add_special_tokens=False)["input_ids"]
+        if len(ten) == 1:
+            p[10] = float(probs[ten[0]])
+        else:
+            then_zero = float(self._next_probs(prompt + "1")[ten[1]])
+            p[10], p[1] = p[1] * then_zero, p[1] * (1 - then_zero)
+        total = sum(p.values())
+        return sum(k * v for k, v in p.items()) / total if total > 0 else 5.5
+
+    def prefer(self, question: str, answer: str, baseline: str) -> float:
+        """P(answer better than baseline), averaged over both orders (position bias cancels)."""
+        first = self._next_token_probs(self.pair_template.format(question=question, answer_a=answer,
+                                                                  answer_b=baseline), ["A", "B"])[0]
+        second = self._next_token_probs(self.pair_template.format(question=question, answer_a=baseline,
+                                                                   answer_b=answer), ["A", "B"])[1]
+        return (first + second) / 2
+
+
+def _question(prompt) -> str:
+    return prompt if isinstance(prompt, str) else "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+
+
+def evaluate_model(model, tok, suites: list[tuple[str, str]], args, helpers: dict) -> tuple[dict, list[dict]]:
     results, samples = {}, []
     for name, path in suites:
         if name == "perplexity":
             res, smp = suite_perplexity(model, tok, path, args)
         elif name == "choice":
             res, smp = suite_choice(model, tok, path, args)
+        elif name in ("reward", "judge"):
+            rows = qa_rows(path, args.max_samples, need_reference=False)
+            answers = greedy_answers(model, tok, rows, path, args)
+            smp = [{"row": i, "prompt": given, "answer": a} for i, ((given, _, _), a) in enumerate(zip(rows, answers))]
+            if name == "reward":
+                scores = helpers["reward"].scores([(prompt, a) for (_, prompt, _), a in zip(rows, answers)],
+                                                  args.batch_size)
+                for sm, sc in zip(smp, scores):
+                    sm["score"] = sc
+                res = {"reward": sum(scores) / max(len(scores), 1), "reward_ci95": mean_interval(scores),
+                       "rows": len(rows)}
+            else:
+                ratings = [helpers["judge"].rate(_question(prompt), a) for (_, prompt, _), a in zip(rows, answers)]
+                for sm, r in zip(smp, ratings):
+                    sm["score"] = r
+                res = {"judge": sum(ratings) / max(len(ratings), 1), "judge_ci95": mean_interval(ratings),
+                       "rows": len(rows)}
         else:
             res, smp = suite_answers(model, tok, path, args, contains=name == "contains")
         results[name] = {**res, "file": path}
@@ -283,9 +438,37 @@ def evaluate_model(model, tok, suites: list[tuple[str, str]], args) -> tuple[dic
     return results, samples
 
 
+def compare_to_first(results: dict, samples: list[dict], helpers: dict) -> None:
+    """Win rates of every model after the first against the first, prompt by prompt: by reward (a tie counts
+    half), and by the judge's pairwise preference in both orders."""
+    models = list(results)
+    if len(models) < 2:
+        return
+    first = models[0]
+    by = {(s["model"], s["suite"], s["row"]): s for s in samples if s["suite"] in ("reward", "judge")}
+    for m in models[1:]:
+        if "reward" in results[m]:
+            rows = [r for (mm, su, r) in by if mm == m and su == "reward"]
+            wins = [1.0 if by[(m, "reward", r)]["score"] > by[(first, "reward", r)]["score"] else
+                    0.5 if by[(m, "reward", r)]["score"] == by[(first, "reward", r)]["score"] else 0.0 for r in rows]
+            results[m]["reward"][f"win_rate_vs_{first}"] = sum(wins) / max(len(wins), 1)
+            results[m]["reward"][f"win_rate_vs_{first}_ci95"] = mean_interval(wins)
+        if "judge" in results[m]:
+            rows = [r for (mm, su, r) in by if mm == m and su == "judge"]
+            prefs = []
+            for r in rows:
+                s, b = by[(m, "judge", r)], by[(first, "judge", r)]
+                pref = helpers["judge"].prefer(_question(s["prompt"]), s["answer"], b["answer"])
+                s["preferred_over_first"] = pref
+                prefs.append(pref)
+            results[m]["judge"][f"pairwise_vs_{first}"] = sum(prefs) / max(len(prefs), 1)
+            results[m]["judge"][f"pairwise_vs_{first}_ci95"] = mean_interval(prefs)
+
+
 # -- the command -------------------------------------------------------------------------------
 HEADLINE = {"perplexity": ("perplexity", None), "exact_match": ("exact_match", "exact_match_ci95"),
-            "contains": ("contains", "contains_ci95"), "choice": ("acc", "acc_ci95")}
+            "contains": ("contains", "contains_ci95"), "choice": ("acc", "acc_ci95"), "reward": ("reward", "reward_ci95"),
+            "judge": ("judge", "judge_ci95")}
 
 
 def table(results: dict[str, dict]) -> str:
@@ -307,17 +490,32 @@ def run(args) -> int:
     from ftdist.infer import InferError, load_model
     from ftdist.run.logs import setup_logging
 
+    import torch
+
     setup_logging(True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         suites, models = parse_suites(args.suite), parse_models(args.models)
+        names = {n for n, _ in suites}
+        helpers = {}
+        if "reward" in names:
+            if not args.reward_model:
+                raise EvalError("--suite reward=...: needs --reward-model DIR (an ftdist rm run's final/)")
+            helpers["reward"] = RewardScorer(args.reward_model, torch.float32 if device.type == "cpu" else
+                                             torch.bfloat16, device)
+        if "judge" in names:
+            if not args.judge_model:
+                raise EvalError("--suite judge=...: needs --judge-model (a causal LM directory)")
+            helpers["judge"] = Judge(args.judge_model, args, device)
         results, all_samples = {}, []
         for name, spec in models:
             with tempfile.TemporaryDirectory(prefix="ftdist-eval-") as scratch:
                 model, tok = load_model(spec, args.step if (Path(spec) / "config.yaml").exists() else None,
-                                        args.base, args.dtype, None, scratch)
-                results[name], samples = evaluate_model(model, tok, suites, args)
+                                        args.base, args.dtype, device, scratch)
+                results[name], samples = evaluate_model(model, tok, suites, args, helpers)
                 all_samples += [{"model": name, **s} for s in samples]
                 del model
+        compare_to_first(results, all_samples, helpers)
     except (EvalError, InferError, ConfigError) as e:
         print(f"ftdist eval: error: {e}", file=sys.stderr)
         return 2

@@ -94,3 +94,46 @@ def test_eval_errors_name_the_problem(tmp_path):
     bad = _write(tmp_path / "mc.jsonl", [{"question": "q", "options": ["a"], "answer": 0}])
     proc = _eval("ftdist/tiny", "--suite", f"choice={bad}")
     assert proc.returncode == 2 and "row 1: needs `question`" in proc.stderr
+
+
+def test_reward_and_judge_suites(tmp_path):
+    """A reward model trained by ftdist scores the greedy answers: the mean is that of the scores recomputed with
+    transformers' own sequence-classification pooling (one text at a time, no padding); the same model twice
+    ties on every prompt, so its win rate is exactly 1/2, and the judge's pairwise preference between identical
+    answers, asked in both orders, is 1/2 up to float rounding (P(A) and P(B) of one prompt sum to 1)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tests.helpers import run_ftdist
+
+    rm = tmp_path / "rm"
+    run_ftdist(1, "rm_tiny", [f"output_dir={rm}", "data.eval=null", "train.max_steps=2", "train.progress_bar=false",
+                              "checkpoint.every_steps=0"])
+    prompts = _write(tmp_path / "prompts.jsonl", [{"prompt": [{"role": "user", "content": "Sort the digits: 3 1 2"}]},
+                                                  {"prompt": [{"role": "user", "content": "Sort the digits: 9 4"}]},
+                                                  {"prompt": "Hello"}])
+    out = tmp_path / "out"
+    proc = _eval("base=ftdist/tiny", "again=ftdist/tiny", "--suite", f"reward={prompts}", "--suite",
+                 f"judge={prompts}", "--reward-model", str(rm / "final"), "--judge-model", "ftdist/tiny",
+                 "--max-new-tokens", str(MAX_NEW), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "eval.json").read_text())["results"]
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+
+    model = AutoModelForSequenceClassification.from_pretrained(rm / "final", num_labels=1).eval()
+    tok = AutoTokenizer.from_pretrained(rm / "final")
+    base = [s for s in samples if s["model"] == "base" and s["suite"] == "reward"]
+    scores = []
+    for s in base:
+        conv = (s["prompt"] if isinstance(s["prompt"], list) else None)
+        text = (tok.apply_chat_template(conv + [{"role": "assistant", "content": s["answer"]}], tokenize=False)
+                if conv else s["prompt"] + s["answer"])
+        with torch.no_grad():
+            scores.append(float(model(**tok(text, return_tensors="pt", add_special_tokens=False)).logits[0, 0]))
+    # float32 forwards of the same tokens, batched with right padding there and alone here: within 1e-4
+    assert res["base"]["reward"]["reward"] == pytest.approx(sum(scores) / len(scores), abs=1e-4)
+    assert [s["score"] for s in base] == pytest.approx(scores, abs=1e-4)
+    assert res["again"]["reward"]["win_rate_vs_base"] == 0.5
+    assert res["again"]["judge"]["pairwise_vs_base"] == pytest.approx(0.5, abs=1e-6)
+    for s in samples:
+        if s["suite"] == "judge":
+            assert 1.0 <= s["score"] <= 10.0

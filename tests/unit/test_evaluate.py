@@ -54,3 +54,14 @@ def test_arguments(tmp_path):
     assert parse_models(["base=ftdist/tiny", "runs/sft"]) == [("base", "ftdist/tiny"), ("runs/sft", "runs/sft")]
     with pytest.raises(EvalError, match="named twice: a"):
         parse_models(["a=x", "a=y"])
+
+
+def test_judge_templates_need_their_fields(tmp_path):
+    from ftdist.evaluate import TEMPLATES, load_template
+
+    assert "{answer_b}" in load_template(None, "pairwise.txt", ("question", "answer_a", "answer_b"))
+    assert (TEMPLATES / "score.txt").exists()
+    bad = tmp_path / "rubric.txt"
+    bad.write_text("Rate: {answer}")
+    with pytest.raises(EvalError, match=r"lacks \{question\}"):
+        load_template(str(bad), "score.txt", ("question", "answer"))
