@@ -24,7 +24,9 @@ LoRA adapter, ftdist/tiny), optionally named as NAME=MODEL. Suites (SUITE=FILE, 
                (pairwise.txt)
 
 Output: a table (one row per model, one column per metric, with the rows counted and a 95% interval for
-accuracies), OUT/eval.json, and OUT/samples.jsonl with every prompt, answer, reference and score.
+accuracies), OUT/eval.json, and OUT/samples.jsonl with every prompt, answer, reference and score. Launched with
+several ranks (torchrun, srun), each rank evaluates every N-th row of each suite with its own copy of the model,
+and rank 0 gathers the rows and computes the metrics.
 """
 
 from __future__ import annotations
@@ -180,7 +182,14 @@ def choice_rows(path: str, max_samples: int) -> list[tuple[str, list[str], int]]
 
 
 # -- the suites --------------------------------------------------------------------------------
-def suite_perplexity(model, tok, path: str, args) -> tuple[dict, list[dict]]:
+def _share(n: int, share: tuple[int, int]) -> list[int]:
+    """The row indices this rank evaluates: every world-th, from its rank."""
+    rank, world = share
+    return list(range(rank, n, world))
+
+
+def suite_perplexity(model, tok, path: str, args, share=(0, 1)) -> list[dict]:
+    """Per row: its target tokens and their summed negative log-likelihood (float32 sums of float32 log-probs)."""
     import torch
 
     from ftdist.algos.sft import IGNORE_INDEX
@@ -194,11 +203,12 @@ def suite_perplexity(model, tok, path: str, args) -> tuple[dict, list[dict]]:
     except ValueError as e:
         raise EvalError(str(e)) from None
     device = next(model.parameters()).device
-    nll_sum, n_tok, samples = 0.0, 0, []
-    for start in range(0, len(ds), args.batch_size):
-        batch = ds[start:start + args.batch_size]
+    mine, samples = _share(len(ds), share), []
+    for start in range(0, len(mine), args.batch_size):
+        index = mine[start:start + args.batch_size]
+        batch = ds.select(index)
         T = max(len(x) for x in batch["input_ids"])
-        ids = torch.full((len(batch["input_ids"]), T), tok.pad_token_id or 0, dtype=torch.long)
+        ids = torch.full((len(index), T), tok.pad_token_id or 0, dtype=torch.long)
         labels = torch.full_like(ids, IGNORE_INDEX)
         mask = torch.zeros_like(ids)
         for b, (x, y) in enumerate(zip(batch["input_ids"], batch["labels"])):
@@ -209,13 +219,9 @@ def suite_perplexity(model, tok, path: str, args) -> tuple[dict, list[dict]]:
         target = labels[:, 1:].to(device)
         keep = target != IGNORE_INDEX
         nll = -lp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * keep
-        for b in range(ids.size(0)):
-            k = int(keep[b].sum())
-            row_nll = float(nll[b].sum())
-            nll_sum, n_tok = nll_sum + row_nll, n_tok + k
-            samples.append({"row": start + b, "target_tokens": k, "nll": row_nll / max(k, 1)})
-    mean = nll_sum / max(n_tok, 1)
-    return {"perplexity": math.exp(min(mean, 50.0)), "nll": mean, "rows": len(ds), "target_tokens": n_tok}, samples
+        for b, row in enumerate(index):
+            samples.append({"row": row, "target_tokens": int(keep[b].sum()), "nll_sum": float(nll[b].sum())})
+    return samples
 
 
 def greedy_answers(model, tok, rows, path: str, args) -> list[str]:
@@ -240,17 +246,16 @@ def greedy_answers(model, tok, rows, path: str, args) -> list[str]:
     return answers
 
 
-def suite_answers(model, tok, path: str, args, contains: bool) -> tuple[dict, list[dict]]:
+def suite_answers(model, tok, path: str, args, contains: bool, share=(0, 1)) -> list[dict]:
     rows = qa_rows(path, args.max_samples)
-    correct, samples = 0, []
-    for (given, _, ref), answer in zip(rows, greedy_answers(model, tok, rows, path, args)):
+    mine = _share(len(rows), share)
+    samples = []
+    for i, answer in zip(mine, greedy_answers(model, tok, [rows[i] for i in mine], path, args)):
+        given, _, ref = rows[i]
         a, r = normalise(answer), normalise(ref)
         ok = (r in a) if contains else (a == r)
-        correct += ok
-        samples.append({"row": len(samples), "prompt": given, "answer": answer, "reference": ref, "score": int(ok)})
-    name = "contains" if contains else "exact_match"
-    lo, hi = accuracy_interval(correct, len(rows))
-    return {name: correct / max(len(rows), 1), f"{name}_ci95": [lo, hi], "rows": len(rows)}, samples
+        samples.append({"row": i, "prompt": given, "answer": answer, "reference": ref, "score": int(ok)})
+    return samples
 
 
 def _option_logprobs(model, tok, question: str, options: list[str]) -> list[float]:
@@ -275,21 +280,36 @@ def _option_logprobs(model, tok, question: str, options: list[str]) -> list[floa
     return out
 
 
-def suite_choice(model, tok, path: str, args) -> tuple[dict, list[dict]]:
+def suite_choice(model, tok, path: str, args, share=(0, 1)) -> list[dict]:
     rows = choice_rows(path, args.max_samples)
-    acc = acc_norm = 0
     samples = []
-    for i, (question, options, right) in enumerate(rows):
+    for i in _share(len(rows), share):
+        question, options, right = rows[i]
         lps = _option_logprobs(model, tok, question, options)
         norm = [lp / max(len(o), 1) for lp, o in zip(lps, options)]
         pick, pick_norm = max(range(len(options)), key=lps.__getitem__), max(range(len(options)), key=norm.__getitem__)
-        acc += pick == right
-        acc_norm += pick_norm == right
         samples.append({"row": i, "question": question, "options": options, "answer": right, "logprobs": lps,
                         "pick": pick, "pick_norm": pick_norm, "score": int(pick == right)})
-    n = len(rows)
-    return {"acc": acc / max(n, 1), "acc_ci95": list(accuracy_interval(acc, n)), "acc_norm": acc_norm / max(n, 1),
-            "acc_norm_ci95": list(accuracy_interval(acc_norm, n)), "rows": n}, samples
+    return samples
+
+
+def aggregate(suite: str, samples: list[dict]) -> dict:
+    """A suite's metrics from all its rows' samples (of every rank)."""
+    n = len(samples)
+    if suite == "perplexity":
+        n_tok = sum(s["target_tokens"] for s in samples)
+        mean = sum(s["nll_sum"] for s in samples) / max(n_tok, 1)
+        return {"perplexity": math.exp(min(mean, 50.0)), "nll": mean, "rows": n, "target_tokens": n_tok}
+    if suite == "choice":
+        acc = sum(s["pick"] == s["answer"] for s in samples)
+        acc_norm = sum(s["pick_norm"] == s["answer"] for s in samples)
+        return {"acc": acc / max(n, 1), "acc_ci95": list(accuracy_interval(acc, n)), "acc_norm": acc_norm / max(n, 1),
+                "acc_norm_ci95": list(accuracy_interval(acc_norm, n)), "rows": n}
+    if suite in ("exact_match", "contains"):
+        k = sum(s["score"] for s in samples)
+        return {suite: k / max(n, 1), f"{suite}_ci95": list(accuracy_interval(k, n)), "rows": n}
+    scores = [s["score"] for s in samples]  # reward, judge
+    return {suite: sum(scores) / max(n, 1), f"{suite}_ci95": mean_interval(scores), "rows": n}
 
 
 def mean_interval(values: list[float]) -> list[float]:
@@ -407,35 +427,29 @@ def _question(prompt) -> str:
     return prompt if isinstance(prompt, str) else "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
 
 
-def evaluate_model(model, tok, suites: list[tuple[str, str]], args, helpers: dict) -> tuple[dict, list[dict]]:
-    results, samples = {}, []
+def evaluate_model(model, tok, suites: list[tuple[str, str]], args, helpers: dict, share=(0, 1)) -> list[dict]:
+    """This rank's share of every suite's rows, as samples (suite, row, what was asked, answered and scored)."""
+    samples = []
     for name, path in suites:
         if name == "perplexity":
-            res, smp = suite_perplexity(model, tok, path, args)
+            smp = suite_perplexity(model, tok, path, args, share)
         elif name == "choice":
-            res, smp = suite_choice(model, tok, path, args)
+            smp = suite_choice(model, tok, path, args, share)
         elif name in ("reward", "judge"):
             rows = qa_rows(path, args.max_samples, need_reference=False)
-            answers = greedy_answers(model, tok, rows, path, args)
-            smp = [{"row": i, "prompt": given, "answer": a} for i, ((given, _, _), a) in enumerate(zip(rows, answers))]
+            mine = _share(len(rows), share)
+            answers = greedy_answers(model, tok, [rows[i] for i in mine], path, args)
+            smp = [{"row": i, "prompt": rows[i][0], "answer": a} for i, a in zip(mine, answers)]
             if name == "reward":
-                scores = helpers["reward"].scores([(prompt, a) for (_, prompt, _), a in zip(rows, answers)],
-                                                  args.batch_size)
-                for sm, sc in zip(smp, scores):
-                    sm["score"] = sc
-                res = {"reward": sum(scores) / max(len(scores), 1), "reward_ci95": mean_interval(scores),
-                       "rows": len(rows)}
+                scores = helpers["reward"].scores([(rows[i][1], a) for i, a in zip(mine, answers)], args.batch_size)
             else:
-                ratings = [helpers["judge"].rate(_question(prompt), a) for (_, prompt, _), a in zip(rows, answers)]
-                for sm, r in zip(smp, ratings):
-                    sm["score"] = r
-                res = {"judge": sum(ratings) / max(len(ratings), 1), "judge_ci95": mean_interval(ratings),
-                       "rows": len(rows)}
+                scores = [helpers["judge"].rate(_question(rows[i][1]), a) for i, a in zip(mine, answers)]
+            for sm, sc in zip(smp, scores):
+                sm["score"] = sc
         else:
-            res, smp = suite_answers(model, tok, path, args, contains=name == "contains")
-        results[name] = {**res, "file": path}
-        samples += [{"suite": name, **s} for s in smp]
-    return results, samples
+            smp = suite_answers(model, tok, path, args, name == "contains", share)
+        samples += [{"suite": name, **sm} for sm in smp]
+    return samples
 
 
 def compare_to_first(results: dict, samples: list[dict], helpers: dict) -> None:
@@ -486,14 +500,20 @@ def table(results: dict[str, dict]) -> str:
 
 
 def run(args) -> int:
-    from ftdist.config import ConfigError
-    from ftdist.infer import InferError, load_model
-    from ftdist.run.logs import setup_logging
+    import os
 
     import torch
 
-    setup_logging(True)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from ftdist.config import ConfigError
+    from ftdist.engine.dist import gather_to_main, init_distributed
+    from ftdist.infer import InferError, load_model
+    from ftdist.run.logs import setup_logging
+
+    info = init_distributed() if "RANK" in os.environ else None
+    rank, world = (info.rank, info.world_size) if info else (0, 1)
+    setup_logging(rank == 0)
+    device = torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() and info else
+                          "cuda" if torch.cuda.is_available() else "cpu")
     try:
         suites, models = parse_suites(args.suite), parse_models(args.models)
         names = {n for n, _ in suites}
@@ -512,13 +532,22 @@ def run(args) -> int:
             with tempfile.TemporaryDirectory(prefix="ftdist-eval-") as scratch:
                 model, tok = load_model(spec, args.step if (Path(spec) / "config.yaml").exists() else None,
                                         args.base, args.dtype, device, scratch)
-                results[name], samples = evaluate_model(model, tok, suites, args, helpers)
-                all_samples += [{"model": name, **s} for s in samples]
+                mine = evaluate_model(model, tok, suites, args, helpers, (rank, world))
                 del model
-        compare_to_first(results, all_samples, helpers)
+            order = {suite: k for k, (suite, _) in enumerate(suites)}
+            gathered = sorted((s for part in gather_to_main(mine) for s in part),
+                              key=lambda s: (order[s["suite"]], s["row"]))
+            if rank == 0:
+                results[name] = {suite: {**aggregate(suite, [s for s in gathered if s["suite"] == suite]),
+                                         "file": path} for suite, path in suites}
+                all_samples += [{"model": name, **s} for s in gathered]
+        if rank == 0:
+            compare_to_first(results, all_samples, helpers)
     except (EvalError, InferError, ConfigError) as e:
         print(f"ftdist eval: error: {e}", file=sys.stderr)
         return 2
+    if rank != 0:
+        return 0
     print(table(results))
     if args.out:
         out = Path(args.out)

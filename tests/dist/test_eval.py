@@ -137,3 +137,26 @@ def test_reward_and_judge_suites(tmp_path):
     for s in samples:
         if s["suite"] == "judge":
             assert 1.0 <= s["score"] <= 10.0
+
+
+def test_two_ranks_give_the_numbers_of_one(tmp_path):
+    """Each rank evaluates every second row; with one row per forward (--batch-size 1) every row's arithmetic is
+    the same on any rank, and rank 0 sums the rows in row order: the same numbers exactly."""
+    from tests.helpers import ftdist_cmd, run_group
+
+    conv = [{"role": "user", "content": "Sort the digits: 3 1 2"}, {"role": "assistant", "content": "1 2 3"}]
+    ppl = _write(tmp_path / "ppl.jsonl", [{"messages": conv}] * 3 + [{"messages": conv[:1] + [
+        {"role": "assistant", "content": "3 2 1 0"}]}])
+    mc = _write(tmp_path / "mc.jsonl", [{"question": f"Sort {i} 1", "options": ["1 2", "2 1", "x"], "answer": i % 3}
+                                         for i in range(5)])
+    qa = _write(tmp_path / "qa.jsonl", [{"prompt": f"Sort the digits: {i} 4", "answer": "4"} for i in range(5)])
+    args = ["ftdist/tiny", "--suite", f"perplexity={ppl}", "--suite", f"choice={mc}", "--suite", f"contains={qa}",
+            "--batch-size", "1", "--max-new-tokens", "4"]
+    one = _eval(*args, "--out", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_group(ftdist_cmd(2, "x", [])[:-2] + ["eval", *args, "--out", str(tmp_path / "two")], 300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = json.loads((tmp_path / "one" / "eval.json").read_text())["results"]
+    b = json.loads((tmp_path / "two" / "eval.json").read_text())["results"]
+    assert a == b and a["ftdist/tiny"]["choice"]["rows"] == 5 and a["ftdist/tiny"]["perplexity"]["rows"] == 4
+    assert (tmp_path / "one" / "samples.jsonl").read_text() == (tmp_path / "two" / "samples.jsonl").read_text()
