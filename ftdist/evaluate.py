@@ -77,7 +77,13 @@ def parse_suites(specs: list[str]) -> list[tuple[str, str]]:
         name, sep, path = spec.partition("=")
         if not sep or name not in SUITES:
             raise EvalError(f"--suite {spec!r}: SUITE=FILE with SUITE one of {', '.join(SUITES)}")
-        if not Path(path).exists():
+        from ftdist.data.loading import DataError, is_hub_name, resolve_data_path
+
+        try:
+            resolved = resolve_data_path(path)  # also the bundled task: ftdist/tiny-task/eval
+        except DataError as e:
+            raise EvalError(f"--suite {spec!r}: {e}") from None
+        if not Path(resolved).exists() and not is_hub_name(path):
             raise EvalError(f"--suite {spec!r}: {path}: no such file")
         out.append((name, path))
     return out

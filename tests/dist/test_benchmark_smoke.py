@@ -95,3 +95,12 @@ def test_tokenize_throughput_tiny_compares_both_arms():
     # 1024 tokens, so every run prints the same token count
     counts = {line.split(", ")[4] for line in out.splitlines() if line.startswith("300 rows")}
     assert len(counts) == 1 and counts.pop().endswith(" tokens"), out
+
+
+def test_generate_throughput_tiny_runs_both_arms():
+    out = _run("generate_throughput.py", "--tiny")
+    table = _table(out)
+    assert list(table) == ["ftdist", "plain"]
+    # greedy on the same model and prompts: both arms generate exactly the same tokens
+    assert table["ftdist"][0] == table["plain"][0] and int(table["ftdist"][0]) > 0
+    assert float(table["ftdist"][1]) > 0 and float(table["plain"][1]) > 0

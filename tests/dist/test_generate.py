@@ -82,3 +82,28 @@ def test_a_runs_final_model_and_checkpoint_and_errors(tmp_path):
     assert proc.returncode == 2 and "--step 9" in proc.stderr and "Traceback" not in proc.stderr
     proc = _generate("ftdist/tiny", "--prompts", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "final.jsonl"))
     assert proc.returncode == 2 and "exists" in proc.stderr
+
+
+@pytest.mark.parametrize("case", ["no_model", "adapter_without_base", "empty_prompts", "bad_row"])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, case):
+    _prompts(tmp_path / "p.jsonl")
+    model, prompts = "ftdist/tiny", str(tmp_path / "p.jsonl")
+    if case == "no_model":
+        model, expect = str(tmp_path / "nope"), "no such model directory"
+    elif case == "adapter_without_base":
+        adapter = tmp_path / "adapter"
+        adapter.mkdir()
+        (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA",
+                                                                 "base_model_name_or_path": "/models/gone"}))
+        model, expect = str(adapter), "pass --base"
+    elif case == "empty_prompts":
+        (tmp_path / "empty.jsonl").write_text("")
+        prompts, expect = str(tmp_path / "empty.jsonl"), "empty"
+    else:
+        (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": [{"role": "wizard", "content": "x"}]}) + "\n")
+        prompts, expect = str(tmp_path / "bad.jsonl"), "bad.jsonl: row 1:"
+    out = tmp_path / "out.jsonl"
+    proc = _generate(model, "--prompts", prompts, "--out", str(out))
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("ftdist generate: error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and expect in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not out.exists() and not list(tmp_path.glob(".out.jsonl*"))
