@@ -318,14 +318,16 @@ def aggregate(suite: str, samples: list[dict]) -> dict:
     return {suite: sum(scores) / max(n, 1), f"{suite}_ci95": mean_interval(scores), "rows": n}
 
 
-def mean_interval(values: list[float]) -> list[float]:
-    """95% normal interval of a mean (1.96 standard errors; a single value: the value itself)."""
+def mean_interval(values: list[float], bounds: tuple[float, float] | None = None) -> list[float]:
+    """95% normal interval of a mean (1.96 standard errors; a single value: the value itself), within `bounds`
+    where the values have them (a win rate lies in [0, 1])."""
     n = len(values)
     m = sum(values) / max(n, 1)
     if n < 2:
         return [m, m]
     half = 1.959964 * math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1) / n)
-    return [m - half, m + half]
+    lo, hi = m - half, m + half
+    return [max(lo, bounds[0]), min(hi, bounds[1])] if bounds else [lo, hi]
 
 
 def _conversation_text(tok, prompt, answer: str) -> str:
@@ -472,7 +474,7 @@ def compare_to_first(results: dict, samples: list[dict], helpers: dict) -> None:
             wins = [1.0 if by[(m, "reward", r)]["score"] > by[(first, "reward", r)]["score"] else
                     0.5 if by[(m, "reward", r)]["score"] == by[(first, "reward", r)]["score"] else 0.0 for r in rows]
             results[m]["reward"][f"win_rate_vs_{first}"] = sum(wins) / max(len(wins), 1)
-            results[m]["reward"][f"win_rate_vs_{first}_ci95"] = mean_interval(wins)
+            results[m]["reward"][f"win_rate_vs_{first}_ci95"] = mean_interval(wins, (0.0, 1.0))
         if "judge" in results[m]:
             rows = [r for (mm, su, r) in by if mm == m and su == "judge"]
             prefs = []
@@ -482,7 +484,7 @@ def compare_to_first(results: dict, samples: list[dict], helpers: dict) -> None:
                 s["preferred_over_first"] = pref
                 prefs.append(pref)
             results[m]["judge"][f"pairwise_vs_{first}"] = sum(prefs) / max(len(prefs), 1)
-            results[m]["judge"][f"pairwise_vs_{first}_ci95"] = mean_interval(prefs)
+            results[m]["judge"][f"pairwise_vs_{first}_ci95"] = mean_interval(prefs, (0.0, 1.0))
 
 
 # -- the command -------------------------------------------------------------------------------
@@ -492,8 +494,14 @@ HEADLINE = {"perplexity": ("perplexity", None), "exact_match": ("exact_match", "
 
 
 def table(results: dict[str, dict]) -> str:
-    suites = list(next(iter(results.values())))
-    head = ["model"] + [f"{s} (n={next(iter(results.values()))[s]['rows']})" for s in suites]
+    """One row per model; a column per suite's headline metric (with its row count and 95% interval), and the
+    comparisons with the first model (win rate by reward, the judge's pairwise preference)."""
+    first = next(iter(results.values()))
+    suites = list(first)
+    versus = [(s, k) for s in suites for k in sorted({k for r in results.values() for k in r[s]})
+              if k.startswith(("win_rate_vs_", "pairwise_vs_")) and not k.endswith("_ci95")]
+    head = (["model"] + [f"{s} (n={first[s]['rows']})" for s in suites]
+            + [f"{s} {k.replace('_vs_', ' vs ').replace('_', ' ')}" for s, k in versus])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for model, res in results.items():
         cells = [model]
@@ -501,6 +509,9 @@ def table(results: dict[str, dict]) -> str:
             key, ci = HEADLINE[s]
             v = res[s][key]
             cells.append(f"{v:.3f}" if ci is None else f"{v:.3f} [{res[s][ci][0]:.3f}, {res[s][ci][1]:.3f}]")
+        for s, k in versus:
+            ci = res[s].get(k + "_ci95")
+            cells.append(f"{res[s][k]:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if k in res[s] else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

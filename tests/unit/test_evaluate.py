@@ -65,3 +65,13 @@ def test_judge_templates_need_their_fields(tmp_path):
     bad.write_text("Rate: {answer}")
     with pytest.raises(EvalError, match=r"lacks \{question\}"):
         load_template(str(bad), "score.txt", ("question", "answer"))
+
+
+def test_mean_interval_stays_within_bounds():
+    from ftdist.evaluate import mean_interval
+
+    wins = [1.0] * 19 + [0.5]
+    lo, hi = mean_interval(wins)
+    assert hi > 1.0  # the normal interval of a mean near 1 crosses it
+    assert mean_interval(wins, (0.0, 1.0)) == [lo, 1.0]
+    assert mean_interval([3.0]) == [3.0, 3.0]
