@@ -95,7 +95,9 @@ def run_setting(work: Path, s: dict, a, checkpointing: bool, packing: bool = Tru
                  "cache_dir": str(work / "cache")},
         "train": {"micro_batch_size": s["micro"], "global_batch_size": s["micro"] * s["accum"],
                   "max_steps": s["steps"], "lr": 1e-5, "scheduler": "constant", "warmup_ratio": 0.0,
-                  "log_every": 1, "progress_bar": False},
+                  "log_every": 1, "progress_bar": False,
+                  # padded rows as cut from each step (not split further by length): the classic padded layout
+                  "group_by_length": False},
         "deepspeed": {"zero_stage": a.zero_stage},
         "checkpoint": {"every_steps": 0, "keep_last": 1, "resume": "never"},
         "logging": {"tensorboard": False},
@@ -136,7 +138,7 @@ def main(argv=None) -> int:
     p.add_argument("--work", default=None, help="work directory (default: a temporary one)")
     p.add_argument("--compare", choices=("ckpt", "packing"), default="ckpt",
                    help="ckpt: packed rows with gradient checkpointing off and on (default); packing: packed "
-                        "against padded rows of the same data, checkpointing off")
+                        "against padded rows of the same data (train.group_by_length=false), checkpointing off")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     a = p.parse_args(argv)
 
