@@ -1,6 +1,6 @@
 """`ftdist eval`: is the new model better? Several models side by side on held-out data.
 
-    ftdist eval base=ftdist/tiny sft=runs/sft dpo=runs/dpo --suite perplexity=heldout.jsonl \
+    ftdist eval base=ftdist/tiny sft=runs/sft dpo=runs/dpo --suite perplexity=heldout.jsonl \\
         --suite exact_match=qa.jsonl --suite choice=mc.jsonl --out eval/
 
 MODEL: the forms `ftdist generate` takes (a model directory, a run's output_dir with --step or its final/, a
