@@ -517,20 +517,13 @@ def table(results: dict[str, dict]) -> str:
 
 
 def run(args) -> int:
-    import os
-
     import torch
 
     from ftdist.config import ConfigError
-    from ftdist.engine.dist import gather_to_main, init_distributed
-    from ftdist.infer import InferError, load_model
-    from ftdist.run.logs import setup_logging
+    from ftdist.engine.dist import gather_to_main
+    from ftdist.infer import InferError, inference_process, load_model
 
-    info = init_distributed() if "RANK" in os.environ else None
-    rank, world = (info.rank, info.world_size) if info else (0, 1)
-    setup_logging(rank == 0)
-    device = torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() and info else
-                          "cuda" if torch.cuda.is_available() else "cpu")
+    rank, world, device = inference_process()
     try:
         suites, models = parse_suites(args.suite), parse_models(args.models)
         names = {n for n, _ in suites}

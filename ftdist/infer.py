@@ -175,26 +175,35 @@ def load_prompts(path: str, tokenizer) -> list[tuple[object, str]]:
 
 
 # -- the command -------------------------------------------------------------------------------
-def run(args) -> int:
+def inference_process():
+    """(rank, world size, device) of an inference command: one process, or one of several ranks launched by
+    torchrun/srun (each holding a whole copy of the model); logging set up for it."""
     import torch
 
+    from ftdist.engine.dist import init_distributed
+    from ftdist.run.logs import setup_logging
+
+    info = init_distributed() if "RANK" in os.environ else None
+    rank, world = (info.rank, info.world_size) if info else (0, 1)
+    setup_logging(rank == 0)
+    if not torch.cuda.is_available():
+        return rank, world, torch.device("cpu")
+    return rank, world, torch.device(f"cuda:{info.local_rank}" if info else "cuda")
+
+
+def run(args) -> int:
     from ftdist.config import ConfigError
     from ftdist.data.loading import DataError
-    from ftdist.engine.dist import gather_to_main, init_distributed
+    from ftdist.engine.dist import gather_to_main
     from ftdist.engine.engine import UnsafeCheckpointError
     from ftdist.models.loading import ModelError
     from ftdist.models.generate import generate
-    from ftdist.run.logs import setup_logging
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         print(f"ftdist generate: error: --out {out} exists (use --overwrite)", file=sys.stderr)
         return 2
-    info = init_distributed() if "RANK" in os.environ else None
-    rank, world = (info.rank, info.world_size) if info else (0, 1)
-    setup_logging(rank == 0)
-    device = torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() and info else
-                          "cuda" if torch.cuda.is_available() else "cpu")
+    rank, world, device = inference_process()
     try:
         with tempfile.TemporaryDirectory(prefix="ftdist-generate-") as scratch:
             model, tok = load_model(args.model, args.step, args.base, args.dtype, device, scratch)
