@@ -229,8 +229,11 @@ class TokenData:
     """Random access to (input_ids, labels) of a tokenised datasets.Dataset, with lengths."""
 
     def __init__(self, ds):
+        import pyarrow.compute as pc
+
         self.ds = ds.with_format("numpy")
-        self.lengths = [len(x) for x in ds["input_ids"]]
+        # from the Arrow list offsets: reading the column would build every token as a Python int on every rank
+        self.lengths = pc.list_value_length(ds.with_format("arrow")["input_ids"]).to_pylist()
 
     def __len__(self) -> int:
         return len(self.lengths)
