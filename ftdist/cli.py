@@ -53,15 +53,7 @@ def cmd_train(args) -> int:
 
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             return 0
-        if cfg.stage == "ppo":  # one controller process; its ranks are Ray actors
-            from ftdist.rl.entry import train
-
-            result = train(cfg)
-        else:
-            from ftdist.train.loop import train
-
-            # several ranks end their processes inside train(), once finished (run/lifecycle.py)
-            result = train(cfg, end_process_when_done=True)
+        result = run_stage(cfg, end_process_when_done=True)
         code = 3 if "stopped_at" in result else 0
     except errors as e:
         return _fail(str(e))
@@ -75,6 +67,24 @@ def cmd_train(args) -> int:
     finally:
         _destroy_process_group()
     return code
+
+
+def run_stage(cfg, end_process_when_done: bool = False) -> dict:
+    """The recipe's stage in this process: training (with its eval.suites), PPO's driver, or an evaluation.
+    end_process_when_done: several training ranks end their processes inside train(), once finished
+    (run/lifecycle.py)."""
+    if cfg.stage == "ppo":  # one controller process; its ranks are Ray actors
+        from ftdist.rl.entry import train
+
+        return train(cfg)
+    if cfg.stage == "eval":
+        from ftdist.evaluate import run_recipe
+
+        return run_recipe(cfg)
+    from ftdist.eval.training import suite_evaluator
+    from ftdist.train.loop import train
+
+    return train(cfg, end_process_when_done=end_process_when_done, suite_eval=suite_evaluator(cfg))
 
 
 def _exit_on_collective_failure(exc: RuntimeError, timeout_s: int) -> None:
@@ -117,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ftdist", description="Distributed fine-tuning of causal language models.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a recipe (sft, rm, dpo, orpo, ppo)",
+    t = sub.add_parser("train", help="run a recipe: train (sft, rm, dpo, orpo, ppo) or evaluate (stage: eval)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog=TRAIN_EPILOG.format(recipes=", ".join(builtin_recipes()), keys=config_help()))
     t.add_argument("recipe", help="built-in recipe name or path to a recipe YAML")

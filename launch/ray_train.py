@@ -3,7 +3,7 @@
     python launch/ray_train.py RECIPE [key=value ...]
 
 SFT, RM and DPO recipes run as a Ray Train TorchTrainer: each worker runs the ordinary loop
-(`ftdist.train.loop.train`) inside the process group that Ray Train set up (gloo on CPU, NCCL on
+(`ftdist.train.loop.train`; a `stage: eval` recipe: the evaluation, each worker its share of the rows) inside the process group that Ray Train set up (gloo on CPU, NCCL on
 GPUs). When a worker dies, Ray Train restarts the whole worker group (FailureConfig), and the
 restarted loop resumes from the newest complete ftdist checkpoint in output_dir
 (checkpoint.resume=auto). That needs output_dir on storage every node sees (a shared
@@ -28,9 +28,8 @@ from pathlib import Path
 def _worker(config: dict) -> None:
     import ray.train
 
+    from ftdist.cli import run_stage
     from ftdist.config import load_config
-    from ftdist.train.loop import train
-
     from ftdist.run.testing import record_pid
 
     record_pid(ray.train.get_context().get_world_rank())
@@ -38,7 +37,7 @@ def _worker(config: dict) -> None:
     os.environ.setdefault("FTDIST_JOB_ID", ray.get_runtime_context().get_job_id())
     # Ray Train exports RANK/WORLD_SIZE/LOCAL_RANK and has initialised the process group;
     # init_distributed reuses it
-    train(load_config(config["recipe"], config["overrides"]))
+    run_stage(load_config(config["recipe"], config["overrides"]))  # training, or a stage: eval recipe
 
 
 def _absolute_output_dir(cfg) -> str:
@@ -101,7 +100,8 @@ def main(argv: list[str]) -> int:
                              failure_config=FailureConfig(max_failures=max_failures)),
     )
     trainer.fit()
-    print(f"ftdist: done; model in {output_dir}/final", flush=True)
+    done = f"results in {output_dir}/eval.json" if cfg.stage == "eval" else f"model in {output_dir}/final"
+    print(f"ftdist: done; {done}", flush=True)
     return 0
 
 

@@ -6,7 +6,7 @@ time with a message that names the key, the value and what is allowed.
 from ftdist.config.load import (DS_CONFIGS_DIR, RECIPES_DIR, builtin_recipes, config_help, config_markdown,
                                 ds_config_path, dump_config, load_config, parse_overrides, resolve_recipe_path)
 from ftdist.config.schema import (OFFLOAD_OPTIMIZERS, PREFERENCE_STAGES, CheckpointConfig, Config, ConfigError,
-                                  DataConfig, DataSource, DeepSpeedConfig, DistConfig, DPOConfig, LoggingConfig,
+                                  DataConfig, DataSource, DeepSpeedConfig, DistConfig, DPOConfig, EvalConfig, LoggingConfig,
                                   LoraConfig, ModelConfig, ORPOConfig, PPOConfig, QuantizationConfig,
                                   RewardModelConfig, TrainConfig)
 from ftdist.config.validate import colocated_sets, ppo_groups, resume_changes, validate
@@ -15,7 +15,7 @@ __all__ = [
     "DS_CONFIGS_DIR", "RECIPES_DIR", "builtin_recipes", "config_help", "config_markdown", "ds_config_path",
     "dump_config", "load_config", "parse_overrides", "resolve_recipe_path", "OFFLOAD_OPTIMIZERS",
     "PREFERENCE_STAGES", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DataSource", "DeepSpeedConfig",
-    "DistConfig", "DPOConfig", "LoggingConfig", "LoraConfig", "ModelConfig", "ORPOConfig", "PPOConfig",
+    "DistConfig", "DPOConfig", "EvalConfig", "LoggingConfig", "LoraConfig", "ModelConfig", "ORPOConfig", "PPOConfig",
     "QuantizationConfig", "RewardModelConfig", "TrainConfig", "colocated_sets", "ppo_groups", "resume_changes",
     "validate",
 ]

@@ -13,6 +13,7 @@ from typing import Any, Literal, Optional, Union
 # memory planner all read this)
 OFFLOAD_OPTIMIZERS = ("adamw_torch", "paged_adamw_32bit")
 PREFERENCE_STAGES = ("rm", "dpo", "orpo")
+EVAL_SUITES = ("perplexity", "exact_match", "contains", "choice", "reward", "judge")
 
 
 class ConfigError(ValueError):
@@ -331,8 +332,38 @@ class PPOConfig:
 
 
 @dataclass
+class EvalConfig:
+    suites: list[str] = _f(
+        [], "Evaluation suites, each SUITE=FILE as `ftdist eval --suite` takes them (perplexity, exact_match, "
+        "contains, choice, reward, judge). During training (stages sft, dpo, orpo) they run on the model being "
+        "trained at every evaluation (train.eval_every, and before and after training) on at most "
+        "train.eval_max_samples rows each, logged as eval/SUITE/METRIC, every answer and score in "
+        "output_dir/samples/step_N.jsonl; with stage: eval, on eval.models.")
+    models: list[str] = _f(
+        [], "stage: eval: the models compared, [NAME=]MODEL as `ftdist eval` takes them (model directories, runs' "
+        "output_dirs, LoRA adapters, ftdist/tiny); results in output_dir/eval.json and samples.jsonl.")
+    step: Optional[str] = _f(None, "stage: eval: with runs' output_dirs, this checkpoint step (or 'latest') "
+                             "instead of final/.")
+    base: Optional[str] = _f(None, "stage: eval: LoRA adapters' base model (default: as their config names it).")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = _f(
+        "auto", "stage: eval: the models' dtype (auto: bf16 on a GPU, fp32 on CPU).")
+    reward_model: Optional[str] = _f(None, "Reward model directory for the reward suite (an ftdist rm run's final/).")
+    judge_model: Optional[str] = _f(None, "Causal LM directory (or ftdist/tiny) that rates answers in the judge suite.")
+    judge_template: Optional[str] = _f(
+        None, "The judge's rubric for a 1-10 rating, with {question} and {answer} (default: the shipped one).")
+    pairwise_template: Optional[str] = _f(
+        None, "The judge's pairwise rubric, with {question}, {answer_a} and {answer_b} (default: the shipped one).")
+    max_samples: int = _f(0, "stage: eval: rows per suite at most (0 = all; during training: train.eval_max_samples).")
+    max_new_tokens: int = _f(64, "Tokens generated at most per answer (exact_match, contains, reward, judge).")
+    max_length: int = _f(2048, "stage: eval: tokens per perplexity row (longer: truncated; during training: "
+                         "data.max_length).")
+    batch_size: int = _f(8, "Rows per forward or generate call.")
+
+
+@dataclass
 class Config:
-    stage: Literal["sft", "rm", "dpo", "orpo", "ppo"] = _f("sft", "Training stage.")
+    stage: Literal["sft", "rm", "dpo", "orpo", "ppo", "eval"] = _f(
+        "sft", "Training stage, or eval: evaluate eval.models on eval.suites (no training).")
     output_dir: str = _f("runs/ftdist", "Run directory: run.json, config.yaml, metrics.jsonl, checkpoints/, final/.")
     overwrite_output_dir: bool = _f(
         False, "Write into an output_dir that is not empty and not an ftdist run directory (refused otherwise).")
@@ -348,6 +379,7 @@ class Config:
     dpo: DPOConfig = _f(DPOConfig(), "DPO section (stage: dpo).")
     orpo: ORPOConfig = _f(ORPOConfig(), "ORPO section (stage: orpo).")
     ppo: PPOConfig = _f(PPOConfig(), "PPO section (stage: ppo).")
+    eval: EvalConfig = _f(EvalConfig(), "Evaluation suites (during training, and stage: eval).")
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)

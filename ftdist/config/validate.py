@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 
 from ftdist.config.filters import parse_filter
-from ftdist.config.schema import (OFFLOAD_OPTIMIZERS, PREFERENCE_STAGES, Config, ConfigError, DataSource,
+from ftdist.config.schema import (EVAL_SUITES, OFFLOAD_OPTIMIZERS, PREFERENCE_STAGES, Config, ConfigError, DataSource,
                                   ModelConfig)
 
 # ppo.colocation -> the groups that share devices ("all": every group the recipe starts)
@@ -23,7 +23,7 @@ RESUME_SAFE_KEYS = ("output_dir", "overwrite_output_dir", "checkpoint.", "loggin
                     "train.log_every", "train.eval_every", "train.progress_bar", "train.eval_accuracy",
                     "train.eval_max_new_tokens", "train.eval_max_samples", "data.train", "data.eval",
                     "data.eval_split", "data.cache_dir", "data.num_workers", "data.num_proc", "ppo.eval_every",
-                    "train.save_final")
+                    "train.save_final", "eval.")
 
 
 def _resume_safe(key: str) -> bool:
@@ -80,6 +80,9 @@ def colocated_sets(colocation: str, roles: list[str]) -> list[tuple[str, ...]]:
 
 def validate(cfg: Config) -> None:
     """Combinations that cannot work are rejected before anything loads."""
+    _validate_eval(cfg)
+    if cfg.stage == "eval":
+        return  # no training: the training keys are not used
     t, ds, m = cfg.train, cfg.deepspeed, cfg.model
     positive = {"train.micro_batch_size": t.micro_batch_size, "train.global_batch_size": t.global_batch_size,
                 "data.max_length": 1 if cfg.data.max_length is None else cfg.data.max_length,
@@ -153,6 +156,31 @@ def validate(cfg: Config) -> None:
     for which in ("train", "eval"):
         if isinstance(getattr(cfg.data, which), list):
             _validate_sources(cfg, which)
+
+
+def _validate_eval(cfg: Config) -> None:
+    e = cfg.eval
+    for i, spec in enumerate(e.suites):
+        name, sep, path = str(spec).partition("=")
+        if not sep or name not in EVAL_SUITES or not path:
+            raise ConfigError(f"eval.suites[{i}]: got {spec!r}, allowed: SUITE=FILE with SUITE one of "
+                              f"{', '.join(EVAL_SUITES)}")
+    names = {str(s).partition("=")[0] for s in e.suites}
+    if "reward" in names and not e.reward_model:
+        raise ConfigError("eval.suites has a reward suite: set eval.reward_model (an ftdist rm run's final/)")
+    if "judge" in names and not e.judge_model:
+        raise ConfigError("eval.suites has a judge suite: set eval.judge_model (a causal LM directory)")
+    for k in ("max_new_tokens", "batch_size", "max_length"):
+        if getattr(e, k) <= 0:
+            raise ConfigError(f"eval.{k}: got {getattr(e, k)}, must be > 0")
+    if e.max_samples < 0:
+        raise ConfigError(f"eval.max_samples: got {e.max_samples}, must be >= 0 (0 = all rows)")
+    if cfg.stage == "eval":
+        if not e.models or not e.suites:
+            raise ConfigError("stage=eval needs eval.models (the models to compare) and eval.suites (SUITE=FILE)")
+    elif e.suites and cfg.stage not in ("sft", "dpo", "orpo"):
+        raise ConfigError(f"eval.suites during training: the suites evaluate a causal LM (stages sft, dpo, orpo), "
+                          f"not stage={cfg.stage}; evaluate its output with `ftdist eval` or a stage: eval recipe")
 
 
 def _check_filters(key: str, filters: list[str]) -> None:

@@ -71,6 +71,25 @@ class MetricsWriter:
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in clean.items() if k != "step"}, step=step)
 
+    def log_samples(self, step: int, samples: list[dict]) -> None:
+        """An evaluation's samples (prompt, answer, reference, score of every row) as samples/step_N.jsonl, written
+        whole then renamed; with W&B, also a table `eval/samples` (one row per sample, the union of their keys
+        as columns)."""
+        if not self.enabled or not samples:
+            return
+        out = self.path.parent / "samples" / f"step_{step}.jsonl"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+        os.replace(tmp, out)
+        if self.wandb is not None:
+            import wandb
+
+            columns = list(dict.fromkeys(k for s in samples for k in s))
+            cell = (lambda v: v if isinstance(v, (int, float, str)) or v is None else json.dumps(v, ensure_ascii=False))
+            table = wandb.Table(columns=columns, data=[[cell(s.get(c)) for c in columns] for s in samples])
+            self.wandb.log({"eval/samples": table}, step=step)
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()

@@ -58,11 +58,14 @@ def _grad_accum(cfg: Config, world_size: int) -> int:
     return t.global_batch_size // per_step
 
 
-def train(cfg: Config, end_process_when_done: bool = False) -> dict:
+def train(cfg: Config, end_process_when_done: bool = False, suite_eval=None) -> dict:
     """Runs the recipe; returns the last metrics ({"stopped_at": step} after a stop request).
 
     end_process_when_done: with several ranks, end the process at the end instead of returning (the
     command line; see run/lifecycle.end_process), with exit code 0, or 3 after a stop request.
+    suite_eval: called at every evaluation after the task's own metrics, as suite_eval(engine, tokenizer) ->
+    (metrics, samples); the samples go to output_dir/samples/step_N.jsonl (eval/training.py: the recipe's
+    eval.suites; the entry points pass it, this package does not import eval).
     """
     # first: a preemption signal during start-up (model load, op builds) must not kill a rank
     stop = StopRequest()
@@ -70,7 +73,7 @@ def train(cfg: Config, end_process_when_done: bool = False) -> dict:
     setup_logging(info.is_main)
     run_id, held = _claim_output_dir(cfg, info)
     try:
-        result, engine = _train(cfg, info, stop, run_id)
+        result, engine = _train(cfg, info, stop, run_id, suite_eval)
     finally:
         if held is not None:
             held.release()
@@ -158,7 +161,7 @@ def micro_overhead(cfg: Config) -> Optional[float]:
     return base * (16 if cfg.deepspeed.zero_stage == 3 else 1)
 
 
-def _train(cfg: Config, info, stop: StopRequest, run_id: str):
+def _train(cfg: Config, info, stop: StopRequest, run_id: str, suite_eval=None):
     cfg = resolve_max_length(cfg)
     seed_everything(cfg.seed)
     out = Path(cfg.output_dir)
@@ -229,8 +232,18 @@ def _train(cfg: Config, info, stop: StopRequest, run_id: str):
 
     writer = MetricsWriter(str(out), info.is_main, cfg.logging, cfg.to_dict(),
                            resumed_at=state.step if resume is not None else None)
-    if state.step == 0:
+    def run_eval(step: int) -> dict:
         ev = evaluate(engine, task, cfg)
+        if suite_eval is not None:
+            engine.train(False)
+            metrics, samples = suite_eval(engine, tokenizer)
+            engine.train(True)
+            ev.update(metrics)
+            writer.log_samples(step, samples)
+        return ev
+
+    if state.step == 0:
+        ev = run_eval(0)
         if ev:
             writer.log({"step": 0, "epoch": 0.0, **ev})
             log.info("eval before training: %s", fmt_metrics(ev))
@@ -285,7 +298,7 @@ def _train(cfg: Config, info, stop: StopRequest, run_id: str):
             progress.update(1, loss=metrics.get("loss", float("nan")),
                             tok_s=int((state.tokens - tokens0) / max(time.time() - t_start, 1e-9)))
             if cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and state.step < total_steps:
-                ev = evaluate(engine, task, cfg)
+                ev = run_eval(state.step)
                 if ev:
                     writer.log({"step": state.step, "epoch": state.epoch, **ev})
                     progress.write(f"step {state.step}: {fmt_metrics(ev)}")
@@ -306,7 +319,7 @@ def _train(cfg: Config, info, stop: StopRequest, run_id: str):
 
     if last_saved != state.step:
         save(state.step)
-    ev = evaluate(engine, task, cfg)
+    ev = run_eval(state.step)
     if ev:
         writer.log({"step": state.step, "epoch": state.epoch, **ev})
         log.info("eval after training: %s", fmt_metrics(ev))

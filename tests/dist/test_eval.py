@@ -141,8 +141,9 @@ def test_reward_and_judge_suites(tmp_path):
 
 def test_two_ranks_give_the_numbers_of_one(tmp_path):
     """Each rank evaluates every second row; with one row per forward (--batch-size 1) every row's arithmetic is
-    the same on any rank, and rank 0 sums the rows in row order: the same numbers exactly."""
-    from tests.helpers import ftdist_cmd, run_group
+    the same on any rank, and rank 0 sums the rows in row order: the same numbers exactly. The two-rank run is a
+    `stage: eval` recipe launched as training is."""
+    from tests.helpers import run_ftdist, write_recipe
 
     conv = [{"role": "user", "content": "Sort the digits: 3 1 2"}, {"role": "assistant", "content": "1 2 3"}]
     ppl = _write(tmp_path / "ppl.jsonl", [{"messages": conv}] * 3 + [{"messages": conv[:1] + [
@@ -154,9 +155,57 @@ def test_two_ranks_give_the_numbers_of_one(tmp_path):
             "--batch-size", "1", "--max-new-tokens", "4"]
     one = _eval(*args, "--out", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr[-3000:]
-    two = run_group(ftdist_cmd(2, "x", [])[:-2] + ["eval", *args, "--out", str(tmp_path / "two")], 300)
-    assert two.returncode == 0, two.stderr[-3000:]
+    # the two ranks run the same evaluation as a `stage: eval` recipe (the path sbatch and Ray submissions take)
+    recipe = write_recipe(tmp_path / "eval.yaml", stage="eval", output_dir=str(tmp_path / "two"),
+                          eval={"models": ["ftdist/tiny"], "suites": [f"perplexity={ppl}", f"choice={mc}",
+                                                                      f"contains={qa}"],
+                                "batch_size": 1, "max_new_tokens": 4})
+    run_ftdist(2, str(recipe), [])
+    assert (tmp_path / "two" / "config.yaml").exists()
     a = json.loads((tmp_path / "one" / "eval.json").read_text())["results"]
     b = json.loads((tmp_path / "two" / "eval.json").read_text())["results"]
     assert a == b and a["ftdist/tiny"]["choice"]["rows"] == 5 and a["ftdist/tiny"]["perplexity"]["rows"] == 4
     assert (tmp_path / "one" / "samples.jsonl").read_text() == (tmp_path / "two" / "samples.jsonl").read_text()
+
+
+def test_suites_during_training_match_ftdist_eval(tmp_path):
+    """eval.suites on 2 ranks under ZeRO-3 (each rank its share of 5 rows, the shorter share padded so that every
+    rank runs as many collective forwards and synced generate calls): the numbers logged after the last step are
+    `ftdist eval`'s on the final model, and samples/step_N.jsonl holds the same answers."""
+    from tests.helpers import read_metrics, run_ftdist
+
+    conv = [{"role": "user", "content": "Sort the digits: 3 1 2"}, {"role": "assistant", "content": "1 2 3"}]
+    ppl = _write(tmp_path / "ppl.jsonl", [{"messages": conv}] * 4 + [{"messages": conv[:1] + [
+        {"role": "assistant", "content": "3 2 1 0"}]}])
+    mc = _write(tmp_path / "mc.jsonl", [{"question": f"Sort {i} 1", "options": ["1 2", "2 1"], "answer": i % 2}
+                                         for i in range(5)])
+    qa = _write(tmp_path / "qa.jsonl", [{"prompt": f"Sort the digits: {i} 4", "answer": "4"} for i in range(5)])
+    run = tmp_path / "run"
+    suites = f"eval.suites=[perplexity={ppl},choice={mc},contains={qa}]"
+    run_ftdist(2, "sft_tiny", [f"output_dir={run}", "deepspeed.zero_stage=3", "train.max_steps=2",
+                               "train.eval_every=1", "train.eval_accuracy=false", "train.progress_bar=false",
+                               "checkpoint.every_steps=0", suites, "train.eval_max_samples=5", "eval.batch_size=1",
+                               "eval.max_new_tokens=4"])
+    evals = [r for r in read_metrics(run) if "eval/contains/contains" in r]
+    assert [r["step"] for r in evals] == [0, 1, 2]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_0.jsonl", "step_1.jsonl", "step_2.jsonl"]
+    last = evals[-1]
+    assert last["eval/perplexity/rows"] == last["eval/choice/rows"] == last["eval/contains/rows"] == 5
+
+    out = tmp_path / "out"
+    proc = _eval(str(run), "--suite", f"perplexity={ppl}", "--suite", f"choice={mc}", "--suite", f"contains={qa}",
+                 "--max-samples", "5", "--max-length", "128", "--batch-size", "1", "--max-new-tokens", "4",
+                 "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "eval.json").read_text())["results"][str(run)]
+    # the same fp32 weights (ZeRO-3's gathered shards, final/ written from them) and one row per forward: the
+    # per-row sums agree to float32 rounding of ~10 terms, well within relative 1e-5
+    assert last["eval/perplexity/perplexity"] == pytest.approx(res["perplexity"]["perplexity"], rel=1e-5)
+    assert last["eval/perplexity/target_tokens"] == res["perplexity"]["target_tokens"]
+    assert last["eval/choice/acc"] == res["choice"]["acc"] and last["eval/contains/contains"] == res["contains"]["contains"]
+    during = [json.loads(line) for line in (run / "samples" / "step_2.jsonl").read_text().splitlines()]
+    after = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    pick = (lambda rows, suite, key: [(r["row"], r[key]) for r in rows if r["suite"] == suite])
+    assert pick(during, "contains", "answer") == pick(after, "contains", "answer")
+    assert pick(during, "choice", "pick") == pick(after, "choice", "pick")
+    assert [r for r, _ in pick(during, "contains", "answer")] == [0, 1, 2, 3, 4]  # each row once, padding dropped

@@ -26,12 +26,13 @@ JOB_TIMEOUT_S = 300
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
-def _submit(ray_head, run_dir: Path, submission_id: str, *, wait: bool, env: dict | None = None):
+def _submit(ray_head, run_dir: Path, submission_id: str, *, wait: bool, env: dict | None = None,
+            recipe: str = "sft_tiny", overrides: list[str] = OVERRIDES):
     full_env = {**os.environ, **ray_head.env, "FTDIST_RAY_WORKERS": "2",
                 "FTDIST_RAY_MAX_FAILURES": "2",
                 "FTDIST_RAY_SUBMIT_ARGS": f"--submission-id {submission_id}" + ("" if wait else " --no-wait"),
                 **(env or {})}
-    cmd = ["bash", "launch/ray_submit.sh", "sft_tiny", f"output_dir={run_dir}", *OVERRIDES]
+    cmd = ["bash", "launch/ray_submit.sh", recipe, f"output_dir={run_dir}", *overrides]
     return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S,
                           stdin=subprocess.DEVNULL)
 
@@ -79,6 +80,26 @@ def test_submitted_job_completes(straight):
     assert _train_steps(run_dir) == list(range(1, STEPS + 1))
     assert (run_dir / "final" / "config.json").exists() and list((run_dir / "final").glob("*.safetensors"))
     assert "resumed from" not in logs
+
+
+def test_eval_recipe_runs_on_ray_workers(ray_head, tmp_path):
+    """A `stage: eval` recipe submitted as training is: each Ray Train worker evaluates its share of the rows and
+    rank 0 writes the results of all 6 rows (perplexity of the bundled held-out conversations)."""
+    import json
+
+    from tests.helpers import write_recipe
+
+    recipe = write_recipe(tmp_path / "eval.yaml", stage="eval", dist={"backend": "gloo"},
+                          eval={"models": ["tiny=ftdist/tiny"], "suites": ["perplexity=ftdist/tiny-task/eval"],
+                                "max_samples": 6, "batch_size": 2})
+    sid = f"ftdist-eval-{uuid.uuid4().hex[:8]}"
+    r = _submit(ray_head, tmp_path / "run", sid, wait=True, recipe=str(recipe), overrides=[])
+    status = _wait_job(ray_head.client(), sid)
+    logs = ray_head.client().get_job_logs(sid)
+    assert r.returncode == 0 and status == "SUCCEEDED", f"rc={r.returncode} {status}\n{r.stderr[-3000:]}\n{logs[-6000:]}"
+    assert "eval on Ray: 2 worker(s) (CPU)" in logs
+    res = json.loads((tmp_path / "run" / "eval.json").read_text())["results"]["tiny"]["perplexity"]
+    assert res["rows"] == 6 and res["perplexity"] > 1
 
 
 def test_killed_worker_recovers_from_checkpoint(ray_head, straight, tmp_path):

@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from ftdist.evaluate import EvalError, accuracy_interval, choice_rows, normalise, parse_models, parse_suites, qa_rows
+from ftdist.eval.suites import EvalError, accuracy_interval, choice_rows, normalise, parse_suites, qa_rows
+from ftdist.evaluate import parse_models
 
 pytestmark = pytest.mark.unit
 
@@ -57,7 +58,7 @@ def test_arguments(tmp_path):
 
 
 def test_judge_templates_need_their_fields(tmp_path):
-    from ftdist.evaluate import TEMPLATES, load_template
+    from ftdist.eval.suites import TEMPLATES, load_template
 
     assert "{answer_b}" in load_template(None, "pairwise.txt", ("question", "answer_a", "answer_b"))
     assert (TEMPLATES / "score.txt").exists()
@@ -68,10 +69,80 @@ def test_judge_templates_need_their_fields(tmp_path):
 
 
 def test_mean_interval_stays_within_bounds():
-    from ftdist.evaluate import mean_interval
+    from ftdist.eval.suites import mean_interval
 
     wins = [1.0] * 19 + [0.5]
     lo, hi = mean_interval(wins)
     assert hi > 1.0  # the normal interval of a mean near 1 crosses it
     assert mean_interval(wins, (0.0, 1.0)) == [lo, 1.0]
     assert mean_interval([3.0]) == [3.0, 3.0]
+
+
+def test_shares_are_padded_to_the_same_length_when_synced():
+    from ftdist.eval.suites import _share
+
+    # 5 rows on 2 ranks: rank 0 rows 0, 2, 4; rank 1 rows 1, 3 and, synced, a repeat of row 1 that is not counted
+    assert _share(5, (0, 2)) == ([0, 2, 4], 3) and _share(5, (1, 2)) == ([1, 3], 2)
+    assert _share(5, (1, 2), synced=True) == ([1, 3, 1], 2)
+    # fewer rows than ranks: a rank without rows still runs one forward (of row 0), counting none
+    assert _share(1, (1, 2), synced=True) == ([0], 0) and _share(0, (1, 2), synced=True) == ([], 0)
+
+
+def test_eval_section_is_checked_at_load(tmp_path):
+    from ftdist.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"eval.suites\[0\]: got 'bleu=x'"):
+        load_config("sft_tiny", ["eval.suites=[bleu=x]"])
+    with pytest.raises(ConfigError, match="set eval.judge_model"):
+        load_config("sft_tiny", ["eval.suites=[judge=x.jsonl]"])
+    with pytest.raises(ConfigError, match="not stage=rm"):
+        load_config("rm_tiny", ["eval.suites=[perplexity=x.jsonl]"])
+    with pytest.raises(ConfigError, match="stage=eval needs eval.models"):
+        load_config(data={"stage": "eval", "eval": {"suites": ["perplexity=x.jsonl"]}})
+    # an evaluation-only recipe needs no training data and no training keys
+    cfg = load_config(data={"stage": "eval", "eval": {"models": ["ftdist/tiny"], "suites": ["perplexity=x.jsonl"]}})
+    assert cfg.eval.models == ["ftdist/tiny"] and cfg.data.train is None
+    # the suites are not part of the training: changing them does not block a resume
+    from ftdist.config import resume_changes
+
+    a = load_config("sft_tiny").to_dict()
+    b = load_config("sft_tiny", ["eval.suites=[perplexity=y.jsonl]", "eval.max_new_tokens=5"]).to_dict()
+    assert resume_changes(a, b) == []
+
+
+def test_samples_go_to_a_file_per_step_and_a_wandb_table(tmp_path, monkeypatch):
+    """samples/step_N.jsonl holds every sample; with W&B on, the same rows are logged as a wandb.Table (a stand-in
+    module records what the writer hands to W&B's API: the writer's own contract, not W&B's behaviour)."""
+    import sys
+    import types
+
+    logged = []
+
+    class Table:
+        def __init__(self, columns, data):
+            self.columns, self.data = columns, data
+
+    class WandbRun:
+        def log(self, record, step):
+            logged.append((record, step))
+
+        def finish(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(Table=Table, init=lambda **kw: WandbRun()))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    from ftdist.config import LoggingConfig
+    from ftdist.run.metrics import MetricsWriter
+
+    w = MetricsWriter(str(tmp_path), True, LoggingConfig(tensorboard=False, wandb=True))
+    samples = [{"suite": "exact_match", "row": 0, "prompt": [{"role": "user", "content": "hi"}], "answer": "a",
+                "score": 1}, {"suite": "choice", "row": 0, "logprobs": [-1.0, -2.0], "score": 0}]
+    w.log_samples(7, samples)
+    w.log_samples(8, [])  # nothing evaluated: no file, nothing logged
+    rows = [json.loads(line) for line in (tmp_path / "samples" / "step_7.jsonl").read_text().splitlines()]
+    assert rows == samples and not (tmp_path / "samples" / "step_8.jsonl").exists()
+    (record, step), = logged
+    table = record["eval/samples"]
+    assert step == 7 and table.columns == ["suite", "row", "prompt", "answer", "score", "logprobs"]
+    assert table.data[0] == ["exact_match", 0, '[{"role": "user", "content": "hi"}]', "a", 1, None]
+    assert table.data[1] == ["choice", 0, None, None, 0, "[-1.0, -2.0]"]

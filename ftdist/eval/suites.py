@@ -1,0 +1,470 @@
+"""The evaluation suites, row by row: perplexity, exact match / contains, multiple choice by log-likelihood,
+reward-model scores and a local judge model's ratings; their metrics with 95% intervals, and the table.
+
+Used by `ftdist eval` (ftdist/evaluate.py), by `stage: eval` recipes and, through the hook of
+eval/training.py, by the training loop at every evaluation. Each suite function evaluates one rank's share of
+the rows (every world-th); with `synced` (a ZeRO-3 model whose forward is collective) every rank runs the same
+number of forwards and generate calls, padding its share with a repeated row whose result is dropped.
+"""
+
+from __future__ import annotations
+
+import math
+import string
+from pathlib import Path
+
+from ftdist.config.schema import EVAL_SUITES as SUITES
+
+TEMPLATES = Path(__file__).parent / "judge_templates"
+
+
+class EvalError(ValueError):
+    pass
+
+
+def parse_suites(specs: list[str], key: str = "--suite") -> list[tuple[str, str]]:
+    """[(suite, data file)] from SUITE=FILE specs; errors name `key` (--suite, or eval.suites[i] of a recipe)."""
+    out = []
+    for i, spec in enumerate(specs):
+        where = key if key.startswith("-") else f"{key}[{i}]"
+        name, sep, path = spec.partition("=")
+        if not sep or name not in SUITES:
+            raise EvalError(f"{where} {spec!r}: SUITE=FILE with SUITE one of {', '.join(SUITES)}")
+        from ftdist.data.loading import DataError, is_hub_name, resolve_data_path
+
+        try:
+            resolved = resolve_data_path(path)  # also the bundled task: ftdist/tiny-task/eval
+        except DataError as e:
+            raise EvalError(f"{where} {spec!r}: {e}") from None
+        if not Path(resolved).exists() and not is_hub_name(path):
+            raise EvalError(f"{where} {spec!r}: {path}: no such file")
+        out.append((name, path))
+    return out
+
+
+# -- answers and references --------------------------------------------------------------------
+def normalise(text: str) -> str:
+    """Case, surrounding punctuation and whitespace ignored (after the end-of-sequence texts a decoded answer
+    may carry)."""
+    from ftdist.data.answers import normalise_answer
+
+    return normalise_answer(text).lower().strip(string.punctuation + " ")
+
+
+def accuracy_interval(k: int, n: int) -> tuple[float, float]:
+    """95% Wilson interval of a proportion k/n (sound at 0 and n, where the normal one collapses)."""
+    if n == 0:
+        return float("nan"), float("nan")
+    z, p = 1.959964, k / n
+    mid = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    # at k = 0 and k = n the bound is 0 or 1 exactly (mid and half then agree); not rounded off it
+    return (0.0 if k == 0 else max(0.0, mid - half)), (1.0 if k == n else min(1.0, mid + half))
+
+
+def _rows(path: str, max_samples: int):
+    from ftdist.data.loading import DataError, load_rows
+
+    try:
+        rows = load_rows(path)
+    except DataError as e:
+        raise EvalError(str(e)) from None
+    return rows.select(range(min(len(rows), max_samples))) if max_samples > 0 else rows
+
+
+def qa_rows(path: str, max_samples: int, need_reference: bool = True) -> list[tuple[object, list | str, str]]:
+    """[(prompt as given, prompt messages or text, reference ('' where none is needed and none is given))]."""
+    from ftdist.data.formats import RowProblem, normalize_messages
+
+    rows = _rows(path, max_samples)
+    ref_col = next((c for c in ("reference", "answer", "completion") if c in rows.column_names), None)
+    out = []
+    for i, row in enumerate(rows):
+        try:
+            # columns some rows lack are None on them (datasets gives every row every column)
+            if row.get("prompt") is not None and ref_col and row.get(ref_col) is not None:
+                value = row["prompt"]
+                prompt = value if isinstance(value, str) else normalize_messages(value)
+                out.append((value, prompt, str(row[ref_col])))
+                continue
+            if row.get("messages") is not None:
+                msgs = normalize_messages(row["messages"])
+                if msgs and msgs[-1]["role"] == "assistant" and len(msgs) > 1:
+                    out.append((row["messages"], msgs[:-1], msgs[-1]["content"]))
+                    continue
+            if not need_reference and row.get("prompt") is not None:
+                value = row["prompt"]
+                out.append((value, value if isinstance(value, str) else normalize_messages(value), ""))
+                continue
+        except RowProblem as e:
+            raise EvalError(f"{path}: row {i + 1}: {e}") from None
+        raise EvalError(f"{path}: row {i + 1}: needs a prompt and a reference (`prompt` with `reference`/`answer`"
+                        f"/`completion`, or `messages` ending with the assistant's answer); columns: "
+                        f"{', '.join(rows.column_names)}")
+    return out
+
+
+def choice_rows(path: str, max_samples: int) -> list[tuple[str, list[str], int]]:
+    """[(question, options, index of the right option)]."""
+    rows = _rows(path, max_samples)
+    out = []
+    for i, row in enumerate(rows):
+        where = f"{path}: row {i + 1}"
+        question = row.get("question")
+        options = row.get("options") if row.get("options") is not None else row.get("choices")  # None: absent
+        if not isinstance(question, str) or not isinstance(options, list) or len(options) < 2:
+            raise EvalError(f"{where}: needs `question` (text) and `options` or `choices` (a list of 2 or more)")
+        options = [str(o) for o in options]
+        answer = row.get("answer")
+        if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(options):
+            idx = answer
+        elif isinstance(answer, str) and len(answer.strip()) == 1 and answer.strip().upper() in string.ascii_uppercase[
+                :len(options)]:
+            idx = string.ascii_uppercase.index(answer.strip().upper())
+        elif isinstance(answer, str) and answer in options:
+            idx = options.index(answer)
+        else:
+            raise EvalError(f"{where}: answer {answer!r} is not an option's index, letter or text")
+        out.append((question, options, idx))
+    return out
+
+
+# -- the suites --------------------------------------------------------------------------------
+def _share(n: int, share: tuple[int, int], synced: bool = False) -> tuple[list[int], int]:
+    """(the row indices this rank evaluates, how many of them count): every world-th row, from its rank. With
+    `synced`, every rank gets ceil(n / world) indices, its share padded with a repeated row whose result is
+    dropped, so that every rank runs the same forwards (collective under ZeRO-3)."""
+    rank, world = share
+    mine = list(range(rank, n, world))
+    real = len(mine)
+    if synced and n:
+        mine += [mine[0] if mine else 0] * (-(-n // world) - real)
+    return mine, real
+
+
+def suite_perplexity(model, tok, path: str, args, share=(0, 1), synced: bool = False) -> list[dict]:
+    """Per row: its target tokens and their summed negative log-likelihood (float32 sums of float32 log-probs)."""
+    import torch
+
+    from ftdist.algos.sft import IGNORE_INDEX
+    from ftdist.config import load_config
+    from ftdist.data.tokenize import tokenize_sft
+
+    cfg = load_config(data={"data": {"train": path, "max_length": args.max_length,
+                                     "max_samples": args.max_samples}})
+    try:
+        ds, _ = tokenize_sft(path, tok, cfg.data, None)
+    except ValueError as e:
+        raise EvalError(str(e)) from None
+    device = next(model.parameters()).device
+    (mine, real), samples = _share(len(ds), share, synced), []
+    for start in range(0, len(mine), args.batch_size):
+        index = mine[start:start + args.batch_size]
+        batch = ds.select(index)
+        T = max(len(x) for x in batch["input_ids"])
+        ids = torch.full((len(index), T), tok.pad_token_id or 0, dtype=torch.long)
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        mask = torch.zeros_like(ids)
+        for b, (x, y) in enumerate(zip(batch["input_ids"], batch["labels"])):
+            ids[b, :len(x)], labels[b, :len(y)], mask[b, :len(x)] = torch.tensor(x), torch.tensor(y), 1
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        lp = torch.log_softmax(logits[:, :-1], -1)
+        target = labels[:, 1:].to(device)
+        keep = target != IGNORE_INDEX
+        nll = -lp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * keep
+        for b, row in enumerate(index):
+            if start + b < real:
+                samples.append({"row": row, "target_tokens": int(keep[b].sum()), "nll_sum": float(nll[b].sum())})
+    return samples
+
+
+def greedy_answers(model, tok, rows, path: str, args, synced: bool = False) -> list[str]:
+    """The model's greedy answer to each row's prompt (text as it is, messages through the chat template);
+    `synced`: every rank calls this with as many rows (ZeRO-3 generation, transformers' synced_gpus)."""
+    from ftdist.models.generate import generate
+
+    device = next(model.parameters()).device
+    answers = []
+    for start in range(0, len(rows), args.batch_size):
+        texts = []
+        for _, prompt, _ in rows[start:start + args.batch_size]:
+            if isinstance(prompt, str):
+                texts.append(prompt)
+            elif getattr(tok, "chat_template", None) is None:
+                raise EvalError(f"{path}: conversation prompts need a chat template, and the tokenizer has none")
+            else:
+                texts.append(tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True))
+        _, response = generate(model, tok, texts, max_new_tokens=args.max_new_tokens, device=device,
+                               synced_gpus=synced)
+        for ids in response.tolist():
+            ids = ids[:ids.index(tok.eos_token_id)] if tok.eos_token_id in ids else ids
+            answers.append(tok.decode(ids, skip_special_tokens=True))
+    return answers
+
+
+def suite_answers(model, tok, path: str, args, contains: bool, share=(0, 1), synced: bool = False) -> list[dict]:
+    rows = qa_rows(path, args.max_samples)
+    mine, real = _share(len(rows), share, synced)
+    samples = []
+    answers = greedy_answers(model, tok, [rows[i] for i in mine], path, args, synced)
+    for i, answer in zip(mine[:real], answers):
+        given, _, ref = rows[i]
+        a, r = normalise(answer), normalise(ref)
+        ok = (r in a) if contains else (a == r)
+        samples.append({"row": i, "prompt": given, "answer": answer, "reference": ref, "score": int(ok)})
+    return samples
+
+
+def _option_logprobs(model, tok, question: str, options: list[str]) -> list[float]:
+    """Summed log-prob of each option's tokens after the question (the context tokenised once, then each
+    continuation appended, as lm-evaluation-harness splits context and continuation)."""
+    import torch
+
+    device = next(model.parameters()).device
+    context = tok(f"Question: {question}\nAnswer:", add_special_tokens=False)["input_ids"]
+    seqs = [context + tok(" " + o, add_special_tokens=False)["input_ids"] for o in options]
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), tok.pad_token_id or 0, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, s in enumerate(seqs):
+        ids[b, :len(s)], mask[b, :len(s)] = torch.tensor(s), 1
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1)
+    out = []
+    for b, s in enumerate(seqs):
+        pos = torch.arange(len(context) - 1, len(s) - 1, device=device)
+        out.append(float(lp[b, pos, torch.tensor(s[len(context):], device=device)].sum()))
+    return out
+
+
+def suite_choice(model, tok, path: str, args, share=(0, 1), synced: bool = False) -> list[dict]:
+    rows = choice_rows(path, args.max_samples)
+    samples = []
+    mine, real = _share(len(rows), share, synced)
+    for k, i in enumerate(mine):
+        question, options, right = rows[i]
+        lps = _option_logprobs(model, tok, question, options)
+        if k >= real:
+            continue
+        norm = [lp / max(len(o), 1) for lp, o in zip(lps, options)]
+        pick, pick_norm = max(range(len(options)), key=lps.__getitem__), max(range(len(options)), key=norm.__getitem__)
+        samples.append({"row": i, "question": question, "options": options, "answer": right, "logprobs": lps,
+                        "pick": pick, "pick_norm": pick_norm, "score": int(pick == right)})
+    return samples
+
+
+def aggregate(suite: str, samples: list[dict]) -> dict:
+    """A suite's metrics from all its rows' samples (of every rank)."""
+    n = len(samples)
+    if suite == "perplexity":
+        n_tok = sum(s["target_tokens"] for s in samples)
+        mean = sum(s["nll_sum"] for s in samples) / max(n_tok, 1)
+        return {"perplexity": math.exp(min(mean, 50.0)), "nll": mean, "rows": n, "target_tokens": n_tok}
+    if suite == "choice":
+        acc = sum(s["pick"] == s["answer"] for s in samples)
+        acc_norm = sum(s["pick_norm"] == s["answer"] for s in samples)
+        return {"acc": acc / max(n, 1), "acc_ci95": list(accuracy_interval(acc, n)), "acc_norm": acc_norm / max(n, 1),
+                "acc_norm_ci95": list(accuracy_interval(acc_norm, n)), "rows": n}
+    if suite in ("exact_match", "contains"):
+        k = sum(s["score"] for s in samples)
+        return {suite: k / max(n, 1), f"{suite}_ci95": list(accuracy_interval(k, n)), "rows": n}
+    scores = [s["score"] for s in samples]  # reward, judge
+    return {suite: sum(scores) / max(n, 1), f"{suite}_ci95": mean_interval(scores), "rows": n}
+
+
+def mean_interval(values: list[float], bounds: tuple[float, float] | None = None) -> list[float]:
+    """95% normal interval of a mean (1.96 standard errors; a single value: the value itself), within `bounds`
+    where the values have them (a win rate lies in [0, 1])."""
+    n = len(values)
+    m = sum(values) / max(n, 1)
+    if n < 2:
+        return [m, m]
+    half = 1.959964 * math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1) / n)
+    lo, hi = m - half, m + half
+    return [max(lo, bounds[0]), min(hi, bounds[1])] if bounds else [lo, hi]
+
+
+def _conversation_text(tok, prompt, answer: str) -> str:
+    """The prompt and answer as the scoring model sees them: its chat template for conversations."""
+    if isinstance(prompt, str) or getattr(tok, "chat_template", None) is None:
+        text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
+        return text + answer
+    return tok.apply_chat_template(list(prompt) + [{"role": "assistant", "content": answer}], tokenize=False)
+
+
+class RewardScorer:
+    """Scores of (prompt, answer) pairs under a reward model (an ftdist rm output: XForSequenceClassification),
+    taken at the last real token as training takes them (models/heads.py)."""
+
+    def __init__(self, path: str, dtype, device):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        try:
+            self.model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype).to(device)
+            self.tok = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as e:
+            raise EvalError(f"--reward-model {path}: cannot be loaded: {' '.join(str(e).split())[:300]}") from None
+        self.model.eval()
+        self.device = device
+
+    def scores(self, pairs: list[tuple[object, str]], batch_size: int) -> list[float]:
+        import torch
+
+        from ftdist.algos.reward import gather_last
+        from ftdist.models.heads import token_values
+
+        out = []
+        for start in range(0, len(pairs), batch_size):
+            texts = [_conversation_text(self.tok, p, a) for p, a in pairs[start:start + batch_size]]
+            enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            inputs = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+            with torch.no_grad():
+                values = token_values(self.model.__call__, self.model, inputs)
+            out += gather_last(values, inputs["attention_mask"]).tolist()
+        return out
+
+
+def load_template(path: str | None, default: str, fields: tuple[str, ...]) -> str:
+    text = Path(path or TEMPLATES / default).read_text()
+    missing = [f for f in fields if "{" + f + "}" not in text]
+    if missing:
+        raise EvalError(f"{path or default}: the template lacks {', '.join('{' + f + '}' for f in missing)}")
+    return text
+
+
+class Judge:
+    """A causal LM as a judge: ratings as the probability-weighted mean over the rating tokens 1..10 (G-Eval's
+    scoring: no answer parsing, no sampling), and pairwise preferences from P(A) against P(B)."""
+
+    def __init__(self, model, tok, args, device):
+        self.model, self.tok = model, tok
+        self.score_template = load_template(args.judge_template, "score.txt", ("question", "answer"))
+        self.pair_template = load_template(args.pairwise_template, "pairwise.txt", ("question", "answer_a", "answer_b"))
+        self.device = device
+
+    def _next_probs(self, prompt: str):
+        import torch
+
+        ids = self.tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(self.device)
+        with torch.no_grad():
+            return torch.softmax(self.model(input_ids=ids).logits[0, -1].float(), -1)
+
+    def _first_token(self, text: str) -> int:
+        return self.tok(text, add_special_tokens=False)["input_ids"][0]
+
+    def _next_token_probs(self, prompt: str, choices: list[str]) -> list[float]:
+        """The judge's probability of each choice's first token after the prompt, renormalised over the choices."""
+        probs = self._next_probs(prompt)
+        p = [float(probs[self._first_token(c)]) for c in choices]
+        total = sum(p)
+        return [x / total for x in p] if total > 0 else [1 / len(p)] * len(p)
+
+    def rate(self, question: str, answer: str) -> float:
+        """Expected rating over 1..10. Where "10" starts with the token of "1" (digits tokenised one by one), its
+        probability is P("1") P("0" | "1") and the rating 1 keeps the rest of P("1")."""
+        prompt = self.score_template.format(question=question, answer=answer)
+        probs = self._next_probs(prompt)
+        p = {k: float(probs[self._first_token(str(k))]) for k in range(1, 10)}
+        ten = self.tok("10", add_special_tokens=False)["input_ids"]
+        if len(ten) == 1:
+            p[10] = float(probs[ten[0]])
+        else:
+            then_zero = float(self._next_probs(prompt + "1")[ten[1]])
+            p[10], p[1] = p[1] * then_zero, p[1] * (1 - then_zero)
+        total = sum(p.values())
+        return sum(k * v for k, v in p.items()) / total if total > 0 else 5.5
+
+    def prefer(self, question: str, answer: str, baseline: str) -> float:
+        """P(answer better than baseline), averaged over both orders (position bias cancels)."""
+        first = self._next_token_probs(self.pair_template.format(question=question, answer_a=answer,
+                                                                  answer_b=baseline), ["A", "B"])[0]
+        second = self._next_token_probs(self.pair_template.format(question=question, answer_a=baseline,
+                                                                   answer_b=answer), ["A", "B"])[1]
+        return (first + second) / 2
+
+
+def _question(prompt) -> str:
+    return prompt if isinstance(prompt, str) else "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+
+
+def evaluate_model(model, tok, suites: list[tuple[str, str]], args, helpers: dict, share=(0, 1),
+                   synced: bool = False) -> list[dict]:
+    """This rank's share of every suite's rows, as samples (suite, row, what was asked, answered and scored)."""
+    samples = []
+    for name, path in suites:
+        if name == "perplexity":
+            smp = suite_perplexity(model, tok, path, args, share, synced)
+        elif name == "choice":
+            smp = suite_choice(model, tok, path, args, share, synced)
+        elif name in ("reward", "judge"):
+            rows = qa_rows(path, args.max_samples, need_reference=False)
+            mine, real = _share(len(rows), share, synced)
+            answers = greedy_answers(model, tok, [rows[i] for i in mine], path, args, synced)[:real]
+            mine = mine[:real]
+            smp = [{"row": i, "prompt": rows[i][0], "answer": a} for i, a in zip(mine, answers)]
+            if name == "reward":
+                scores = helpers["reward"].scores([(rows[i][1], a) for i, a in zip(mine, answers)], args.batch_size)
+            else:
+                scores = [helpers["judge"].rate(_question(rows[i][1]), a) for i, a in zip(mine, answers)]
+            for sm, sc in zip(smp, scores):
+                sm["score"] = sc
+        else:
+            smp = suite_answers(model, tok, path, args, name == "contains", share, synced)
+        samples += [{"suite": name, **sm} for sm in smp]
+    return samples
+
+
+def compare_to_first(results: dict, samples: list[dict], helpers: dict) -> None:
+    """Win rates of every model after the first against the first, prompt by prompt: by reward (a tie counts
+    half), and by the judge's pairwise preference in both orders."""
+    models = list(results)
+    if len(models) < 2:
+        return
+    first = models[0]
+    by = {(s["model"], s["suite"], s["row"]): s for s in samples if s["suite"] in ("reward", "judge")}
+    for m in models[1:]:
+        if "reward" in results[m]:
+            rows = [r for (mm, su, r) in by if mm == m and su == "reward"]
+            wins = [1.0 if by[(m, "reward", r)]["score"] > by[(first, "reward", r)]["score"] else
+                    0.5 if by[(m, "reward", r)]["score"] == by[(first, "reward", r)]["score"] else 0.0 for r in rows]
+            results[m]["reward"][f"win_rate_vs_{first}"] = sum(wins) / max(len(wins), 1)
+            results[m]["reward"][f"win_rate_vs_{first}_ci95"] = mean_interval(wins, (0.0, 1.0))
+        if "judge" in results[m]:
+            rows = [r for (mm, su, r) in by if mm == m and su == "judge"]
+            prefs = []
+            for r in rows:
+                s, b = by[(m, "judge", r)], by[(first, "judge", r)]
+                pref = helpers["judge"].prefer(_question(s["prompt"]), s["answer"], b["answer"])
+                s["preferred_over_first"] = pref
+                prefs.append(pref)
+            results[m]["judge"][f"pairwise_vs_{first}"] = sum(prefs) / max(len(prefs), 1)
+            results[m]["judge"][f"pairwise_vs_{first}_ci95"] = mean_interval(prefs, (0.0, 1.0))
+
+
+HEADLINE = {"perplexity": ("perplexity", None), "exact_match": ("exact_match", "exact_match_ci95"),
+            "contains": ("contains", "contains_ci95"), "choice": ("acc", "acc_ci95"), "reward": ("reward", "reward_ci95"),
+            "judge": ("judge", "judge_ci95")}
+
+
+def table(results: dict[str, dict]) -> str:
+    """One row per model; a column per suite's headline metric (with its row count and 95% interval), and the
+    comparisons with the first model (win rate by reward, the judge's pairwise preference)."""
+    first = next(iter(results.values()))
+    suites = list(first)
+    versus = [(s, k) for s in suites for k in sorted({k for r in results.values() for k in r[s]})
+              if k.startswith(("win_rate_vs_", "pairwise_vs_")) and not k.endswith("_ci95")]
+    head = (["model"] + [f"{s} (n={first[s]['rows']})" for s in suites]
+            + [f"{s} {k.replace('_vs_', ' vs ').replace('_', ' ')}" for s, k in versus])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for model, res in results.items():
+        cells = [model]
+        for s in suites:
+            key, ci = HEADLINE[s]
+            v = res[s][key]
+            cells.append(f"{v:.3f}" if ci is None else f"{v:.3f} [{res[s][ci][0]:.3f}, {res[s][ci][1]:.3f}]")
+        for s, k in versus:
+            ci = res[s].get(k + "_ci95")
+            cells.append(f"{res[s][k]:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if k in res[s] else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
