@@ -17,6 +17,9 @@ LoRA adapter, ftdist/tiny), optionally named as NAME=MODEL. Suites (SUITE=FILE, 
                `question`, `options` (or `choices`) and `answer` (the option's index, letter or text)
   reward       greedy answers to prompts scored by a reward model (--reward-model, an `ftdist train rm_*`
                output): mean reward, and the win rate against the first model on the same prompts
+  lm_eval:TASK  lm-evaluation-harness tasks (TASK[,TASK]; with the lm-eval package installed) through its
+               Python API on the loaded model, on rank 0: its registry's tasks, or task YAMLs in --lm-eval-include
+               DIR (tasks on local data files run offline); the mean of each per-sample metric (acc, ...)
   judge        a local judge model (--judge-model, any causal LM) rates each greedy answer: the probability-
                weighted score over the rating tokens 1-10 after a rubric (G-Eval's scoring; --judge-template,
                default: ftdist/eval/judge_templates/score.txt), and, for every model after the first, the pairwise
@@ -49,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("models", nargs="+", metavar="[NAME=]MODEL",
                    help="models to compare: a model directory, a run's output_dir, a LoRA adapter, ftdist/tiny")
     p.add_argument("--suite", action="append", required=True, metavar="SUITE=FILE",
-                   help=f"a suite and its data file; repeat for several ({', '.join(SUITES)})")
+                   help=f"a suite and its data file, or lm_eval:TASK[,TASK]; repeat for several "
+                   f"({', '.join(SUITES)})")
     p.add_argument("--step", default=None, help="with runs' output_dirs: this checkpoint step instead of final/")
     p.add_argument("--base", default=None, help="LoRA adapters' base model (default: as their config names it)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32", "auto"), default="auto",
@@ -64,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rubric for the judge's 1-10 rating, with {question} and {answer} (default: shipped)")
     p.add_argument("--pairwise-template", default=None,
                    help="pairwise rubric with {question}, {answer_a}, {answer_b} (default: shipped)")
+    p.add_argument("--lm-eval-include", default=None, metavar="DIR",
+                   help="directory of lm-evaluation-harness task YAMLs for --suite lm_eval:TASK (local tasks)")
     p.add_argument("--out", default=None, help="directory for eval.json and samples.jsonl")
     return p
 
@@ -86,7 +92,8 @@ def _settings(args):
     return EvalConfig(suites=list(args.suite), models=list(args.models), step=args.step, base=args.base,
                       dtype=args.dtype, reward_model=args.reward_model, judge_model=args.judge_model,
                       judge_template=args.judge_template, pairwise_template=args.pairwise_template,
-                      max_samples=args.max_samples, max_new_tokens=args.max_new_tokens, max_length=args.max_length,
+                      lm_eval_include=args.lm_eval_include, max_samples=args.max_samples,
+                      max_new_tokens=args.max_new_tokens, max_length=args.max_length,
                       batch_size=args.batch_size)
 
 

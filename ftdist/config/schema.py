@@ -335,7 +335,8 @@ class PPOConfig:
 class EvalConfig:
     suites: list[str] = _f(
         [], "Evaluation suites, each SUITE=FILE as `ftdist eval --suite` takes them (perplexity, exact_match, "
-        "contains, choice, reward, judge). During training (stages sft, dpo, orpo) they run on the model being "
+        "contains, choice, reward, judge), or lm_eval:TASK[,TASK] (lm-evaluation-harness tasks, with lm-eval "
+        "installed; run on rank 0). During training (stages sft, dpo, orpo) they run on the model being "
         "trained at every evaluation (train.eval_every, and before and after training) on at most "
         "train.eval_max_samples rows each, logged as eval/SUITE/METRIC, every answer and score in "
         "output_dir/samples/step_N.jsonl; with stage: eval, on eval.models.")
@@ -353,6 +354,8 @@ class EvalConfig:
         None, "The judge's rubric for a 1-10 rating, with {question} and {answer} (default: the shipped one).")
     pairwise_template: Optional[str] = _f(
         None, "The judge's pairwise rubric, with {question}, {answer_a} and {answer_b} (default: the shipped one).")
+    lm_eval_include: Optional[str] = _f(
+        None, "A directory of lm-evaluation-harness task YAMLs (e.g. tasks on local data files) for lm_eval:TASK.")
     max_samples: int = _f(0, "stage: eval: rows per suite at most (0 = all; during training: train.eval_max_samples).")
     max_new_tokens: int = _f(64, "Tokens generated at most per answer (exact_match, contains, reward, judge).")
     max_length: int = _f(2048, "stage: eval: tokens per perplexity row (longer: truncated; during training: "

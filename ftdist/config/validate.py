@@ -162,9 +162,15 @@ def _validate_eval(cfg: Config) -> None:
     e = cfg.eval
     for i, spec in enumerate(e.suites):
         name, sep, path = str(spec).partition("=")
+        if str(spec).startswith("lm_eval:"):
+            if cfg.stage != "eval" and cfg.deepspeed.zero_stage == 3:
+                raise ConfigError(f"eval.suites[{i}]: {spec}: lm-evaluation-harness needs the whole model in one "
+                                  f"process, and deepspeed.zero_stage=3 shards it; evaluate the run's checkpoints "
+                                  f"with `ftdist eval` instead")
+            continue
         if not sep or name not in EVAL_SUITES or not path:
             raise ConfigError(f"eval.suites[{i}]: got {spec!r}, allowed: SUITE=FILE with SUITE one of "
-                              f"{', '.join(EVAL_SUITES)}")
+                              f"{', '.join(EVAL_SUITES)}, or lm_eval:TASK[,TASK]")
     names = {str(s).partition("=")[0] for s in e.suites}
     if "reward" in names and not e.reward_model:
         raise ConfigError("eval.suites has a reward suite: set eval.reward_model (an ftdist rm run's final/)")

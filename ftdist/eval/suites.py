@@ -9,6 +9,7 @@ number of forwards and generate calls, padding its share with a repeated row who
 
 from __future__ import annotations
 
+import functools
 import math
 import string
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 from ftdist.config.schema import EVAL_SUITES as SUITES
 
 TEMPLATES = Path(__file__).parent / "judge_templates"
+LM_EVAL = "lm_eval:"
 
 
 class EvalError(ValueError):
@@ -27,6 +29,12 @@ def parse_suites(specs: list[str], key: str = "--suite") -> list[tuple[str, str]
     out = []
     for i, spec in enumerate(specs):
         where = key if key.startswith("-") else f"{key}[{i}]"
+        if spec.startswith(LM_EVAL):  # lm_eval:TASK[,TASK]: one suite per task, named lm_eval:TASK
+            tasks = [t.strip() for t in spec[len(LM_EVAL):].split(",") if t.strip()]
+            if not tasks:
+                raise EvalError(f"{where} {spec!r}: lm_eval:TASK[,TASK] names lm-evaluation-harness tasks")
+            out += [(LM_EVAL + t, t) for t in tasks]
+            continue
         name, sep, path = spec.partition("=")
         if not sep or name not in SUITES:
             raise EvalError(f"{where} {spec!r}: SUITE=FILE with SUITE one of {', '.join(SUITES)}")
@@ -254,6 +262,60 @@ def suite_choice(model, tok, path: str, args, share=(0, 1), synced: bool = False
     return samples
 
 
+@functools.lru_cache(maxsize=4)
+def _task_manager(include):
+    """lm-eval's task index (its registry, and the YAMLs under `include`): built once per process (seconds)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include) if include else TaskManager()
+
+
+def suite_lm_eval(model, tok, task: str, args, share=(0, 1), synced: bool = False) -> list[dict]:
+    """An lm-evaluation-harness task through its Python API (HFLM around the loaded model), on rank 0 alone: the
+    other ranks return no rows. Tasks come from lm-eval's registry or from YAML files in args.lm_eval_include
+    (local data files work offline). Each sample: the document, its target, the model's filtered responses and
+    the task's per-sample metrics."""
+    if synced:
+        raise EvalError(f"suite lm_eval:{task}: lm-evaluation-harness needs the whole model in one process, not "
+                        f"ZeRO-3 shards (evaluate a ZeRO-3 run's checkpoints with `ftdist eval` instead)")
+    if share[0] != 0:
+        return []
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+    except ImportError:
+        raise EvalError(f"suite lm_eval:{task}: needs the lm-eval package (pip install lm-eval)") from None
+    import logging
+
+    device = next(model.parameters()).device
+    include = getattr(args, "lm_eval_include", None)
+    manager = _task_manager(include)
+    if task not in manager.all_tasks:
+        raise EvalError(f"suite lm_eval:{task}: no such lm-evaluation-harness task"
+                        + (f" (searched its registry and {include})" if include else " (local task YAMLs: "
+                           "--lm-eval-include DIR, eval.lm_eval_include)"))
+    was_training = model.training
+    level = logging.getLogger("lm_eval").level
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task chatter; errors still show
+    try:
+        lm = HFLM(pretrained=model, tokenizer=tok, batch_size=args.batch_size, device=str(device),
+                  max_length=args.max_length)
+        res = simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=args.max_samples or None,
+                              log_samples=True, bootstrap_iters=0, verbosity="ERROR")
+    except Exception as e:  # a task's data or template problem: one line naming the task
+        raise EvalError(f"suite lm_eval:{task}: {type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
+    finally:
+        logging.getLogger("lm_eval").setLevel(level)
+        model.train(was_training)
+    samples = []
+    for smp in res["samples"].get(task, []):
+        metrics = list(smp.get("metrics", []))
+        samples.append({"row": int(smp["doc_id"]), "doc": smp["doc"], "target": smp["target"],
+                        "response": smp["filtered_resps"], "metrics": metrics,
+                        **{m: smp[m] for m in metrics if m in smp}})
+    return samples
+
+
 def aggregate(suite: str, samples: list[dict]) -> dict:
     """A suite's metrics from all its rows' samples (of every rank)."""
     n = len(samples)
@@ -269,6 +331,14 @@ def aggregate(suite: str, samples: list[dict]) -> dict:
     if suite in ("exact_match", "contains"):
         k = sum(s["score"] for s in samples)
         return {suite: k / max(n, 1), f"{suite}_ci95": list(accuracy_interval(k, n)), "rows": n}
+    if suite.startswith(LM_EVAL):  # the per-sample metrics lm-evaluation-harness averages (acc, exact_match, ...)
+        names = list(dict.fromkeys(k for smp in samples for k in smp.get("metrics", [])))
+        out = {}
+        for k in names:
+            values = [float(smp[k]) for smp in samples if isinstance(smp.get(k), (int, float))]
+            if values:
+                out[k], out[k + "_ci95"] = sum(values) / len(values), mean_interval(values)
+        return {**out, "rows": n}
     scores = [s["score"] for s in samples]  # reward, judge
     return {suite: sum(scores) / max(n, 1), f"{suite}_ci95": mean_interval(scores), "rows": n}
 
@@ -409,6 +479,8 @@ def evaluate_model(model, tok, suites: list[tuple[str, str]], args, helpers: dic
                 scores = [helpers["judge"].rate(_question(rows[i][1]), a) for i, a in zip(mine, answers)]
             for sm, sc in zip(smp, scores):
                 sm["score"] = sc
+        elif name.startswith(LM_EVAL):
+            smp = suite_lm_eval(model, tok, path, args, share, synced)
         else:
             smp = suite_answers(model, tok, path, args, name == "contains", share, synced)
         samples += [{"suite": name, **sm} for sm in smp]
@@ -460,7 +532,8 @@ def table(results: dict[str, dict]) -> str:
     for model, res in results.items():
         cells = [model]
         for s in suites:
-            key, ci = HEADLINE[s]
+            key, ci = HEADLINE.get(s) or next(((k, k + "_ci95") for k in res[s] if k + "_ci95" in res[s]),
+                                              ("rows", None))
             v = res[s][key]
             cells.append(f"{v:.3f}" if ci is None else f"{v:.3f} [{res[s][ci][0]:.3f}, {res[s][ci][1]:.3f}]")
         for s, k in versus:

@@ -209,3 +209,40 @@ def test_suites_during_training_match_ftdist_eval(tmp_path):
     assert pick(during, "contains", "answer") == pick(after, "contains", "answer")
     assert pick(during, "choice", "pick") == pick(after, "choice", "pick")
     assert [r for r, _ in pick(during, "contains", "answer")] == [0, 1, 2, 3, 4]  # each row once, padding dropped
+
+
+def test_lm_eval_task_on_local_data_matches_choice(tmp_path):
+    """An lm-evaluation-harness task on a local JSONL (its YAML in a directory given with --lm-eval-include) runs
+    through lm-eval's Python API, offline: its per-option log-likelihoods and accuracy are those of the `choice`
+    suite on the same rows (both score ' option' after 'Question: ...\\nAnswer:')."""
+    rows = [{"question": "Sort 2 1", "choices": ["1 2", "2 1", "banana"], "label": 0},
+            {"question": "Sort 4 3", "choices": ["3 4", "cat"], "label": 1},
+            {"question": "Sort 9 8", "choices": ["8 9", "9 8"], "label": 0},
+            {"question": "Sort 7 5", "choices": ["5 7", "7 5", "x y"], "label": 2}]
+    data = _write(tmp_path / "mc.jsonl", rows)
+    mc = _write(tmp_path / "mc_ours.jsonl", [{"question": r["question"], "options": r["choices"], "answer": r["label"]}
+                                             for r in rows])
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "tiny_mc.yaml").write_text(
+        "task: tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: " + data + "\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: \"Question: {{question}}\\nAnswer:\"\n"
+        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: label\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    out = tmp_path / "out"
+    proc = _eval("tiny=ftdist/tiny", "--suite", f"choice={mc}", "--suite", "lm_eval:tiny_mc", "--lm-eval-include",
+                 str(tasks), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "lm_eval:tiny_mc (n=4)" in proc.stdout
+    res = json.loads((out / "eval.json").read_text())["results"]["tiny"]
+    assert res["lm_eval:tiny_mc"]["rows"] == 4 and res["lm_eval:tiny_mc"]["acc"] == res["choice"]["acc"]
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    ours = {s["row"]: s["logprobs"] for s in samples if s["suite"] == "choice"}
+    theirs = {s["row"]: [r[0] for r in s["response"]] for s in samples if s["suite"] == "lm_eval:tiny_mc"}
+    assert sorted(theirs) == [0, 1, 2, 3]
+    for row, lps in ours.items():
+        # the same tokens through the same float32 model, batched and padded differently: summed log-probs of a
+        # few tokens (each ~-10) agree to float32 rounding, well within 1e-4
+        assert theirs[row] == pytest.approx(lps, abs=1e-4)
+    bad = _eval("ftdist/tiny", "--suite", "lm_eval:no_such_task_xyz", "--lm-eval-include", str(tasks))
+    assert bad.returncode == 2 and "no such lm-evaluation-harness task" in bad.stderr and "Traceback" not in bad.stderr
