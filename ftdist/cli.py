@@ -44,6 +44,8 @@ def _fail(msg: str) -> int:
 def cmd_train(args) -> int:
     from ftdist.config import load_config
 
+    from ftdist.engine.dist import RendezvousError
+
     errors = _user_errors()
     cfg = None
     try:
@@ -57,6 +59,9 @@ def cmd_train(args) -> int:
         code = 3 if "stopped_at" in result else 0
     except errors as e:
         return _fail(str(e))
+    except RendezvousError as e:  # the ranks never met: one line saying how many did and where
+        _fail(str(e))
+        return 1
     except RunFailure as e:  # the run failed (not the input): one line, the details in output_dir/error.log
         _fail(str(e))
         return 1

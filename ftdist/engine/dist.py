@@ -69,6 +69,10 @@ def env_from_launcher() -> None:
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
 
 
+class RendezvousError(RuntimeError):
+    """The ranks did not all meet within dist.timeout_s: the message says how many did, where, and what to check."""
+
+
 def init_distributed(backend: str = "auto", timeout_s: int = 1800) -> DistInfo:
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -77,10 +81,84 @@ def init_distributed(backend: str = "auto", timeout_s: int = 1800) -> DistInfo:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        try:
+            dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        except (RuntimeError, ValueError) as e:  # DistStoreError, DistNetworkError
+            raise RendezvousError(_rendezvous_failure(e, timeout_s)) from None
     _timeout_for_new_groups(datetime.timedelta(seconds=timeout_s))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend())
+    info = DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend())
+    if info.world_size > 1:
+        _publish_host(info.rank)
+    return info
+
+
+def _rendezvous_failure(exc: BaseException, timeout_s: int) -> str:
+    """One line for a process group that did not form: how many ranks joined (torch's store says), this rank's
+    host and the address every rank must reach."""
+    where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+    world, rank = os.environ.get("WORLD_SIZE", "?"), os.environ.get("RANK", "?")
+    text = " ".join(str(exc).split())
+    joined = re.search(r"(\d+)/(\d+) clients joined", text)
+    if joined:
+        what = (f"only {joined.group(1)} of {joined.group(2)} ranks reached the rendezvous at {where} within "
+                f"dist.timeout_s={timeout_s}s; the others never started or cannot reach {where} (is their "
+                f"node's launcher running, and does MASTER_ADDR resolve to an address they can reach?)")
+    elif "timed out" in text.lower() or "timeout" in text.lower() or "connect" in text.lower():
+        what = (f"rank {rank} of {world} on {socket.gethostname()} could not reach the rendezvous at {where} within "
+                f"dist.timeout_s={timeout_s}s (rank 0's node not started, or {os.environ.get('MASTER_ADDR')} is "
+                f"not reachable from here)")
+    else:
+        return f"the process group did not form (rank {rank} of {world}, rendezvous {where}): {text[:300]}"
+    return what
+
+
+def _source_address() -> str:
+    """The local address this host's traffic to MASTER_ADDR leaves from (the route the kernel picks; no packet
+    is sent): loopback on one host, the node's own interface across hosts."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500"))))
+            return s.getsockname()[0]
+    except OSError:
+        return "?"
+
+
+def _publish_host(rank: int) -> None:
+    """This rank's host name and address in the rendezvous store, for rank_hosts() and failure messages."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"ftdist/host/{rank}", f"{socket.gethostname()} {_source_address()}")
+    except Exception:  # informational only
+        pass
+
+
+def rank_hosts() -> list[tuple[str, str]]:
+    """(host name, address) of every rank, as each rank published it at start-up ([] where unknown)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [(socket.gethostname(), "local")]
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        out = []
+        for r in range(dist.get_world_size()):
+            name, _, addr = store.get(f"ftdist/host/{r}").decode().partition(" ")
+            out.append((name, addr))
+        return out
+    except Exception:
+        return []
+
+
+def placement_summary(hosts: list[tuple[str, str]]) -> str:
+    """'2 hosts: ftnode1 (10.77.0.11) ranks 0-1; ftnode2 (10.77.0.12) ranks 2-3'."""
+    by: dict[tuple[str, str], list[int]] = {}
+    for r, h in enumerate(hosts):
+        by.setdefault(h, []).append(r)
+
+    def ranks(rs: list[int]) -> str:
+        return f"{rs[0]}-{rs[-1]}" if len(rs) > 1 and rs == list(range(rs[0], rs[-1] + 1)) else ",".join(map(str, rs))
+
+    parts = [f"{name} ({addr}) rank{'s' if len(rs) > 1 else ''} {ranks(rs)}" for (name, addr), rs in by.items()]
+    return f"{len(by)} host{'s' if len(by) > 1 else ''}: " + "; ".join(parts)
 
 
 def _timeout_for_new_groups(timeout: datetime.timedelta) -> None:
@@ -197,7 +275,13 @@ def collective_failure(exc: BaseException, timeout_s: int) -> str | None:
     if missing is None:
         who = "the rendezvous store is unreachable: rank 0 died?"
     elif missing:
-        who = f"rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} died?"
+        hosts = rank_hosts()
+        named = [f"{r} ({hosts[r][0]})" if r < len(hosts) else str(r) for r in missing]
+        who = f"rank{'s' if len(missing) > 1 else ''} {', '.join(named)} died?"
+        lost = {hosts[r][0] for r in missing if r < len(hosts)}
+        alive = {h for r, (h, _) in enumerate(hosts) if r not in missing}
+        if lost and not lost & alive:  # whole hosts gone: a node down, not a crashed rank
+            who = f"{who[:-1]}: every rank on {', '.join(sorted(lost))} is gone (node down?)"
     else:
         who = "every rank is alive: one may be far slower; raise dist.timeout_s?"
     if "timed out" in text or "timeout" in text:

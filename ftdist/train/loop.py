@@ -23,8 +23,8 @@ from ftdist.data.batching import plan_epoch
 from ftdist.data.loading import data_fingerprint
 from ftdist.engine.checkpoint import (export_final, find_latest, load_checkpoint, read_trainer_state,
                                       refuse_foreign_checkpoints, resolve_resume, save_checkpoint)
-from ftdist.engine.dist import (all_reduce_sum, barrier, from_main, init_distributed, rank_batches,
-                                run_on_main_then_others)
+from ftdist.engine.dist import (all_reduce_sum, barrier, from_main, init_distributed, placement_summary,
+                                rank_batches, rank_hosts, run_on_main_then_others)
 from ftdist.engine.universal import reshard_refusal, to_universal
 from ftdist.models.loading import count_parameters, load_tokenizer, resolve_max_length
 from ftdist.run import rundir, testing
@@ -71,6 +71,10 @@ def train(cfg: Config, end_process_when_done: bool = False, suite_eval=None) -> 
     stop = StopRequest()
     info = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
     setup_logging(info.is_main)
+    if info.world_size > 1:
+        hosts = rank_hosts()
+        if info.is_main:
+            log.info("process group: %d ranks (%s) on %s", info.world_size, info.backend, placement_summary(hosts))
     run_id, held = _claim_output_dir(cfg, info)
     try:
         result, engine = _train(cfg, info, stop, run_id, suite_eval)

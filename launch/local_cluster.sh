@@ -1,0 +1,188 @@
+#!/usr/bin/env bash
+# local_cluster.sh — a throw-away multi-host cluster on this one machine: each host is a Linux
+# network namespace with its own address on a bridge, its own hostname and its own node-local
+# scratch directory; the file system (output_dir, data, the code) is shared, as NFS/Lustre is on
+# a real cluster. For trying multi-node launches (torchrun, Slurm, Ray) and for tests/multinode/.
+#
+# Usage (as root):
+#   launch/local_cluster.sh up [N]        create N hosts (default 2): ftnode1..ftnodeN at
+#                                         10.77.0.11.., joined by the bridge ftbr0 (10.77.0.1)
+#   launch/local_cluster.sh down          stop every process on the hosts, remove exactly what
+#                                         `up` made (namespaces, bridge, /etc/netns entries, state)
+#   launch/local_cluster.sh status        the hosts, their addresses and process counts;
+#                                         exit status 3 when no cluster is up
+#   launch/local_cluster.sh run HOST CMD...   run CMD on HOST (in its namespace, hostname HOST,
+#                                         TMPDIR = its scratch directory), in the foreground
+#   launch/local_cluster.sh hosts         the host names, one per line
+#
+# Environment:
+#   FTDIST_CLUSTER_DIR   state and per-host scratch (default /tmp/ftdist-cluster; host K's
+#                        TMPDIR is $FTDIST_CLUSTER_DIR/ftnodeK/tmp)
+#   FTDIST_CLUSTER_NET   the first three octets of the subnet (default 10.77.0)
+#
+# Name resolution: `ip netns exec` shows each namespace /etc/netns/NS/hosts as its /etc/hosts;
+# `up` writes one per host naming every host (and `ftgw`, the bridge's address in the machine's
+# own namespace), so `ftnode1` resolves to 10.77.0.11 on every host. Only these addresses are
+# used: the hosts have no route beyond the bridge. `up` again with the same N is a no-op; with
+# another N it rebuilds the cluster. Every step is bounded; a failed `up` removes what it made.
+set -euo pipefail
+
+STATE_DIR="${FTDIST_CLUSTER_DIR:-/tmp/ftdist-cluster}"
+NET="${FTDIST_CLUSTER_NET:-10.77.0}"
+BRIDGE=ftbr0
+PREFIX=ftnode
+STATE="$STATE_DIR/hosts"
+
+log() { echo "local_cluster: $*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+usage() {
+  sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"
+  exit "${1:-0}"
+}
+
+need_root() {
+  [[ $(id -u) -eq 0 ]] || die "needs root (network namespaces, veth pairs and a bridge)"
+  command -v ip >/dev/null || die "the ip command (iproute2) is missing"
+}
+
+hosts() { [[ -f "$STATE" ]] && cat "$STATE" || true; }
+
+address_of() {  # ftnodeK -> NET.(10+K)
+  local k="${1#"$PREFIX"}"
+  [[ "$k" =~ ^[0-9]+$ ]] || die "unknown host '$1' (hosts: $(hosts | tr '\n' ' '))"
+  echo "$NET.$((10 + k))"
+}
+
+ns_of() { echo "ft-$1"; }
+
+up() {
+  local n="${1:-2}"
+  [[ "$n" =~ ^[0-9]+$ && "$n" -ge 1 && "$n" -le 50 ]] || die "up N: N must be 1..50, got '$n'"
+  need_root
+  if [[ -f "$STATE" && "$(wc -l <"$STATE")" -eq "$n" ]] && all_present; then
+    log "$n host(s) already up"
+    return 0
+  fi
+  [[ -f "$STATE" ]] && down
+  mkdir -p "$STATE_DIR"
+  trap 'log "up failed: removing what was made"; down >/dev/null 2>&1 || true' ERR
+  ip link add "$BRIDGE" type bridge
+  ip addr add "$NET.1/24" dev "$BRIDGE"
+  ip link set "$BRIDGE" up
+  : >"$STATE"
+  local k host ns names="127.0.0.1 localhost"$'\n'"$NET.1 ftgw"
+  for k in $(seq 1 "$n"); do names+=$'\n'"$NET.$((10 + k)) $PREFIX$k"; done
+  for k in $(seq 1 "$n"); do
+    host="$PREFIX$k"; ns="$(ns_of "$host")"
+    echo "$host" >>"$STATE"  # recorded first: `down` removes a half-made host too
+    ip netns add "$ns"
+    ip link add "$host-v" type veth peer name eth0 netns "$ns"
+    ip link set "$host-v" master "$BRIDGE"
+    ip link set "$host-v" up
+    ip netns exec "$ns" ip addr add "$(address_of "$host")/24" dev eth0
+    ip netns exec "$ns" ip link set eth0 up
+    ip netns exec "$ns" ip link set lo up
+    mkdir -p "/etc/netns/$ns" "$STATE_DIR/$host/tmp"
+    printf '%s\n' "$names" >"/etc/netns/$ns/hosts"
+  done
+  trap - ERR
+  wait_reachable
+  log "$n host(s) up: $(hosts | tr '\n' ' ')(bridge $BRIDGE $NET.1/24)"
+}
+
+all_present() {
+  local host
+  ip link show "$BRIDGE" >/dev/null 2>&1 || return 1
+  for host in $(hosts); do
+    ip netns exec "$(ns_of "$host")" true 2>/dev/null || return 1
+  done
+}
+
+wait_reachable() {
+  # every host reaches every other over TCP within 10 s (a listener on one, a connect from the next)
+  local host next deadline py
+  py=$(command -v python3) || return 0
+  for host in $(hosts); do
+    next=$(hosts | awk -v h="$host" '$0 != h {print; exit}')
+    [[ -n "$next" ]] || return 0
+    deadline=$((SECONDS + 10))
+    until ip netns exec "$(ns_of "$next")" "$py" -c "
+import socket, sys, threading
+srv = socket.socket(); srv.bind(('$(address_of "$next")', 0)); srv.listen(1)
+port = srv.getsockname()[1]
+threading.Thread(target=srv.accept, daemon=True).start()
+import subprocess
+sys.exit(subprocess.run(['ip', 'netns', 'exec', '$(ns_of "$host")', sys.executable, '-c',
+    'import socket; socket.create_connection((\"$(address_of "$next")\", %d), timeout=3)' % port]).returncode)
+" 2>/dev/null; do
+      ((SECONDS < deadline)) || die "$host cannot reach $next at $(address_of "$next") within 10 s"
+      sleep 0.5
+    done
+  done
+}
+
+stop_processes() {  # every process in the host's namespace: TERM, then KILL after 5 s
+  local ns="$1" pids deadline
+  pids=$(ip netns pids "$ns" 2>/dev/null || true)
+  [[ -z "$pids" ]] && return 0
+  kill -TERM $pids 2>/dev/null || true
+  deadline=$((SECONDS + 5))
+  while pids=$(ip netns pids "$ns" 2>/dev/null) && [[ -n "$pids" ]] && ((SECONDS < deadline)); do sleep 0.2; done
+  [[ -n "$pids" ]] && kill -KILL $pids 2>/dev/null || true
+  return 0
+}
+
+down() {
+  need_root
+  local host ns
+  for host in $(hosts); do
+    ns="$(ns_of "$host")"
+    stop_processes "$ns"
+    ip netns del "$ns" 2>/dev/null || true
+    ip link del "$host-v" 2>/dev/null || true
+    rm -rf "/etc/netns/$ns" "${STATE_DIR:?}/$host"
+  done
+  ip link del "$BRIDGE" 2>/dev/null || true
+  rm -f "$STATE"
+  rmdir "$STATE_DIR" 2>/dev/null || true
+  log "down"
+}
+
+status() {
+  local host ns n
+  if [[ ! -f "$STATE" ]]; then
+    log "no cluster (launch/local_cluster.sh up N)"
+    return 3
+  fi
+  for host in $(hosts); do
+    ns="$(ns_of "$host")"
+    if ip netns exec "$ns" true 2>/dev/null; then
+      n=$(ip netns pids "$ns" 2>/dev/null | wc -l)
+      echo "$host $(address_of "$host") up, $n process(es), TMPDIR $STATE_DIR/$host/tmp"
+    else
+      echo "$host $(address_of "$host") MISSING"
+    fi
+  done
+}
+
+run() {
+  [[ $# -ge 2 ]] || die "run HOST CMD...: give a host and a command"
+  local host="$1"; shift
+  hosts | grep -qx "$host" || die "no host '$host' (hosts: $(hosts | tr '\n' ' '))"
+  need_root
+  # a UTS namespace of its own: `hostname` is HOST in CMD and everything it starts
+  exec ip netns exec "$(ns_of "$host")" unshare --uts -- /bin/sh -c \
+    'hostname "$1" && export TMPDIR="$2" && shift 2 && exec "$@"' \
+    sh "$host" "$STATE_DIR/$host/tmp" "$@"
+}
+
+case "${1:-}" in
+  up) shift; up "$@" ;;
+  down) down ;;
+  status) status ;;
+  run) shift; run "$@" ;;
+  hosts) hosts ;;
+  -h|--help|help) usage 0 ;;
+  *) usage 2 ;;
+esac
