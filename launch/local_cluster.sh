@@ -171,10 +171,20 @@ run() {
   local host="$1"; shift
   hosts | grep -qx "$host" || die "no host '$host' (hosts: $(hosts | tr '\n' ' '))"
   need_root
-  # a UTS namespace of its own: `hostname` is HOST in CMD and everything it starts
-  exec ip netns exec "$(ns_of "$host")" unshare --uts -- /bin/sh -c \
-    'hostname "$1" && export TMPDIR="$2" && shift 2 && exec "$@"' \
-    sh "$host" "$STATE_DIR/$host/tmp" "$@"
+  # `ip netns exec` mounts a fresh /sys for the namespace, without the machine's cgroup file systems:
+  # mount them again as they are here (daemons such as slurmd read them), then exec CMD in a UTS
+  # namespace of its own: `hostname` is HOST in CMD and everything it starts
+  local cgroups
+  cgroups=$(awk '$3 == "cgroup" || $3 == "cgroup2" {print $3, $2, $4}' /proc/mounts | grep ' /sys/fs/cgroup' || true)
+  exec ip netns exec "$(ns_of "$host")" unshare --uts -- /bin/sh -c '
+    if [ -n "$3" ] && [ -d /sys/fs/cgroup ]; then
+      mount -t tmpfs -o mode=755 tmpfs /sys/fs/cgroup 2>/dev/null &&
+        echo "$3" | while read -r fs dir opts; do
+          mkdir -p "$dir" && mount -t "$fs" -o "$opts" "$fs" "$dir" 2>/dev/null || true
+        done
+    fi
+    hostname "$1" && export TMPDIR="$2" && shift 3 && exec "$@"' \
+    sh "$host" "$STATE_DIR/$host/tmp" "$cgroups" "$@"
 }
 
 case "${1:-}" in

@@ -1,0 +1,102 @@
+"""Slurm with two compute nodes: slurmctld on ftnode1 and one slurmd per host (launch/local_slurm.sh up --hosts),
+each task's TMPDIR its node's own. slurm/sft_7b.sh submitted unchanged with --nodes=2 runs to the end in both
+launch modes (one rank per task through srun, torchrun per node), the ranks on both hosts; a USR1 makes every
+rank on every node checkpoint, the job requeues, resumes and ends with the weights of the uninterrupted job."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT, load_weights, max_abs_diff, read_metrics
+from tests.slurm.jobs import cancelled_unless_completed, preempt, wait_ended, wait_running
+
+pytestmark = pytest.mark.multinode
+
+STEPS = 20
+OVERRIDES = (f"data.eval=null train.max_steps={STEPS} train.log_every=1 train.progress_bar=false "
+             "checkpoint.every_steps=0 dist.backend=gloo dist.timeout_s=120")
+TWO_NODES = ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--gpus-per-node=0", "--time=30"]
+JOB_TIMEOUT_S = 420
+PLACEMENT = "process group: 2 ranks (gloo) on 2 hosts: ftnode1 (10.77.0.11) rank 0; ftnode2 (10.77.0.12) rank 1"
+
+
+@pytest.fixture(scope="module")
+def slurm_hosts(hosts):
+    script = ROOT / "launch" / "local_slurm.sh"
+    up = subprocess.run(["bash", str(script), "up", "--hosts"], stdin=subprocess.DEVNULL, capture_output=True,
+                        text=True, timeout=600)
+    if up.returncode != 0:
+        subprocess.run(["bash", str(script), "down", "--hosts"], capture_output=True, timeout=120)
+        pytest.fail(f"launch/local_slurm.sh up --hosts failed:\n{(up.stdout + up.stderr)[-3000:]}")
+    conf = re.search(r"export SLURM_CONF=(\S+)", up.stdout).group(1)
+    before = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = conf  # sbatch, scontrol and scancel (also in tests/slurm/jobs.py) use this cluster
+    try:
+        yield conf
+    finally:
+        if before is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = before
+        subprocess.run(["bash", str(script), "down", "--hosts"], capture_output=True, timeout=120)
+
+
+def _sbatch(run_dir: Path, log: Path, launch: str, *extra: str, timeout: float = 30):
+    env = {**os.environ, "RECIPE": "sft_tiny", "OVERRIDES": f"output_dir={run_dir} {OVERRIDES}",
+           "FTDIST_LAUNCH": launch, "FTDIST_NPROC_PER_NODE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = ["sbatch", "--parsable", *TWO_NODES, f"--output={log}", *extra, "slurm/sft_7b.sh"]
+    return subprocess.run(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _steps(run_dir: Path) -> list[int]:
+    return [r["step"] for r in read_metrics(run_dir) if "loss" in r] if (run_dir / "metrics.jsonl").exists() else []
+
+
+def _tail(path: Path, n: int = 4000) -> str:
+    return path.read_text()[-n:] if path.exists() else "(no output yet)"
+
+
+@pytest.fixture(scope="module")
+def straight(slurm_hosts, tmp_path_factory):
+    base = tmp_path_factory.mktemp("two_nodes")
+    r = _sbatch(base / "run", base / "job.out", "srun", "--wait", timeout=JOB_TIMEOUT_S)
+    log = _tail(base / "job.out", 20000)
+    assert r.returncode == 0, f"sbatch --wait rc={r.returncode}\n{r.stderr}\n--- job output\n{log[-6000:]}"
+    return base / "run", log
+
+
+def test_srun_per_rank_on_two_nodes(straight):
+    run_dir, log = straight
+    assert "srun: 2 task(s), one rank each" in log and PLACEMENT in log, log[-4000:]
+    assert _steps(run_dir) == list(range(1, STEPS + 1))
+
+
+def test_torchrun_per_node_preempted_requeued_resumed(straight, tmp_path):
+    """torchrun on each node; USR1 to the batch shell: every rank on both nodes checkpoints, the job requeues and
+    resumes from that checkpoint; restored state, then the same fp32 operations in the same order as the
+    uninterrupted srun job (the same 2 ranks): bit-identical weights."""
+    run_dir, log_path = tmp_path / "run", tmp_path / "job.out"
+    r = _sbatch(run_dir, log_path, "torchrun")
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.strip().split(";")[0]
+    with cancelled_unless_completed(job_id) as last:
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        wait_running(job_id, lambda: len(_steps(run_dir)) >= 2, deadline, lambda: _tail(log_path))
+        preempt(job_id)
+        wait_ended(job_id, deadline, lambda: _tail(log_path), last)
+    log = log_path.read_text()
+    assert last.get("JobState") == "COMPLETED" and last.get("Restarts") == "1", (last, log[-6000:])
+    assert "torchrun on 2 node(s) x 1 process(es)" in log and log.count(PLACEMENT) == 2, log[-6000:]
+    stopped = re.search(r"checkpoint saved at step (\d+); exiting for requeue", log)
+    assert stopped, log[-6000:]
+    k = int(stopped.group(1))
+    assert 2 <= k < STEPS and re.search(rf"resumed from \S*step-{k} at step {k}\b", log), log[-6000:]
+    assert _steps(run_dir) == list(range(1, STEPS + 1))
+    assert max_abs_diff(load_weights(run_dir / "final"), load_weights(straight[0] / "final")) == 0.0
