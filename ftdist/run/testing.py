@@ -4,6 +4,8 @@ These are the only places where ftdist reads test-only settings:
   FTDIST_HANG_AFTER_CHECKPOINT=N  wait (for ever) right after the step-N checkpoint is committed
   FTDIST_PID_DIR=DIR              each Ray Train worker writes DIR/rank{R}.pid
   FTDIST_SLOW_DATA_S=S            rank 0 takes S seconds longer to prepare the data (a large dataset)
+  FTDIST_STEP_DELAY_S=S           every optimizer step takes S seconds longer (a run long enough to kill
+                                  a node in the middle of it)
 """
 
 from __future__ import annotations
@@ -14,6 +16,12 @@ import time
 from pathlib import Path
 
 log = logging.getLogger("ftdist")
+
+
+def after_step() -> None:
+    delay = float(os.environ.get("FTDIST_STEP_DELAY_S") or 0)
+    if delay > 0:
+        time.sleep(delay)
 
 
 def after_checkpoint(step: int) -> None:

@@ -299,6 +299,7 @@ def _train(cfg: Config, info, stop: StopRequest, run_id: str, suite_eval=None):
                     record["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(engine.device) / 1e9, 3)
                 writer.log(record)
                 tok_window, t_window = 0, now
+            testing.after_step()
             progress.update(1, loss=metrics.get("loss", float("nan")),
                             tok_s=int((state.tokens - tokens0) / max(time.time() - t_start, 1e-9)))
             if cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and state.step < total_steps:

@@ -100,3 +100,51 @@ def test_torchrun_per_node_preempted_requeued_resumed(straight, tmp_path):
     assert 2 <= k < STEPS and re.search(rf"resumed from \S*step-{k} at step {k}\b", log), log[-6000:]
     assert _steps(run_dir) == list(range(1, STEPS + 1))
     assert max_abs_diff(load_weights(run_dir / "final"), load_weights(straight[0] / "final")) == 0.0
+
+
+def test_node_down_mid_run_then_resubmitted_resumes(straight, slurm_hosts, tmp_path):
+    """Every process of ftnode2 killed mid-run (the node going down, its slurmd with it): the surviving rank on
+    ftnode1 stops at once with one line naming the lost rank and host, instead of hanging in a collective; with
+    the node back, the job submitted again resumes from the newest complete checkpoint and ends with the weights
+    of the uninterrupted job (restored state, the same operations in the same order: bit-identical)."""
+    run_dir, log_path = tmp_path / "run", tmp_path / "job.out"
+    env_extra = {"OVERRIDES": f"output_dir={run_dir} {OVERRIDES} checkpoint.every_steps=5 checkpoint.keep_last=0",
+                 "FTDIST_STEP_DELAY_S": "0.5"}  # 20 steps of at least 0.5 s: time to kill a node between them
+    env = {**os.environ, "RECIPE": "sft_tiny", "FTDIST_LAUNCH": "torchrun", "FTDIST_NPROC_PER_NODE": "1",
+           "OMP_NUM_THREADS": "1", **env_extra}
+    cmd = ["sbatch", "--parsable", *TWO_NODES, f"--output={log_path}", "slurm/sft_7b.sh"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.strip().split(";")[0]
+    lost = "rank 1 (ftnode2) died: every rank on ftnode2 is gone (node down?)"
+    with cancelled_unless_completed(job_id) as last:
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        wait_running(job_id, lambda: (run_dir / "checkpoints" / "step-10" / "manifest.json").exists(), deadline,
+                     lambda: _tail(log_path))
+        pids = subprocess.run(["ip", "netns", "pids", "ft-ftnode2"], capture_output=True, text=True).stdout.split()
+        assert pids
+        subprocess.run(["kill", "-KILL", *pids])
+        t0 = time.monotonic()
+        while lost not in _tail(log_path, 20000):
+            assert time.monotonic() - t0 < 60, _tail(log_path)  # the 10 s check-in wait, then the message
+            time.sleep(0.5)
+        # the node comes back (its slurmd restarted); the broken job is cancelled and submitted again
+        up = subprocess.run(["bash", str(ROOT / "launch" / "local_slurm.sh"), "up", "--hosts"], capture_output=True,
+                            text=True, timeout=120)
+        assert up.returncode == 0, up.stderr[-3000:]
+        subprocess.run(["scancel", job_id], timeout=30)
+        wait_ended(job_id, deadline, lambda: _tail(log_path), last)
+    assert f"ftdist: error (rank 0): a collective failed: lost the connection to another rank ({lost})" in \
+        log_path.read_text()
+    saved = sorted(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*")
+                   if (p / "manifest.json").exists())
+    assert saved and saved[-1] >= 10
+
+    again = tmp_path / "again.out"
+    r = subprocess.run([*cmd[:-2], f"--output={again}", "--wait", "slurm/sft_7b.sh"], cwd=ROOT,
+                       env={**env, "FTDIST_STEP_DELAY_S": "0"}, stdin=subprocess.DEVNULL, capture_output=True,
+                       text=True, timeout=JOB_TIMEOUT_S)
+    log = _tail(again, 20000)
+    assert r.returncode == 0, f"{r.stderr}\n{log[-6000:]}"
+    assert re.search(rf"resumed from \S*step-{saved[-1]} at step {saved[-1]}\b", log), log[-6000:]
+    assert max_abs_diff(load_weights(run_dir / "final"), load_weights(straight[0] / "final")) == 0.0
