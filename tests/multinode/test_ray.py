@@ -1,0 +1,163 @@
+"""A Ray cluster across two hosts: the head on ftnode1, a worker node joining from ftnode2 (1 CPU each, so the
+two training workers land one per host). launch/ray_submit.sh runs SFT through Ray Train with a rank on each
+host, to the weights of a 2-rank run on one host; killing the worker node's raylet mid-run takes its rank down,
+Ray Train restarts the worker group once the node is back and the run resumes from its checkpoint to identical
+weights."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from tests.helpers import ROOT, load_weights, max_abs_diff, read_metrics, run_ftdist
+from tests.multinode.conftest import on_host
+
+pytestmark = pytest.mark.multinode
+
+HEAD = "10.77.0.11"
+STEPS = 6
+OVERRIDES = ["data.eval=null", f"train.max_steps={STEPS}", "train.log_every=1", "train.progress_bar=false",
+             "checkpoint.every_steps=2", "checkpoint.keep_last=0", "dist.backend=gloo", "dist.timeout_s=120"]
+JOB_TIMEOUT_S = 420
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+class Cluster:
+    def __init__(self, token: str):
+        venv_bin = os.path.dirname(sys.executable)
+        self.ray = f"{venv_bin}/ray"
+        self.token = token
+        self.env = {"PATH": f"{venv_bin}:/usr/bin:/bin", "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1",
+                    "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.client_env = {"RAY_ADDRESS": f"http://{HEAD}:8265", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+
+    def start(self, host: str) -> None:
+        common = ["--block", "--num-cpus=1", "--num-gpus=0", f"--object-store-memory={200 * 1024 * 1024}",
+                  "--disable-usage-stats"]
+        if host == "ftnode1":
+            cmd = [self.ray, "start", "--head", f"--node-ip-address={HEAD}", "--port=6379",
+                   f"--dashboard-host={HEAD}", "--dashboard-port=8265", *common]
+        else:
+            cmd = [self.ray, "start", f"--address={HEAD}:6379", "--node-ip-address=10.77.0.12", *common]
+        self.procs[host] = on_host(host, cmd, self.env)
+
+    def alive_nodes(self) -> int:
+        r = subprocess.run([self.ray, "status", f"--address={HEAD}:6379"], capture_output=True, text=True,
+                           timeout=60, env={**os.environ, **self.client_env})
+        active = r.stdout.split("Active:")[1].split("Pending:")[0] if "Active:" in r.stdout else ""
+        return active.count("node_")
+
+    def wait_nodes(self, n: int, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while self.alive_nodes() != n:
+            for host, p in self.procs.items():
+                assert p.poll() is None or host != "ftnode1", f"ray head exited:\n{p.stderr.read()[-3000:]}"
+            assert time.monotonic() < deadline, f"not {n} Ray nodes in {timeout}s"
+            time.sleep(1)
+
+    def client(self):
+        from ray.job_submission import JobSubmissionClient
+
+        return JobSubmissionClient(f"http://{HEAD}:8265", headers={"authorization": f"Bearer {self.token}"})
+
+
+@pytest.fixture(scope="module")
+def ray_hosts(hosts):
+    cluster = Cluster(secrets.token_hex(32))
+    try:
+        cluster.start("ftnode1")
+        cluster.wait_nodes(1)
+        cluster.start("ftnode2")
+        cluster.wait_nodes(2)
+        yield cluster
+    finally:
+        for p in cluster.procs.values():
+            if p.poll() is None:
+                p.terminate()
+        for p in cluster.procs.values():
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def _submit(cluster: Cluster, run_dir, sid: str, env: dict | None = None, wait: bool = True):
+    full = {**os.environ, **cluster.client_env, "FTDIST_RAY_WORKERS": "2", "FTDIST_RAY_MAX_FAILURES": "2",
+            "FTDIST_RAY_SUBMIT_ARGS": f"--submission-id {sid}" + ("" if wait else " --no-wait"), **(env or {})}
+    cmd = ["bash", "launch/ray_submit.sh", "sft_tiny", f"output_dir={run_dir}", *OVERRIDES]
+    return subprocess.run(cmd, cwd=ROOT, env=full, capture_output=True, text=True, timeout=JOB_TIMEOUT_S,
+                          stdin=subprocess.DEVNULL)
+
+
+def _wait_job(client, sid: str) -> str:
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while time.monotonic() < deadline:
+        status = str(client.get_job_status(sid)).split(".")[-1]
+        if status in TERMINAL:
+            return status
+        time.sleep(1)
+    raise AssertionError(f"job {sid} not finished:\n{client.get_job_logs(sid)[-4000:]}")
+
+
+@pytest.fixture(scope="module")
+def straight(ray_hosts, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("ray_hosts") / "run"
+    sid = f"ftdist-hosts-{uuid.uuid4().hex[:8]}"
+    r = _submit(ray_hosts, run_dir, sid)
+    status = _wait_job(ray_hosts.client(), sid)
+    logs = ray_hosts.client().get_job_logs(sid)
+    assert r.returncode == 0 and status == "SUCCEEDED", f"{status}\n{r.stderr[-3000:]}\n{logs[-6000:]}"
+    return run_dir, logs
+
+
+def test_ray_train_ranks_on_both_hosts(straight, tmp_path):
+    run_dir, logs = straight
+    assert "sft on Ray: 2 worker(s) (CPU)" in logs
+    assert re.search(r"process group: 2 ranks \(gloo\) on 2 hosts: ftnode\d \(10\.77\.0\.1\d\) rank 0; "
+                     r"ftnode\d \(10\.77\.0\.1\d\) rank 1", logs), logs[-4000:]
+    assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == list(range(1, STEPS + 1))
+    one = tmp_path / "one_host"
+    run_ftdist(2, "sft_tiny", [f"output_dir={one}", *OVERRIDES])
+    # the same 2 ranks and the same fp32 operations, whichever host each runs on: within the 1e-5 asked for
+    assert max_abs_diff(load_weights(run_dir / "final"), load_weights(one / "final")) <= 1e-5
+
+
+def test_lost_worker_node_restarts_the_group_from_the_checkpoint(ray_hosts, straight, tmp_path):
+    run_dir, pid_dir = tmp_path / "run", tmp_path / "pids"
+    sid = f"ftdist-nodekill-{uuid.uuid4().hex[:8]}"
+    # every rank waits after the step-2 checkpoint, so the node is lost at a known point
+    r = _submit(ray_hosts, run_dir, sid, env={"FTDIST_HANG_AFTER_CHECKPOINT": "2", "FTDIST_PID_DIR": str(pid_dir)},
+                wait=False)
+    assert r.returncode == 0, r.stderr
+    client = ray_hosts.client()
+    manifest = run_dir / "checkpoints" / "step-2" / "manifest.json"
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not (manifest.exists() and len(list(pid_dir.glob("rank*.pid"))) == 2):
+        assert str(client.get_job_status(sid)).split(".")[-1] not in TERMINAL, client.get_job_logs(sid)[-6000:]
+        assert time.monotonic() < deadline, client.get_job_logs(sid)[-4000:]
+        time.sleep(0.5)
+    time.sleep(1.0)
+    pids = subprocess.run(["ip", "netns", "pids", "ft-ftnode2"], capture_output=True, text=True).stdout.split()
+    raylet = [p for p in pids if open(f"/proc/{p}/comm").read().strip() == "raylet"]
+    assert len(raylet) == 1, pids
+    os.kill(int(raylet[0]), 9)
+    ray_hosts.procs["ftnode2"].wait(timeout=120)  # `ray start --block` on the node ends with its raylet
+    ray_hosts.wait_nodes(1)
+    # the group cannot fit on the head alone (1 CPU for 2 workers): it waits until the node is back
+    ray_hosts.start("ftnode2")
+    ray_hosts.wait_nodes(2)
+    status = _wait_job(client, sid)
+    logs = client.get_job_logs(sid)
+    assert status == "SUCCEEDED", logs[-6000:]
+    assert re.search(r"resumed from \S*step-2 at step 2\b", logs), logs[-6000:]
+    assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == list(range(1, STEPS + 1))
+    # restored state, then the same fp32 operations in the same order as the straight run: bit-identical
+    assert max_abs_diff(load_weights(run_dir / "final"), load_weights(straight[0] / "final")) == 0.0
