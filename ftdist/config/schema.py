@@ -314,6 +314,10 @@ class PPOConfig:
         "none", "Groups that share devices (fractional GPU bundles of one placement group): none, policy+reference, "
         "critic+reward, reference+reward, or all groups; shared groups need equal ranks.")
     cpus_per_actor: float = _f(1.0, "CPUs in each actor's bundle; fractions let several actors share a core.")
+    resources: dict[str, dict[str, float]] = _f(
+        {}, "Extra Ray resources each actor of a group asks for, by group (policy, ref, reward, critic): e.g. "
+        "{policy: {'node:10.0.0.11': 0.01}} keeps the policy on that node (Ray gives every node a resource "
+        "node:IP of 1.0), or a custom resource its nodes were started with (ray start --resources).")
     call_timeout_s: float = _f(
         3600.0, "Longest any actor call may take (a rollout, a scoring pass, an update, a checkpoint) before the run "
         "stops with an error naming the group and rank; 0 = no limit.")

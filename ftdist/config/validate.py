@@ -334,6 +334,12 @@ def _validate_ppo(cfg: Config) -> None:
     if len({groups[g] for g in shared}) > 1:
         raise ConfigError(f"ppo.colocation={p.colocation!r} shares devices between "
                           f"{', '.join(f'ppo.{g}_ranks={groups[g]}' for g in shared)}; they must be equal")
+    for group, res in cfg.ppo.resources.items():
+        if group not in ("policy", "ref", "reward", "critic"):
+            raise ConfigError(f"ppo.resources.{group}: not a group; allowed: policy, ref, reward, critic")
+        if not isinstance(res, dict) or not all(isinstance(v, (int, float)) and v > 0 for v in res.values()):
+            raise ConfigError(f"ppo.resources.{group}: got {res!r}, allowed: a mapping of Ray resource names to "
+                              f"amounts > 0 (e.g. {{'node:10.0.0.11': 0.01}})")
 
 
 def _validate_quantization(m: ModelConfig, zero_stage: int) -> None:

@@ -95,6 +95,9 @@ def _train(cfg: Config, run_id: str) -> dict:
             log.info("resumed from %s at iteration %d", resume, driver.iteration)
         writer = MetricsWriter(str(out), True, cfg.logging, cfg.to_dict(),
                                resumed_at=driver.iteration if resume is not None else None)
+        placement = rs.group_placement(groups)  # where Ray put each group: the run log and metrics.jsonl
+        log.info("placement: %s", "; ".join(f"{k.split('/', 1)[1]} on {v}" for k, v in placement.items()))
+        writer.log({"step": driver.iteration, **placement})
         result = driver.run(writer)
         if "stopped_at" in result:
             log.warning("stop requested by signal: checkpoint saved at iteration %d; exiting for requeue",

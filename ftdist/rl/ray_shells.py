@@ -54,6 +54,10 @@ class WorkerActor:
             s.bind((ip, 0))
             return ip, s.getsockname()[1]
 
+    def where(self) -> tuple[str, str]:
+        """(host name, node address) of this actor."""
+        return socket.gethostname(), ray.util.get_node_ip_address()
+
     def start(self, env: dict, role: str, cfg) -> bool:
         for key in [k for k in os.environ if k.startswith(_LAUNCHER_ENV_PREFIXES)]:
             del os.environ[key]
@@ -171,14 +175,18 @@ def use_gpus(device: str) -> bool:
 
 
 def make_placements(ranks: dict[str, int], colocation: str, cpus_per_actor: float, gpu: bool,
-                    needs_gpu: dict[str, bool]) -> tuple[dict[str, Placement], list]:
-    """One placement group per set of roles that share devices; returns {role: Placement} and the groups."""
+                    needs_gpu: dict[str, bool], resources: Optional[dict] = None) -> tuple[dict[str, Placement], list]:
+    """One placement group per set of roles that share devices; returns {role: Placement} and the groups.
+    `resources` (ppo.resources): extra Ray resources per actor of a role, added to its bundles."""
     placements, pgs = {}, []
     for roles in colocated_sets(colocation, list(ranks)):
         k = len(roles)
         bundle = {"CPU": cpus_per_actor * k}
         if gpu:
             bundle["GPU"] = 1
+        for r in roles:
+            for name, amount in (resources or {}).get(r, {}).items():
+                bundle[name] = bundle.get(name, 0.0) + float(amount)
         pg = placement_group([dict(bundle) for _ in range(ranks[roles[0]])], strategy="PACK")
         try:
             ray.get(pg.ready(), timeout=PG_TIMEOUT_S)
@@ -237,7 +245,8 @@ def started_groups(cfg) -> tuple[dict[str, ActorGroup], list]:
     """Placement groups and actor groups for the recipe, every worker built and every process group formed."""
     ranks, needs_gpu = role_requirements(cfg)
     gpu = use_gpus(cfg.ppo.device)
-    placements, pgs = make_placements(ranks, cfg.ppo.colocation, cfg.ppo.cpus_per_actor, gpu, needs_gpu)
+    placements, pgs = make_placements(ranks, cfg.ppo.colocation, cfg.ppo.cpus_per_actor, gpu, needs_gpu,
+                                      cfg.ppo.resources)
     groups = {role: ActorGroup(role, n, placements[role]) for role, n in ranks.items()}
     log.info("actor groups: %s on %s", ", ".join(f"{r} x{n}" for r, n in ranks.items()), "GPUs" if gpu else "CPUs")
     try:
@@ -246,6 +255,17 @@ def started_groups(cfg) -> tuple[dict[str, ActorGroup], list]:
         shutdown(list(groups.values()), pgs, started=False)
         raise
     return groups, pgs
+
+
+def group_placement(groups: dict[str, ActorGroup]) -> dict[str, str]:
+    """{"placement/ROLE": "host (address) ranks 0-1; ..."}: where each group's actors run, as they report it."""
+    from ftdist.engine.dist import placement_summary
+
+    out = {}
+    for role, g in groups.items():
+        where = ray.get([a.where.remote() for a in g.actors])
+        out[f"placement/{role}"] = placement_summary(where).split(": ", 1)[1]
+    return out
 
 
 def unwrap_error(e: BaseException) -> Optional[BaseException]:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -161,3 +162,43 @@ def test_lost_worker_node_restarts_the_group_from_the_checkpoint(ray_hosts, stra
     assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == list(range(1, STEPS + 1))
     # restored state, then the same fp32 operations in the same order as the straight run: bit-identical
     assert max_abs_diff(load_weights(run_dir / "final"), load_weights(straight[0] / "final")) == 0.0
+
+
+def test_grpo_groups_on_different_hosts(ray_hosts, tmp_path):
+    """GRPO submitted to the cluster with the policy's 2 ranks pinned to ftnode1 and the reference and reward
+    actors to ftnode2 (ppo.resources with Ray's node:IP resources): the run log and metrics.jsonl show that
+    placement, and the reward of the SFT-warmed policy still rises (as tests/ray/test_ppo.py measures it)."""
+    import json
+
+    from tests.ray.test_ppo import COMMON, ITERATIONS
+
+    base = tmp_path
+    run_ftdist(1, "sft_tiny", [f"output_dir={base / 'sft'}", "train.max_steps=100", "data.eval=null",
+                               "train.progress_bar=false", "checkpoint.every_steps=0", "logging.tensorboard=false"],
+               timeout=600)
+    from ftdist.data.tiny_task import bundled_task_dir
+
+    pool = base / "pool.jsonl"
+    pool.write_text("\n".join((Path(bundled_task_dir()) / "prompts.jsonl").read_text().splitlines()[:16]) + "\n")
+    pin = {"policy": {f"node:{HEAD}": 0.01}, "ref": {"node:10.77.0.12": 0.01}, "reward": {"node:10.77.0.12": 0.01}}
+    out = base / "grpo"
+    sid = f"ftdist-grpo-{uuid.uuid4().hex[:8]}"
+    full = {**os.environ, **ray_hosts.client_env, "FTDIST_RAY_SUBMIT_ARGS": f"--submission-id {sid}"}
+    cmd = ["bash", "launch/ray_submit.sh", "grpo_tiny", f"output_dir={out}", f"model.name_or_path={base / 'sft' / 'final'}",
+           f"data.train={pool}", *COMMON, "ppo.kl_estimator=k3", "dist.backend=gloo",
+           f"ppo.resources={json.dumps(pin)}"]
+    r = subprocess.run(cmd, cwd=ROOT, env=full, capture_output=True, text=True, timeout=JOB_TIMEOUT_S,
+                       stdin=subprocess.DEVNULL)
+    status = _wait_job(ray_hosts.client(), sid)
+    logs = ray_hosts.client().get_job_logs(sid)
+    assert r.returncode == 0 and status == "SUCCEEDED", f"{status}\n{r.stderr[-3000:]}\n{logs[-6000:]}"
+    placement = {"placement/policy": "ftnode1 (10.77.0.11) ranks 0-1", "placement/ref": "ftnode2 (10.77.0.12) rank 0",
+                 "placement/reward": "ftnode2 (10.77.0.12) rank 0"}
+    assert ("placement: policy on ftnode1 (10.77.0.11) ranks 0-1; ref on ftnode2 (10.77.0.12) rank 0; "
+            "reward on ftnode2 (10.77.0.12) rank 0") in logs, logs[-4000:]
+    records = read_metrics(out)
+    assert {k: v for k, v in records[0].items() if k.startswith("placement/")} == placement
+    rewards = [r["reward_mean"] for r in records if "reward_mean" in r]
+    assert len(rewards) == ITERATIONS
+    # the threshold of tests/ray/test_ppo.py: a warmed policy gains clearly within 10 iterations on 16 prompts
+    assert sum(rewards[-3:]) / 3 - sum(rewards[:3]) / 3 > 0.08, [round(x, 3) for x in rewards]
