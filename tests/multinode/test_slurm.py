@@ -148,3 +148,23 @@ def test_node_down_mid_run_then_resubmitted_resumes(straight, slurm_hosts, tmp_p
     assert r.returncode == 0, f"{r.stderr}\n{log[-6000:]}"
     assert re.search(rf"resumed from \S*step-{saved[-1]} at step {saved[-1]}\b", log), log[-6000:]
     assert max_abs_diff(load_weights(run_dir / "final"), load_weights(straight[0] / "final")) == 0.0
+
+
+def test_ppo_script_brings_up_ray_across_both_nodes(slurm_hosts, tmp_path):
+    """slurm/ppo_7b.sh with --nodes=2: its Ray cluster spans both nodes (head on ftnode1, a worker node on
+    ftnode2) and GRPO's groups run on both, the policy on one and reference and reward on the other."""
+    log_path = tmp_path / "job.out"
+    pin = "{policy: {node:10.77.0.11: 0.01}, ref: {node:10.77.0.12: 0.01}, reward: {node:10.77.0.12: 0.01}}"
+    env = {**os.environ, "RECIPE": "grpo_tiny", "OMP_NUM_THREADS": "1",
+           "OVERRIDES": f"output_dir={tmp_path / 'run'} data.eval=null train.progress_bar=false ppo.iterations=3 "
+                        f"ppo.eval_every=0 dist.backend=gloo 'ppo.resources={pin}'"}
+    r = subprocess.run(["sbatch", "--parsable", *TWO_NODES, f"--output={log_path}", "--wait", "slurm/ppo_7b.sh"],
+                       cwd=ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                       timeout=JOB_TIMEOUT_S)
+    log = _tail(log_path, 30000)
+    assert r.returncode == 0, f"{r.stderr}\n{log[-6000:]}"
+    assert re.search(r"Ray head on ftnode1 \(10\.77\.0\.11:\d+\).*; 2 node\(s\)", log), log[-4000:]
+    assert ("placement: policy on ftnode1 (10.77.0.11) ranks 0-1; ref on ftnode2 (10.77.0.12) rank 0; "
+            "reward on ftnode2 (10.77.0.12) rank 0") in log, log[-4000:]
+    assert [r["step"] for r in read_metrics(tmp_path / "run") if "reward_mean" in r] == [1, 2, 3]
+    assert "ftdist-slurm: finished" in log
