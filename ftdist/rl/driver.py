@@ -28,6 +28,7 @@ from ftdist.rl.advantages import compute_advantages
 from ftdist.rl.experience import Experience, merge_rollouts
 from ftdist.rl.prompts import PromptSampler, PromptSet
 from ftdist.run.lifecycle import RunFailure, StopRequest
+from ftdist.run import testing
 from ftdist.run.metrics import MetricsWriter, Progress
 from ftdist.run.seeding import derive_seed
 
@@ -156,6 +157,7 @@ class PPODriver:
             if stop.requested and not done:
                 progress.close()
                 return {"stopped_at": self.iteration}
+            testing.after_step()
         progress.close()
         final_eval = self._log_eval(writer, self.iteration) if evaluating else {}
         return {"step": self.iteration, **{k: record.get(k) for k in ("reward_mean", "kl")}, **final_eval}

@@ -17,7 +17,7 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import ray
@@ -90,6 +90,7 @@ class ActorGroup:
         self.actors = [WorkerActor.options(num_cpus=placement.num_cpus, num_gpus=placement.num_gpus,
                                            scheduling_strategy=strategy[i]).remote() for i in range(n)]
         self._ready: list = []
+        self.hosts: list[tuple[str, str]] = []  # (host name, address) of each rank, once group_placement ran
 
     def start(self, cfg) -> list:
         """Start the workers (returns refs: they finish together once the process group has formed)."""
@@ -102,18 +103,19 @@ class ActorGroup:
 
     def run(self, method: str, *args, **kwargs) -> "Calls":
         """The same call on every member."""
-        return Calls(self.role, method, [a.call.remote(method, *args, **kwargs) for a in self.actors])
+        return Calls(self.role, method, [a.call.remote(method, *args, **kwargs) for a in self.actors], self.hosts)
 
     def map(self, method: str, shards: list, *args, **kwargs) -> "Calls":
         """Member i gets shards[i] as first argument."""
         assert len(shards) == self.size, (self.role, len(shards), self.size)
         return Calls(self.role, method, [a.call.remote(method, shard, *args, **kwargs)
-                                         for a, shard in zip(self.actors, shards)])
+                                         for a, shard in zip(self.actors, shards)], self.hosts)
 
     def starmap(self, method: str, args: list[tuple]) -> "Calls":
         """Member i is called with *args[i]."""
         assert len(args) == self.size, (self.role, len(args), self.size)
-        return Calls(self.role, method, [a.call.remote(method, *a_args) for a, a_args in zip(self.actors, args)])
+        return Calls(self.role, method, [a.call.remote(method, *a_args) for a, a_args in zip(self.actors, args)],
+                     self.hosts)
 
     def kill(self) -> None:
         for a in self.actors:
@@ -127,6 +129,7 @@ class Calls:
     role: str
     method: str
     refs: list
+    hosts: list = field(default_factory=list)  # (host name, address) per rank, where known
 
 
 def get(*calls: Calls, timeout_s: float = 0.0) -> list:
@@ -154,7 +157,9 @@ def get(*calls: Calls, timeout_s: float = 0.0) -> list:
                 raise RunFailure(f"{where} failed: {type(cause or e).__name__}: {first[0]}", str(e)) from None
             except ray.exceptions.RayActorError as e:
                 first = str(e).strip().splitlines() or [""]
-                raise RunFailure(f"{where}: the actor died ({first[0]})", str(e)) from None
+                on = f" on {c.hosts[rank][0]} ({c.hosts[rank][1]})" if rank < len(c.hosts) else ""
+                raise RunFailure(f"{where}: the actor died{on} ({first[0][:200]}); the newest complete checkpoint "
+                                 f"is kept: run the same command again to resume from it", str(e)) from None
     return out
 
 
@@ -263,8 +268,8 @@ def group_placement(groups: dict[str, ActorGroup]) -> dict[str, str]:
 
     out = {}
     for role, g in groups.items():
-        where = ray.get([a.where.remote() for a in g.actors])
-        out[f"placement/{role}"] = placement_summary(where).split(": ", 1)[1]
+        g.hosts = ray.get([a.where.remote() for a in g.actors])
+        out[f"placement/{role}"] = placement_summary(g.hosts).split(": ", 1)[1]
     return out
 
 

@@ -4,8 +4,8 @@ These are the only places where ftdist reads test-only settings:
   FTDIST_HANG_AFTER_CHECKPOINT=N  wait (for ever) right after the step-N checkpoint is committed
   FTDIST_PID_DIR=DIR              each Ray Train worker writes DIR/rank{R}.pid
   FTDIST_SLOW_DATA_S=S            rank 0 takes S seconds longer to prepare the data (a large dataset)
-  FTDIST_STEP_DELAY_S=S           every optimizer step takes S seconds longer (a run long enough to kill
-                                  a node in the middle of it)
+  FTDIST_STEP_DELAY_S=S           every optimizer step (PPO: iteration) takes S seconds longer (to kill
+                                  a node in the middle of a run)
 """
 
 from __future__ import annotations
