@@ -39,3 +39,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def ppo_warm(tmp_path_factory) -> dict:
+    """An SFT-warmed tiny policy (about 60% exact answers greedy, 35% reward when sampling) and a pool of 16
+    prompts, for the PPO/GRPO tests (tests/ray, tests/multinode): {"base": dir, "policy": model, "pool": file}."""
+    from pathlib import Path
+
+    from ftdist.data.tiny_task import bundled_task_dir
+    from tests.helpers import run_ftdist
+
+    base = tmp_path_factory.mktemp("ppo")
+    run_ftdist(1, "sft_tiny", [f"output_dir={base / 'sft'}", "train.max_steps=100", "data.eval=null",
+                               "train.progress_bar=false", "checkpoint.every_steps=0", "logging.tensorboard=false"],
+               timeout=600)
+    rows = (Path(bundled_task_dir()) / "prompts.jsonl").read_text().splitlines()[:16]
+    pool = base / "pool.jsonl"
+    pool.write_text("\n".join(rows) + "\n")
+    return {"base": base, "policy": base / "sft" / "final", "pool": pool}

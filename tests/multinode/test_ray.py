@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 
@@ -170,7 +169,7 @@ def test_lost_worker_node_restarts_the_group_from_the_checkpoint(ray_hosts, stra
     assert max_abs_diff(load_weights(run_dir / "final"), load_weights(straight[0] / "final")) == 0.0
 
 
-def test_grpo_groups_on_both_hosts_lose_a_node_and_resume(ray_hosts, tmp_path):
+def test_grpo_groups_on_both_hosts_lose_a_node_and_resume(ray_hosts, ppo_warm, tmp_path):
     """GRPO submitted to the cluster with the policy's 2 ranks pinned to ftnode1 and the reference and reward
     actors to ftnode2 (ppo.resources with Ray's node:IP resources): the run log and metrics.jsonl show that
     placement. The worker node is then lost mid-run: the driver stops with one line naming the group, rank and
@@ -179,14 +178,8 @@ def test_grpo_groups_on_both_hosts_lose_a_node_and_resume(ray_hosts, tmp_path):
     policy rises as on one host (the threshold of tests/ray/test_ppo.py)."""
     import json
 
-    from ftdist.data.tiny_task import bundled_task_dir
     from tests.ray.test_ppo import COMMON, ITERATIONS
 
-    run_ftdist(1, "sft_tiny", [f"output_dir={tmp_path / 'sft'}", "train.max_steps=100", "data.eval=null",
-                               "train.progress_bar=false", "checkpoint.every_steps=0", "logging.tensorboard=false"],
-               timeout=600)
-    pool = tmp_path / "pool.jsonl"
-    pool.write_text("\n".join((Path(bundled_task_dir()) / "prompts.jsonl").read_text().splitlines()[:16]) + "\n")
     pin = {"policy": {f"node:{HEAD}": 0.01}, "ref": {"node:10.77.0.12": 0.01}, "reward": {"node:10.77.0.12": 0.01}}
     out = tmp_path / "grpo"
 
@@ -194,7 +187,7 @@ def test_grpo_groups_on_both_hosts_lose_a_node_and_resume(ray_hosts, tmp_path):
         full = {**os.environ, **ray_hosts.client_env, "FTDIST_RAY_SUBMIT_ARGS": f"--submission-id {sid} --no-wait",
                 **env}
         cmd = ["bash", "launch/ray_submit.sh", "grpo_tiny", f"output_dir={out}",
-               f"model.name_or_path={tmp_path / 'sft' / 'final'}", f"data.train={pool}", *COMMON,
+               f"model.name_or_path={ppo_warm['policy']}", f"data.train={ppo_warm['pool']}", *COMMON,
                "ppo.kl_estimator=k3", "checkpoint.every_steps=2", "dist.backend=gloo",
                f"ppo.resources={json.dumps(pin)}"]
         r = subprocess.run(cmd, cwd=ROOT, env=full, capture_output=True, text=True, timeout=120,

@@ -32,18 +32,9 @@ PER_ITERATION = {"reward_mean", "reward_std", "kl", "kl_coef", "policy_loss", "c
 
 
 @pytest.fixture(scope="module")
-def warm(tmp_path_factory) -> dict:
-    """An SFT-warmed tiny policy (about 60% exact answers greedy, 35% reward when sampling) and a prompt pool."""
-    base = tmp_path_factory.mktemp("ppo")
-    run_ftdist(1, "sft_tiny", [f"output_dir={base / 'sft'}", "train.max_steps=100", "data.eval=null",
-                               "train.progress_bar=false", "checkpoint.every_steps=0", "logging.tensorboard=false"],
-               timeout=600)
-    from ftdist.data.tiny_task import bundled_task_dir
-
-    rows = (Path(bundled_task_dir()) / "prompts.jsonl").read_text().splitlines()[:16]
-    pool = base / "pool.jsonl"
-    pool.write_text("\n".join(rows) + "\n")
-    return {"base": base, "policy": base / "sft" / "final", "pool": pool}
+def warm(ppo_warm) -> dict:
+    """An SFT-warmed tiny policy and a prompt pool (tests/conftest.py: one per session, also for tests/multinode)."""
+    return ppo_warm
 
 
 def _train(recipe: str, out: Path, warm: dict, *extra: str, torchrun: bool = False):
