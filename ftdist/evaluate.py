@@ -32,7 +32,9 @@ several ranks (torchrun, srun), each rank evaluates every N-th row of each suite
 and rank 0 gathers the rows and computes the metrics.
 
 The same evaluation runs from a recipe with `stage: eval` (its eval.* keys are these options), through
-`ftdist train RECIPE` and so through sbatch and Ray submissions as they are; its results go to output_dir.
+`ftdist train RECIPE` and so through sbatch and Ray submissions as they are; its results go to output_dir. With
+deepspeed.zero_stage: 3 in that recipe and several ranks, each model is loaded ZeRO-3-sharded over the ranks (for
+models too large for one device) and every rank runs as many forwards as the others.
 """
 
 from __future__ import annotations
@@ -97,9 +99,44 @@ def _settings(args):
                       batch_size=args.batch_size)
 
 
-def evaluate_models(settings, key: str = "--suite", option=lambda name: "--" + name.replace("_", "-")):
+def _sharded_model(spec: str, settings, cfg, scratch: str):
+    """(ZeRO-3 engine, its module, tokenizer): the model partitioned over the ranks as it loads (no rank holds it
+    whole), its forward gathering each layer's weights in turn (collective: every rank runs the same forwards)."""
+    import dataclasses
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from ftdist.engine.dist import init_distributed
+    from ftdist.engine.engine import FrozenEngine
+    from ftdist.infer import InferError, resolve_model_dir
+    from ftdist.models.loading import load_causal_lm
+
+    path = resolve_model_dir(spec, settings.step if (Path(spec) / "config.yaml").exists() else None, scratch)
+    if (Path(path) / "adapter_config.json").exists():
+        raise InferError(f"{spec}: a LoRA adapter; ZeRO-3 evaluation loads whole models: merge it first "
+                         f"(ftdist merge), or evaluate it with deepspeed.zero_stage below 3")
+    dtype = settings.dtype if settings.dtype != "auto" else ("bf16" if torch.cuda.is_available() else "fp32")
+    model_cfg = dataclasses.replace(cfg.model, name_or_path=path, dtype=dtype, lora=None, quantization=None,
+                                    gradient_checkpointing=False)
+    run_cfg = dataclasses.replace(cfg, model=model_cfg)
+    frozen = FrozenEngine(lambda: load_causal_lm(model_cfg), run_cfg, init_distributed(cfg.dist.backend,
+                                                                                      cfg.dist.timeout_s), 1)
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    import logging
+
+    import torch.distributed as dist
+
+    logging.getLogger("ftdist").info("%s: ZeRO-3-sharded over %d ranks", spec, dist.get_world_size())
+    return frozen, frozen.module, tok
+
+
+def evaluate_models(settings, key: str = "--suite", option=lambda name: "--" + name.replace("_", "-"), cfg=None):
     """Every model of settings.models on every suite; (models, results, samples) on rank 0, ([], {}, []) on the
-    others. `key` and `option` name the settings in errors (command-line options, or the recipe's eval.* keys)."""
+    others. `key` and `option` name the settings in errors (command-line options, or the recipe's eval.* keys).
+    With a recipe `cfg` whose deepspeed.zero_stage is 3 and several ranks, the models are ZeRO-3-sharded."""
     import torch
 
     from ftdist.engine.dist import gather_to_main
@@ -119,13 +156,19 @@ def evaluate_models(settings, key: str = "--suite", option=lambda name: "--" + n
             raise EvalError(f"suite judge: needs {option('judge_model')} (a causal LM directory)")
         helpers["judge"] = Judge(*load_model(settings.judge_model, dtype=settings.dtype, device=device), settings,
                                  device)
+    sharded = cfg is not None and cfg.deepspeed.zero_stage == 3 and world > 1
     results, all_samples = {}, []
     for name, spec in models:
         with tempfile.TemporaryDirectory(prefix="ftdist-eval-") as scratch:
-            model, tok = load_model(spec, settings.step if (Path(spec) / "config.yaml").exists() else None,
-                                    settings.base, settings.dtype, device, scratch)
-            mine = evaluate_model(model, tok, suites, settings, helpers, (rank, world))
+            if sharded:
+                frozen, model, tok = _sharded_model(spec, settings, cfg, scratch)
+            else:
+                model, tok = load_model(spec, settings.step if (Path(spec) / "config.yaml").exists() else None,
+                                        settings.base, settings.dtype, device, scratch)
+            mine = evaluate_model(model, tok, suites, settings, helpers, (rank, world), synced=sharded)
             del model
+            if sharded:
+                frozen.close()
         order = {suite: k for k, (suite, _) in enumerate(suites)}
         gathered = sorted((s for part in gather_to_main(mine) for s in part),
                           key=lambda s: (order[s["suite"]], s["row"]))
@@ -173,7 +216,7 @@ def run_recipe(cfg) -> dict:
     from ftdist.infer import InferError
 
     try:
-        models, results, samples = evaluate_models(cfg.eval, "eval.suites", lambda name: f"eval.{name}")
+        models, results, samples = evaluate_models(cfg.eval, "eval.suites", lambda name: f"eval.{name}", cfg)
     except (EvalError, InferError) as e:
         raise ConfigError(str(e)) from None
     if models:

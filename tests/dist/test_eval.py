@@ -142,7 +142,8 @@ def test_reward_and_judge_suites(tmp_path):
 def test_two_ranks_give_the_numbers_of_one(tmp_path):
     """Each rank evaluates every second row; with one row per forward (--batch-size 1) every row's arithmetic is
     the same on any rank, and rank 0 sums the rows in row order: the same numbers exactly. The two-rank run is a
-    `stage: eval` recipe launched as training is."""
+    `stage: eval` recipe launched as training is, with the model ZeRO-3-sharded over the ranks: its gathered
+    weights are the same fp32 numbers, so the arithmetic, and the numbers, are the same."""
     from tests.helpers import run_ftdist, write_recipe
 
     conv = [{"role": "user", "content": "Sort the digits: 3 1 2"}, {"role": "assistant", "content": "1 2 3"}]
@@ -156,11 +157,14 @@ def test_two_ranks_give_the_numbers_of_one(tmp_path):
     one = _eval(*args, "--out", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr[-3000:]
     # the two ranks run the same evaluation as a `stage: eval` recipe (the path sbatch and Ray submissions take)
+    # and ZeRO-3-sharded (deepspeed.zero_stage: 3): each rank holds half of every weight, every forward gathers them
     recipe = write_recipe(tmp_path / "eval.yaml", stage="eval", output_dir=str(tmp_path / "two"),
+                          deepspeed={"zero_stage": 3},
                           eval={"models": ["ftdist/tiny"], "suites": [f"perplexity={ppl}", f"choice={mc}",
                                                                       f"contains={qa}"],
                                 "batch_size": 1, "max_new_tokens": 4})
-    run_ftdist(2, str(recipe), [])
+    proc = run_ftdist(2, str(recipe), [])
+    assert "ftdist/tiny: ZeRO-3-sharded over 2 ranks" in proc.stderr
     assert (tmp_path / "two" / "config.yaml").exists()
     a = json.loads((tmp_path / "one" / "eval.json").read_text())["results"]
     b = json.loads((tmp_path / "two" / "eval.json").read_text())["results"]
