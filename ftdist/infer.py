@@ -226,12 +226,16 @@ def run(args) -> int:
 
 
 def _generate_share(model, tok, prompts, args, rank: int, world: int, device, generate) -> list[dict]:
-    """This rank's prompts (every world-th), in batches; one record per prompt and sample."""
+    """This rank's prompts (every world-th), in batches of prompts of similar length (less left padding, and
+    answers of similar length finish together instead of the batch decoding on for its longest one); one
+    record per prompt and sample (rank 0 puts them back in prompt order)."""
     import torch
     from tqdm import tqdm
 
     torch.manual_seed(args.seed + rank)
-    mine = list(range(rank, len(prompts), world))
+    # tokenised once to sort by length (a stable sort: equal lengths keep prompt order)
+    mine = sorted(range(rank, len(prompts), world), key=lambda i: len(tok(prompts[i][1], add_special_tokens=False)
+                                                                         ["input_ids"]))
     sample = args.temperature > 0
     records, new_tokens, t0 = [], 0, time.time()
     bar = tqdm(total=len(mine) * args.num_return_sequences, desc="generating", unit="answer",
