@@ -14,6 +14,10 @@
 #   launch/local_cluster.sh run HOST CMD...   run CMD on HOST (in its namespace, hostname HOST,
 #                                         TMPDIR = its scratch directory), in the foreground
 #   launch/local_cluster.sh hosts         the host names, one per line
+#   launch/local_cluster.sh sshd          an sshd on every host (root, key login only, with a key pair
+#                                         of its own; installs openssh-server and pdsh when missing) for
+#                                         launchers that ssh into the hosts (the deepspeed launcher's
+#                                         pdsh); prints the PDSH_SSH_ARGS_APPEND that uses the key
 #
 # Environment:
 #   FTDIST_CLUSTER_DIR   state and per-host scratch (default /tmp/ftdist-cluster; host K's
@@ -133,6 +137,53 @@ stop_processes() {  # every process in the host's namespace: TERM, then KILL aft
   return 0
 }
 
+sshd_up() {
+  need_root
+  [[ -f "$STATE" ]] || die "no cluster (launch/local_cluster.sh up N first)"
+  if ! command -v sshd >/dev/null && [[ ! -x /usr/sbin/sshd ]] || ! command -v pdsh >/dev/null; then
+    command -v apt-get >/dev/null || die "sshd or pdsh missing and apt-get not available"
+    log "installing openssh-server pdsh (apt-get)"
+    local policy=/usr/sbin/policy-rc.d made=0
+    [[ -e "$policy" ]] || { printf '#!/bin/sh\nexit 101\n' >"$policy"; chmod 755 "$policy"; made=1; }
+    { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssh-server pdsh \
+        </dev/null >/dev/null 2>&1 ||
+      { apt-get update -qq </dev/null >/dev/null 2>&1 &&
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssh-server pdsh \
+          </dev/null >/dev/null 2>&1; }; } || { [[ "$made" == 1 ]] && rm -f "$policy"; die "apt-get install failed"; }
+    [[ "$made" == 1 ]] && rm -f "$policy"
+  fi
+  local dir="$STATE_DIR/ssh" host deadline
+  mkdir -p "$dir" /run/sshd && chmod 700 "$dir"
+  [[ -f "$dir/id" ]] || ssh-keygen -q -t ed25519 -N '' -f "$dir/id"
+  [[ -f "$dir/host_key" ]] || ssh-keygen -q -t ed25519 -N '' -f "$dir/host_key"
+  cp "$dir/id.pub" "$dir/authorized_keys" && chmod 600 "$dir/authorized_keys"
+  for host in $(hosts); do
+    if [[ -f "$dir/sshd-$host.pid" ]] && kill -0 "$(cat "$dir/sshd-$host.pid")" 2>/dev/null; then continue; fi
+    cat >"$dir/sshd-$host.conf" <<EOF
+ListenAddress $(address_of "$host")
+Port 22
+HostKey $dir/host_key
+AuthorizedKeysFile $dir/authorized_keys
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+PidFile $dir/sshd-$host.pid
+SetEnv TMPDIR=$STATE_DIR/$host/tmp
+EOF
+    nohup setsid bash "$0" run "$host" "$(command -v sshd || echo /usr/sbin/sshd)" -D -e -f "$dir/sshd-$host.conf" \
+      >"$dir/sshd-$host.log" 2>&1 </dev/null &
+    deadline=$((SECONDS + 10))
+    until grep -q "Server listening" "$dir/sshd-$host.log" 2>/dev/null; do
+      ((SECONDS < deadline)) || die "sshd on $host did not start: $(tail -n 3 "$dir/sshd-$host.log" 2>/dev/null)"
+      sleep 0.2
+    done
+  done
+  log "sshd on $(hosts | tr '\n' ' ')(key $dir/id)"
+  echo "export PDSH_SSH_ARGS_APPEND=\"-i $dir/id -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes -o LogLevel=ERROR\""
+}
+
 down() {
   need_root
   local host ns
@@ -144,6 +195,7 @@ down() {
     rm -rf "/etc/netns/$ns" "${STATE_DIR:?}/$host"
   done
   ip link del "$BRIDGE" 2>/dev/null || true
+  rm -rf "${STATE_DIR:?}/ssh"
   rm -f "$STATE"
   rmdir "$STATE_DIR" 2>/dev/null || true
   log "down"
@@ -193,6 +245,7 @@ case "${1:-}" in
   status) status ;;
   run) shift; run "$@" ;;
   hosts) hosts ;;
+  sshd) sshd_up ;;
   -h|--help|help) usage 0 ;;
   *) usage 2 ;;
 esac

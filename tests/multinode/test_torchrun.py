@@ -5,9 +5,11 @@ saying so."""
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +20,7 @@ pytestmark = pytest.mark.multinode
 
 RECIPE = ["train.max_steps=4", "train.micro_batch_size=8", "train.progress_bar=false", "data.eval=null", "checkpoint.every_steps=2",
           "checkpoint.keep_last=0", "dist.backend=gloo", "dist.timeout_s=120"]
+PLACEMENT_2 = "process group: 2 ranks (gloo) on 2 hosts: ftnode1 (10.77.0.11) rank 0; ftnode2 (10.77.0.12) rank 1"
 ENV = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(__import__("tests.helpers").helpers.ROOT)}
 
 
@@ -79,3 +82,39 @@ def test_a_host_that_never_joins_times_out_naming_it(hosts, tmp_path):
     _, err = p.communicate(timeout=120)
     assert p.returncode == 1 and "rank 1 of 2 on ftnode2 could not reach the rendezvous at ftnode1:29511" in err, \
         err[-3000:]
+
+
+def test_deepspeed_launcher_with_a_hostfile(hosts, tmp_path):
+    """The deepspeed launcher across the two hosts from a hostfile, both ways it can start remote ranks: pdsh over
+    ssh from one command on the first host (an sshd per host, launch/local_cluster.sh sshd), and --no_ssh with
+    the same command on each host (--node_rank). Both form one process group over the hosts' addresses and do
+    the same fp32 operations in the same order on the same 2 ranks: identical weights."""
+    from tests.multinode.conftest import cluster
+
+    up = cluster("sshd", timeout=300)  # installs openssh-server and pdsh the first time
+    assert up.returncode == 0, up.stderr[-3000:]
+    ssh_args = re.search(r'PDSH_SSH_ARGS_APPEND="([^"]+)"', up.stdout).group(1)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("ftnode1 slots=1\nftnode2 slots=1\n")
+    deepspeed = str(Path(sys.executable).parent / "deepspeed")
+    path = f"{Path(sys.executable).parent}:/usr/bin:/bin"
+    train = ["--module", "ftdist", "train", "sft_tiny", *RECIPE, "train.micro_batch_size=16"]
+
+    # what pdsh's remote shells get besides the launcher's own exports: the suite's one thread and MKL path
+    env_file = tmp_path / "deepspeed_env"
+    env_file.write_text(f"OMP_NUM_THREADS=1\nMKL_CBWR={os.environ.get('MKL_CBWR', 'AUTO,STRICT')}\n")
+    pdsh = on_host("ftnode1", [deepspeed, "--hostfile", str(hostfile), "--no_ssh_check", "--master_addr", "ftnode1",
+                               "--master_port", "29602", *train, f"output_dir={tmp_path / 'pdsh'}"],
+                   {**ENV, "PATH": path, "PDSH_SSH_ARGS_APPEND": ssh_args, "DS_ENV_FILE": str(env_file)})
+    out, err = pdsh.communicate(timeout=300)
+    assert pdsh.returncode == 0, (out + err)[-6000:]
+    assert "cmd = pdsh -S -f 1024 -w ftnode1,ftnode2" in out + err
+    assert PLACEMENT_2 in out + err, (out + err)[-3000:]
+
+    procs = [on_host(h, [deepspeed, "--hostfile", str(hostfile), "--no_ssh", f"--node_rank={k}", "--master_addr",
+                         "ftnode1", "--master_port", "29603", *train, f"output_dir={tmp_path / 'no_ssh'}"],
+                     {**ENV, "PATH": path}) for k, h in enumerate(["ftnode1", "ftnode2"])]
+    logs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [(o + e)[-3000:] for o, e in logs]
+    assert PLACEMENT_2 in logs[0][1]
+    assert max_abs_diff(load_weights(tmp_path / "pdsh" / "final"), load_weights(tmp_path / "no_ssh" / "final")) == 0.0
