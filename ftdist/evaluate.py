@@ -45,8 +45,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ftdist.eval.suites import (SUITES, EvalError, Judge, RewardScorer, aggregate, compare_to_first, evaluate_model,
-                                parse_suites, table)
+from ftdist.eval.scorers import Judge, RewardScorer
+from ftdist.eval.suites import (SUITES, EvalError, aggregate, compare_to_first, evaluate_model, parse_suites,
+                                table)
 
 
 def build_parser() -> argparse.ArgumentParser:

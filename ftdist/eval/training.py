@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Optional
 
 from ftdist.config import Config, ConfigError
-from ftdist.eval.suites import EvalError, Judge, RewardScorer, aggregate, evaluate_model, parse_suites
+from ftdist.eval.scorers import Judge, RewardScorer
+from ftdist.eval.suites import EvalError, aggregate, evaluate_model, parse_suites
 
 
 class SuiteEval:

@@ -58,7 +58,7 @@ def test_arguments(tmp_path):
 
 
 def test_judge_templates_need_their_fields(tmp_path):
-    from ftdist.eval.suites import TEMPLATES, load_template
+    from ftdist.eval.scorers import TEMPLATES, load_template
 
     assert "{answer_b}" in load_template(None, "pairwise.txt", ("question", "answer_a", "answer_b"))
     assert (TEMPLATES / "score.txt").exists()
