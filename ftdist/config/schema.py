@@ -275,6 +275,16 @@ class PPOConfig:
     missing_eos_penalty: Optional[float] = _f(
         None, "Subtracted from the score of a response that reached max_new_tokens without EOS; null = none "
         "(such responses are always counted in the metric no_eos).")
+    rollout_engine: Literal["hf"] = _f(
+        "hf", "What generates the rollouts on the policy ranks: hf = the policy's transformers model in ftdist's own "
+        "decoding loop (a prompt encoded once for its samples_per_prompt samples, finished rows leaving the batch).")
+    generate_batch_size: int = _f(
+        0, "Samples decoded at a time on each policy rank (whole groups of a prompt's samples; 0 = the rank's whole "
+        "share at once); train.micro_batch_size is the training micro-batch.")
+    gather_for_rollout: bool = _f(
+        True, "Under ZeRO-3 with several policy ranks: gather the whole policy into a plain copy once per rollout and "
+        "decode with it (needs the memory of one whole model per rank); false = transformers' synced generate, which "
+        "gathers every layer at every decoded token.")
     ppo_epochs: int = _f(1, "Passes of the update over each rollout batch.")
     mini_batch_size: int = _f(
         8, "Samples per optimizer step over all ranks of a group (replaces train.global_batch_size); each rank "

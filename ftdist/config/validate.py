@@ -280,7 +280,8 @@ def _validate_ppo(cfg: Config) -> None:
         raise ConfigError(f"ppo.call_timeout_s: got {p.call_timeout_s}, must be >= 0 (0 = no limit)")
     if p.repetition_penalty <= 0:
         raise ConfigError(f"ppo.repetition_penalty: got {p.repetition_penalty}, must be > 0 (1 = off)")
-    for k, v in (("ppo.top_k", p.top_k), ("ppo.vf_coef", p.vf_coef), ("ppo.min_new_tokens", p.min_new_tokens)):
+    for k, v in (("ppo.top_k", p.top_k), ("ppo.vf_coef", p.vf_coef), ("ppo.min_new_tokens", p.min_new_tokens),
+                 ("ppo.generate_batch_size", p.generate_batch_size)):
         if v < 0:
             raise ConfigError(f"{k}: got {v}, must be >= 0")
     if p.min_new_tokens > p.max_new_tokens:

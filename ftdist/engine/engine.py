@@ -133,6 +133,20 @@ def model_init_context(cfg: Config, world_size: int, grad_accum: int):
     yield zero3
 
 
+@contextlib.contextmanager
+def whole_model_context():
+    """Models built inside the block are whole (not partitioned), even while a ZeRO-3 engine lives: transformers
+    asks a global reference to the live HfDeepSpeedConfig, which is set aside for the block."""
+    from transformers.integrations import deepspeed as hf_ds
+
+    saved = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved
+
+
 def _build_optimizer(cfg: Config, param_groups: list[dict]):
     from ftdist.engine.optim import build_optimizer
 

@@ -10,6 +10,17 @@ from typing import Optional
 import torch
 
 
+def encode_prompts(tokenizer, prompts: list[str], max_prompt_tokens: Optional[int] = None) -> dict:
+    """input_ids, attention_mask (B, P) on the CPU: left-padded and, with max_prompt_tokens, cut from the left."""
+    side = (tokenizer.padding_side, tokenizer.truncation_side)
+    tokenizer.padding_side = tokenizer.truncation_side = "left"  # keep the end of a long prompt, next to the response
+    try:
+        return tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False,
+                         truncation=max_prompt_tokens is not None, max_length=max_prompt_tokens)
+    finally:
+        tokenizer.padding_side, tokenizer.truncation_side = side
+
+
 @torch.no_grad()
 def generate(module, tokenizer, prompts: list[str], *, max_new_tokens: int, device, synced_gpus: bool = False,
              max_prompt_tokens: Optional[int] = None, do_sample: bool = False, temperature: float = 1.0,
@@ -21,13 +32,7 @@ def generate(module, tokenizer, prompts: list[str], *, max_new_tokens: int, devi
     synced_gpus: every rank keeps stepping until all are done (ZeRO-3 gathers weights in every forward).
     streamer: a transformers streamer that receives the tokens as they are generated (`ftdist chat`).
     """
-    side = (tokenizer.padding_side, tokenizer.truncation_side)
-    tokenizer.padding_side = tokenizer.truncation_side = "left"  # keep the end of a long prompt, next to the response
-    try:
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False,
-                        truncation=max_prompt_tokens is not None, max_length=max_prompt_tokens)
-    finally:
-        tokenizer.padding_side, tokenizer.truncation_side = side
+    enc = encode_prompts(tokenizer, prompts, max_prompt_tokens)
     sampling = {"do_sample": False}
     if do_sample:
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k}

@@ -2,7 +2,8 @@
 
     1. draw       rollout_batch_size prompts (seeded order, resumable position)
     2. generate   samples_per_prompt responses each, on the policy ranks (their shard each)
-    3. score      in parallel: reference log-probs, rewards, critic values, old policy log-probs
+    3. score      in parallel: reference log-probs, rewards, critic values, and the old policy's log-probs
+                  unless the rollout engine recorded them as it sampled (fp32)
     4. advantages per-token KL penalty and the score at the last real token; GAE (or GRPO/RLOO/REINFORCE++)
     5. update     PPO epochs over mini-batches, policy and critic groups in parallel
     6. record     metrics.jsonl, progress bar, KL controller, evaluation and checkpoints
@@ -74,7 +75,9 @@ class PPODriver:
                 stored[n] = rs.put_shards(tensors, n)
             return stored[n]
 
-        pending = {"old_logp": self.groups["policy"].map("logprobs", shards("policy"))}
+        pending = {}
+        if exp.old_logp is None:  # the rollout engine gave no log-probs the training forward would give
+            pending["old_logp"] = self.groups["policy"].map("logprobs", shards("policy"))
         if "ref" in self.groups:
             pending["ref_logp"] = self.groups["ref"].map("logprobs", shards("ref"))
         else:  # model.lora: the reference is the policy with its adapter switched off

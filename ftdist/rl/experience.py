@@ -76,6 +76,8 @@ class Rollout:
     finished: torch.Tensor  # (b,) bool: ended with EOS (False = cut at max_new_tokens)
     prompts: list[str]  # rendered prompt text given to the reward function
     responses: list[str]  # decoded response, special tokens dropped
+    logprobs: Optional[torch.Tensor] = None  # (b, R) float32: each token's log-prob under the sampling policy
+    # (tempered), 0 off the mask; set when the rollout engine's numbers are the training forward's
 
 
 def _pad_to(x: torch.Tensor, width: int, value, left: bool) -> torch.Tensor:
@@ -98,6 +100,8 @@ def merge_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
         finished=torch.cat([p.finished for p in parts]),
         prompts=[t for p in parts for t in p.prompts],
         responses=[t for p in parts for t in p.responses],
+        logprobs=(None if any(p.logprobs is None for p in parts)
+                  else torch.cat([_pad_to(p.logprobs, R, 0.0, left=False) for p in parts])),
     )
 
 
@@ -130,8 +134,8 @@ class Experience:
     def from_rollout(cls, r: Rollout, extras: Optional[dict[str, list]] = None) -> "Experience":
         return cls(sequences=torch.cat([r.prompt_ids, r.response_ids], dim=1),
                    attention_mask=torch.cat([r.prompt_mask, r.action_mask.long()], dim=1),
-                   action_mask=r.action_mask.bool(), finished=r.finished.bool(), prompts=list(r.prompts), responses=list(r.responses),
-                   extras=dict(extras or {}))
+                   action_mask=r.action_mask.bool(), finished=r.finished.bool(), prompts=list(r.prompts),
+                   responses=list(r.responses), extras=dict(extras or {}), old_logp=r.logprobs)
 
     @property
     def batch_size(self) -> int:

@@ -33,8 +33,7 @@ from ftdist.engine.checkpoint import load_engine_state, save_engine_state
 from ftdist.engine.dist import device_for, init_distributed
 from ftdist.run.logs import setup_logging
 from ftdist.run.seeding import derive_seed, seed_everything
-from ftdist.rl.experience import (Experience, Rollout, action_logprobs, action_values, ends_with_eos,
-                                  position_ids, response_mask)
+from ftdist.rl.experience import (Experience, Rollout, action_logprobs, action_values, position_ids)
 from ftdist.train.step import optimizer_step
 
 
@@ -158,30 +157,19 @@ class PolicyWorker(_TrainedWorker):
         from ftdist.models.adapters import apply_lora
         from ftdist.models.loading import load_causal_lm, load_tokenizer
 
-        self.tokenizer = load_tokenizer(cfg.model, cfg.data.chat_template)
-        self.engine = self._build_engine(lambda: apply_lora(load_causal_lm(cfg.model), cfg.model), cfg.train.lr)
+        from ftdist.rl.rollout import rollout_engine
 
-    @torch.no_grad()
+        self.tokenizer = load_tokenizer(cfg.model, cfg.data.chat_template)
+
+        def build():
+            return apply_lora(load_causal_lm(cfg.model), cfg.model)
+
+        self.engine = self._build_engine(build, cfg.train.lr)
+        self.rollout = rollout_engine(cfg.ppo.rollout_engine, self.engine, self.tokenizer, cfg, self.info, build=build)
+
     def generate(self, prompts: list[str], seed) -> Rollout:
         """Sample (seed given) or greedy-decode (seed None) one response per prompt; stops at EOS."""
-        from ftdist.models.generate import generate
-
-        tok, p = self.tokenizer, self.p
-        if seed is not None:
-            torch.manual_seed(seed)
-        enc, response = generate(self.engine.module, tok, prompts, max_new_tokens=p.max_new_tokens,
-                                 device=self.device, synced_gpus=self.engine.zero_stage == 3 and self.info.world_size > 1,
-                                 max_prompt_tokens=self.cfg.data.max_length - p.max_new_tokens,
-                                 do_sample=seed is not None, temperature=p.temperature, top_p=p.top_p,
-                                 top_k=p.top_k, repetition_penalty=p.repetition_penalty,
-                                 min_new_tokens=p.min_new_tokens)
-        response = response.cpu()  # (b, R)
-        mask = response_mask(response, tok.eos_token_id)  # (b, R)
-        response = response.masked_fill(~mask, tok.pad_token_id)
-        texts = tok.batch_decode([r[m].tolist() for r, m in zip(response, mask)], skip_special_tokens=True)
-        return Rollout(prompt_ids=enc["input_ids"], prompt_mask=enc["attention_mask"], response_ids=response,
-                       action_mask=mask, finished=ends_with_eos(response, mask, tok.eos_token_id),
-                       prompts=list(prompts), responses=texts)
+        return self.rollout.generate(prompts, seed, self.device)
 
     def _logits(self, exp: Experience) -> torch.Tensor:
         # log-probs of the tempered distribution that sampled the tokens, for policy and reference alike
@@ -225,7 +213,13 @@ class PolicyWorker(_TrainedWorker):
                 metrics["kl_loss"] = kl.detach()
             return loss, metrics
 
-        return self._update(exp, iteration, loss_fn)
+        stats = self._update(exp, iteration, loss_fn)
+        self.rollout.sync_weights()
+        return stats
+
+    def load(self, state_dir: str) -> None:
+        super().load(state_dir)
+        self.rollout.sync_weights()
 
     def export(self, out_dir: str) -> None:
         """final/ in Hugging Face format with the tokenizer (collective under ZeRO-3)."""
