@@ -35,7 +35,8 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1"
         # exp(20) is already far past any useful penalty; the clamp stops one
         # degenerate token from turning the whole batch's rewards into inf.
         neg = (-log_ratio).clamp(max=20.0)
-        return torch.exp(neg) - neg - 1
+        # >= 0 exactly: near log r = 0 the fp32 rounding of exp(x) - x - 1 can come out at -1e-8
+        return (torch.exp(neg) - neg - 1).clamp(min=0.0)
     raise ValueError(f"kl estimator={estimator!r} is not one of {KL_ESTIMATORS}")
 
 

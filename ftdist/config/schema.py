@@ -285,6 +285,10 @@ class PPOConfig:
         True, "Under ZeRO-3 with several policy ranks: gather the whole policy into a plain copy once per rollout and "
         "decode with it (needs the memory of one whole model per rank); false = transformers' synced generate, which "
         "gathers every layer at every decoded token.")
+    async_rollouts: bool = _f(
+        False, "One step off-policy: the next batch is generated (from a copy of the weights taken before the "
+        "update) while the current one trains; the importance ratio is taken against the policy that generated "
+        "each batch. Costs a copy of the policy per rank.")
     ppo_epochs: int = _f(1, "Passes of the update over each rollout batch.")
     mini_batch_size: int = _f(
         8, "Samples per optimizer step over all ranks of a group (replaces train.global_batch_size); each rank "
@@ -318,7 +322,9 @@ class PPOConfig:
     critic_lr: float = _f(1e-5, "Critic learning rate (the policy uses train.lr).")
     policy_ranks: int = _f(1, "Actors (DeepSpeed ranks) of the policy group.")
     critic_ranks: int = _f(1, "Actors of the critic group (ppo only).")
-    ref_ranks: int = _f(1, "Actors of the reference group (none with model.lora: the policy with its adapter off).")
+    ref_ranks: int = _f(1, "Actors of the reference group; 0 = no group: a frozen copy of the starting policy on each "
+                        "policy rank (its forward split over the policy ranks, which otherwise wait while the "
+                        "reference scores); none with model.lora: the policy with its adapter off.")
     reward_ranks: int = _f(1, "Actors of the reward group.")
     colocation: Literal["none", "policy_ref", "critic_reward", "ref_reward", "all"] = _f(
         "none", "Groups that share devices (fractional GPU bundles of one placement group): none, policy+reference, "

@@ -63,7 +63,7 @@ def ppo_groups(cfg: Config) -> dict[str, int]:
     groups = {"policy": p.policy_ranks}
     if p.algorithm == "ppo":
         groups["critic"] = p.critic_ranks
-    if cfg.model.lora is None:
+    if cfg.model.lora is None and p.ref_ranks > 0:  # ref_ranks=0: a frozen copy on each policy rank
         groups["ref"] = p.ref_ranks
     groups["reward"] = p.reward_ranks
     return groups
@@ -270,7 +270,7 @@ def _validate_ppo(cfg: Config) -> None:
     positive = {"ppo.iterations": p.iterations, "ppo.rollout_batch_size": p.rollout_batch_size,
                 "ppo.samples_per_prompt": p.samples_per_prompt, "ppo.max_new_tokens": p.max_new_tokens,
                 "ppo.ppo_epochs": p.ppo_epochs, "ppo.mini_batch_size": p.mini_batch_size,
-                "ppo.policy_ranks": p.policy_ranks, "ppo.critic_ranks": p.critic_ranks, "ppo.ref_ranks": p.ref_ranks,
+                "ppo.policy_ranks": p.policy_ranks, "ppo.critic_ranks": p.critic_ranks,
                 "ppo.reward_ranks": p.reward_ranks, "ppo.kl_horizon": p.kl_horizon, "ppo.temperature": p.temperature,
                 "ppo.clip_eps": p.clip_eps, "ppo.critic_lr": p.critic_lr, "ppo.cpus_per_actor": p.cpus_per_actor}
     for k, v in positive.items():
@@ -281,7 +281,7 @@ def _validate_ppo(cfg: Config) -> None:
     if p.repetition_penalty <= 0:
         raise ConfigError(f"ppo.repetition_penalty: got {p.repetition_penalty}, must be > 0 (1 = off)")
     for k, v in (("ppo.top_k", p.top_k), ("ppo.vf_coef", p.vf_coef), ("ppo.min_new_tokens", p.min_new_tokens),
-                 ("ppo.generate_batch_size", p.generate_batch_size)):
+                 ("ppo.generate_batch_size", p.generate_batch_size), ("ppo.ref_ranks", p.ref_ranks)):
         if v < 0:
             raise ConfigError(f"{k}: got {v}, must be >= 0")
     if p.min_new_tokens > p.max_new_tokens:
@@ -330,7 +330,9 @@ def _validate_ppo(cfg: Config) -> None:
     shared = tuple(groups) if p.colocation == "all" else COLOCATED.get(p.colocation, ())
     missing = [g for g in shared if g not in groups]
     if missing:
-        why = "ppo.algorithm=" + p.algorithm if "critic" in missing else "model.lora (the reference is the policy)"
+        why = ("ppo.algorithm=" + p.algorithm if "critic" in missing else
+               "ppo.ref_ranks=0 (the reference is on the policy ranks)" if p.ref_ranks == 0
+               else "model.lora (the reference is the policy)")
         raise ConfigError(f"ppo.colocation={p.colocation!r}: there is no {missing[0]} group with {why}")
     if len({groups[g] for g in shared}) > 1:
         raise ConfigError(f"ppo.colocation={p.colocation!r} shares devices between "

@@ -9,7 +9,8 @@
     6. record     metrics.jsonl, progress bar, KL controller, evaluation and checkpoints
 
 The weights stay where they are trained: the policy generates the next rollout
-with the weights its own update just wrote. Only CPU tensors travel, as Ray object refs.
+with the weights its own update just wrote (ppo.async_rollouts: from a copy taken
+before the update, while the update runs). Only CPU tensors travel, as Ray object refs.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class PPODriver:
         self.kl_ctl = (FixedKLController(p.kl_coef) if p.kl_target is None
                        else AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon))
         self.iteration, self.samples, self.elapsed = 0, 0, 0.0
+        self.pending = None  # ppo.async_rollouts: (calls or their results, extras, draw position) of the next batch
         self.out = Path(cfg.output_dir)
         self.ckpt_root = self.out / "checkpoints"
 
@@ -53,7 +55,8 @@ class PPODriver:
         return rs.get(*calls, timeout_s=self.p.call_timeout_s)
 
     # ---------------------------------------------------------------------------------- phases
-    def generate(self, batch: PromptSet, iteration: int) -> Experience:
+    def _start_rollout(self, batch: PromptSet, iteration: int, refresh: bool = True) -> tuple:
+        """The policy ranks' generate calls for a batch (not awaited), and the batch's other columns."""
         g = self.p.samples_per_prompt
         texts = [t for t in batch.texts for _ in range(g)]  # the G samples of a prompt stay contiguous
         extras = {k: [v for v in col for _ in range(g)] for k, col in batch.extras.items()}
@@ -61,8 +64,20 @@ class PPODriver:
         per_rank = len(texts) // policy.size
         shards = [texts[i * per_rank:(i + 1) * per_rank] for i in range(policy.size)]
         seeds = [derive_seed(self.cfg.seed, iteration, rank) for rank in range(policy.size)]
-        rollouts = self._get(policy.starmap("generate", list(zip(shards, seeds))))
+        return policy.starmap("generate", [(sh, sd, refresh) for sh, sd in zip(shards, seeds)]), extras
+
+    def _finish_rollout(self, calls, extras) -> Experience:
+        rollouts = calls if isinstance(calls, list) else self._get(calls)
         return Experience.from_rollout(merge_rollouts(rollouts, self.pad), extras)
+
+    def generate(self, batch: PromptSet, iteration: int) -> Experience:
+        return self._finish_rollout(*self._start_rollout(batch, iteration))
+
+    def _settle(self) -> None:
+        """Wait for the rollout running beside the update (before anything that may refresh the rollout weights)."""
+        if self.pending is not None and not isinstance(self.pending[0], list):
+            calls, extras, drawn_from = self.pending
+            self.pending = (self._get(calls), extras, drawn_from)
 
     def score(self, exp: Experience) -> Experience:
         """Reference, reward, critic and old-policy passes run at the same time on their own groups."""
@@ -113,8 +128,13 @@ class PPODriver:
         t0 = time.time()
         drawn_from = (self.sampler.epoch, self.sampler.position)
         try:
-            batch = self.sampler.next_batch(p.rollout_batch_size)  # 1. draw
-            exp = self.generate(batch, it)  # 2. generate
+            if self.pending is not None:  # ppo.async_rollouts: generated beside the last update
+                calls, extras, drawn_from = self.pending
+                self.pending = None
+                exp = self._finish_rollout(calls, extras)  # 2. generate (what of it did not overlap)
+            else:
+                batch = self.sampler.next_batch(p.rollout_batch_size)  # 1. draw
+                exp = self.generate(batch, it)  # 2. generate
             t1 = time.time()
             exp = self.score(exp)  # 3. score
         except RunFailure:
@@ -126,6 +146,13 @@ class PPODriver:
         t2 = time.time()
         kl_coef = self.kl_ctl.value
         exp, stats = compute_advantages(exp, p, kl_coef)  # 4. advantages
+        if p.async_rollouts and it + 1 < p.iterations:
+            # the next batch from the weights as they are now, generated while this one trains: its
+            # importance ratio is against these weights (the log-probs its rollout records)
+            self._get(self.groups["policy"].run("refresh_rollout"))
+            next_from = (self.sampler.epoch, self.sampler.position)
+            batch = self.sampler.next_batch(p.rollout_batch_size)
+            self.pending = (*self._start_rollout(batch, it + 1, refresh=False), next_from)
         train_stats = self.update(exp, it, kl_coef)  # 5. update
         t3 = time.time()
         self.kl_ctl.update(stats["kl"], exp.batch_size)  # 6. record
@@ -168,6 +195,7 @@ class PPODriver:
     # ------------------------------------------------------------------------------------- eval
     def evaluate(self) -> dict[str, float]:
         """Greedy responses to data.eval prompts: mean reward, and exact match against an 'answer' column."""
+        self._settle()
         prompts: PromptSet = self.eval_prompts
         policy, reward = self.groups["policy"], self.groups["reward"]
         n = len(prompts)
@@ -199,8 +227,11 @@ class PPODriver:
 
     # ------------------------------------------------------------------------------- checkpoints
     def state(self) -> dict:
+        prompts = self.sampler.state()
+        if self.pending is not None:  # a resumed run generates the pending batch again, from these prompts
+            prompts = {**prompts, "epoch": self.pending[2][0], "position": self.pending[2][1]}
         return {"iteration": self.iteration, "samples": self.samples, "elapsed_s": self.elapsed,
-                "kl_coef": self.kl_ctl.value, "prompts": self.sampler.state()}
+                "kl_coef": self.kl_ctl.value, "prompts": prompts}
 
     def _save_what_is_left(self) -> None:
         try:

@@ -179,6 +179,30 @@ class Experience:
     def chunks(self, size: int) -> list["Experience"]:
         return [self.select(slice(i, i + size)) for i in range(0, self.batch_size, size)]
 
+    def trimmed(self) -> "Experience":
+        """The same rows without the columns that are padding in all of them: prompt columns on the left, response
+        columns on the right. Positions count real tokens only, so every log-prob and value stays the same."""
+        P = self.sequences.size(1) - self.num_actions
+        prompt_cols = self.attention_mask[:, :P].any(dim=0).nonzero()
+        first = int(prompt_cols[0]) if len(prompt_cols) else P
+        response_cols = self.action_mask.any(dim=0).nonzero()
+        R = int(response_cols[-1]) + 1 if len(response_cols) else 1
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor) and v.dim() == 2:
+                out[f.name] = v[:, first:P + R] if f.name in ("sequences", "attention_mask") else v[:, :R]
+            else:
+                out[f.name] = v
+        return Experience(**out)
+
+    def by_length(self) -> torch.Tensor:
+        """(B,) row order, shortest response first (then shortest prompt): micro-batches of neighbours in this order
+        carry little padding once trimmed."""
+        response = self.action_mask.sum(dim=-1).long()
+        prompt = self.attention_mask.sum(dim=-1).long() - response
+        return torch.argsort(response * (self.sequences.size(1) + 1) + prompt, stable=True)
+
     def to(self, device) -> "Experience":
         return self._map(lambda t: t.to(device), lambda xs: xs)
 

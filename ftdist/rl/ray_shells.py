@@ -83,12 +83,14 @@ class Placement:
 class ActorGroup:
     """N actors of one role; `run` calls a method on all of them (one shard each, or the same arguments)."""
 
-    def __init__(self, role: str, n: int, placement: Placement):
+    def __init__(self, role: str, n: int, placement: Placement, concurrency: int = 1):
         self.role, self.size = role, n
         strategy = [PlacementGroupSchedulingStrategy(placement_group=placement.pg, placement_group_bundle_index=i)
                     for i in range(n)]
+        # concurrency 2 (the policy with ppo.async_rollouts): a rollout runs in a second thread beside the update
         self.actors = [WorkerActor.options(num_cpus=placement.num_cpus, num_gpus=placement.num_gpus,
-                                           scheduling_strategy=strategy[i]).remote() for i in range(n)]
+                                           scheduling_strategy=strategy[i], max_concurrency=concurrency).remote()
+                       for i in range(n)]
         self._ready: list = []
         self.hosts: list[tuple[str, str]] = []  # (host name, address) of each rank, once group_placement ran
 
@@ -252,7 +254,9 @@ def started_groups(cfg) -> tuple[dict[str, ActorGroup], list]:
     gpu = use_gpus(cfg.ppo.device)
     placements, pgs = make_placements(ranks, cfg.ppo.colocation, cfg.ppo.cpus_per_actor, gpu, needs_gpu,
                                       cfg.ppo.resources)
-    groups = {role: ActorGroup(role, n, placements[role]) for role, n in ranks.items()}
+    groups = {role: ActorGroup(role, n, placements[role],
+                               concurrency=2 if role == "policy" and cfg.ppo.async_rollouts else 1)
+              for role, n in ranks.items()}
     log.info("actor groups: %s on %s", ", ".join(f"{r} x{n}" for r, n in ranks.items()), "GPUs" if gpu else "CPUs")
     try:
         get(*[Calls(g.role, "start", g.start(cfg)) for g in groups.values()], timeout_s=cfg.ppo.call_timeout_s)

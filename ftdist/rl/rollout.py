@@ -74,12 +74,13 @@ def _processors(tokenizer, *, do_sample: bool, temperature: float, top_p: float,
 @torch.no_grad()
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, repeats: list[int], *, max_new_tokens: int,
            eos_token_id: int, pad_token_id: int, logprob_temperature: float, processors,
-           do_sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
+           do_sample: bool, drop_finished: bool = True, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample repeats[u] responses to each left-padded prompt u, sharing its KV cache.
 
     input_ids, attention_mask (U, P) on the model's device -> (tokens (N, R) with pad after EOS, log-probs (N, R)
     of each token under softmax(logits / logprob_temperature), 0 after EOS), N = sum(repeats), R <= max_new_tokens.
-    Rows that have sampled EOS leave the batch.
+    Rows that have sampled EOS leave the batch (drop_finished=False: they decode padding to the end, as generate
+    does; for measuring what leaving saves).
     """
     from ftdist.rl.experience import position_ids
 
@@ -103,21 +104,27 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, repeats
     tokens = torch.full((N, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     logps = torch.zeros((N, max_new_tokens), dtype=torch.float32, device=device)
     active = torch.arange(N, device=device)  # rows still decoding, in cache order
+    ended = torch.zeros(N, dtype=torch.bool, device=device)
     width = 0
     for t in range(max_new_tokens):
         width = t + 1
         logp = torch.log_softmax(logits / logprob_temperature, dim=-1)  # the distribution training sees
         scores = processors(history, logits) if len(processors) else logits
         if do_sample:
-            nxt = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(1)
+            nxt = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator).squeeze(1)
         else:
             nxt = scores.argmax(dim=-1)
+        if not drop_finished:  # rows that ended earlier keep decoding, padding
+            nxt = nxt.masked_fill(ended, pad_token_id)
         tokens[active, t] = nxt
         logps[active, t] = logp.gather(1, nxt[:, None]).squeeze(1)
         done = nxt == eos_token_id
+        if not drop_finished:
+            ended |= done
+            done = ended
         if t == max_new_tokens - 1 or bool(done.all()):
             break
-        if bool(done.any()):  # finished rows leave the batch, their cache rows with them
+        if drop_finished and bool(done.any()):  # finished rows leave the batch, their cache rows with them
             keep = (~done).nonzero().squeeze(1)
             cache.reorder_cache(keep)
             active, nxt, mask, next_pos, history = active[keep], nxt[keep], mask[keep], next_pos[keep], history[keep]
@@ -149,16 +156,19 @@ class HFRolloutEngine:
         self.build = build  # makes a plain (unpartitioned) copy of the policy: the ZeRO-3 replica
         self.replica = None
         self.stale = True
-        self.gather = (engine.zero_stage == 3 and info is not None and info.world_size > 1
-                       and self.p.gather_for_rollout and build is not None)
+        zero3_gather = (engine.zero_stage == 3 and info is not None and info.world_size > 1
+                        and self.p.gather_for_rollout)
+        # a replica: under ZeRO-3 (gathered once per rollout), and with async rollouts (weights the update
+        # does not touch while the next batch is generated)
+        self.gather = (zero3_gather or self.p.async_rollouts) and build is not None
 
     def sync_weights(self) -> None:
         self.stale = True  # the replica is refreshed at the next rollout (no work when none follows)
 
-    def _model(self):
-        module = self.engine.module
+    def refresh(self) -> None:
+        """The replica (if any) made equal to the trained weights now."""
         if not self.gather:
-            return module
+            return
         if self.replica is None:
             from ftdist.engine.engine import whole_model_context
 
@@ -169,16 +179,23 @@ class HFRolloutEngine:
         if self.stale:
             self._refresh()
             self.stale = False
+
+    def _model(self, refresh: bool):
+        if not self.gather:
+            return self.engine.module
+        if refresh or self.replica is None:
+            self.refresh()
         return self.replica
 
     def _refresh(self) -> None:
-        """Copy the gathered weights into the replica, a few hundred MB of parameters at a time."""
-        src = dict(self.engine.module.named_parameters())
+        """Copy the trained parameters, gathered, into the replica, 64M elements at a time. The frozen ones (a
+        LoRA model's base, 4-bit or not) are the replica's own: built by the same loader from the same files."""
+        src = {n: p for n, p in self.engine.module.named_parameters() if p.requires_grad}
         dst = dict(self.replica.named_parameters())
-        missing = sorted(set(src) ^ set(dst))
+        missing = sorted(set(src) - set(dst))
         if missing:
-            raise RuntimeError(f"ppo.gather_for_rollout: the replica's parameters differ from the policy's "
-                               f"({missing[0]}); set ppo.gather_for_rollout=false")
+            raise RuntimeError(f"rollout engine: the policy's parameter {missing[0]} has no counterpart in its "
+                               f"rollout copy; set ppo.gather_for_rollout=false and ppo.async_rollouts=false")
         names, budget, group = list(src), 64 * 2**20, []
 
         def flush():
@@ -196,23 +213,21 @@ class HFRolloutEngine:
                 size = 0
         if group:
             flush()
-        for n, b in self.engine.module.named_buffers():  # buffers are not partitioned
-            rb = dict(self.replica.named_buffers()).get(n)
-            if rb is not None:
-                rb.copy_(b)
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], seed: Optional[int], device) -> Rollout:
+    def generate(self, prompts: list[str], seed: Optional[int], device, refresh: bool = True) -> Rollout:
         from ftdist.models.generate import encode_prompts, generate
 
         tok, p = self.tokenizer, self.p
         do_sample = seed is not None
-        if do_sample:
-            torch.manual_seed(seed)
+        # the rollout's own random stream: a rollout beside an update must not share the global generator
+        gen = torch.Generator(device=device).manual_seed(seed) if do_sample else None
         max_prompt = self.cfg.data.max_length - p.max_new_tokens
-        model = self._model()
+        model = self._model(refresh)
         if self.engine.zero_stage == 3 and self.info is not None and self.info.world_size > 1 and not self.gather:
             # every layer gathered at every step: transformers' synced generate keeps the ranks in step
+            if do_sample:
+                torch.manual_seed(seed)
             enc, response = generate(model, tok, prompts, max_new_tokens=p.max_new_tokens, device=device,
                                      synced_gpus=True, max_prompt_tokens=max_prompt, do_sample=do_sample,
                                      temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
@@ -233,7 +248,7 @@ class HFRolloutEngine:
                 parts.append(decode(model, ids[lo:hi, -P:].to(device), am[lo:hi, -P:].to(device), counts[lo:hi],
                                     max_new_tokens=p.max_new_tokens, eos_token_id=tok.eos_token_id,
                                     pad_token_id=tok.pad_token_id, logprob_temperature=p.temperature,
-                                    processors=procs, do_sample=do_sample))
+                                    processors=procs, do_sample=do_sample, generator=gen))
         finally:
             model.train(was_training)
         R = max(t.size(1) for t, _ in parts)
@@ -241,7 +256,26 @@ class HFRolloutEngine:
                               for t, _ in parts])
         logps = torch.cat([torch.nn.functional.pad(lp.cpu(), (0, R - lp.size(1))) for _, lp in parts])
         expand = torch.repeat_interleave(torch.arange(len(unique)), torch.tensor(counts))
-        return self._rollout(prompts, ids[expand], am[expand], response, logps)
+        rollout = self._rollout(prompts, ids[expand], am[expand], response, logps)
+        if not self.exact_logprobs:
+            # 16-bit: the sampler's numbers are not the training forward's; with async rollouts the generating
+            # weights are gone by the update, so their log-probs come from one full forward of the replica now
+            rollout.logprobs = self._forward_logprobs(model, rollout, device) if self.p.async_rollouts else None
+        return rollout
+
+    @torch.no_grad()
+    def _forward_logprobs(self, model, r: Rollout, device) -> torch.Tensor:
+        from ftdist.rl.experience import Experience, action_logprobs, position_ids
+
+        exp = Experience.from_rollout(r)
+        out = []
+        for c in exp.chunks(self.cfg.train.micro_batch_size):
+            am = c.attention_mask.to(device)
+            logits = model(input_ids=c.sequences.to(device), attention_mask=am, position_ids=position_ids(am),
+                           use_cache=False).logits
+            out.append(action_logprobs(logits.float() / self.p.temperature, c.sequences.to(device),
+                                       c.num_actions).cpu())
+        return torch.cat(out).masked_fill(~exp.action_mask, 0.0)
 
     def _chunks(self, counts: list[int]):
         """Ranges of prompts holding at most ppo.generate_batch_size samples each (at least one prompt)."""

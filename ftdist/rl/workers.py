@@ -92,8 +92,17 @@ class _Worker:
         self.micro = cfg.train.micro_batch_size
 
     def _per_chunk(self, exp: Experience, fn) -> torch.Tensor:
-        """fn over micro-batches of rows; results concatenated on the CPU."""
-        return torch.cat([fn(chunk).float().cpu() for chunk in exp.chunks(self.micro)])
+        """fn over micro-batches of rows of similar length, each trimmed of its all-padding columns; the results
+        ((b,) or (b, R') per micro-batch) back in the rows' order on the CPU, (B,) or (B, R)."""
+        order = exp.by_length()
+        parts = []
+        for start in range(0, exp.batch_size, self.micro):
+            y = fn(exp.select(order[start:start + self.micro]).trimmed()).float().cpu()
+            parts.append(torch.nn.functional.pad(y, (0, exp.num_actions - y.size(1))) if y.dim() == 2 else y)
+        ordered = torch.cat(parts)
+        out = torch.empty_like(ordered)
+        out[order] = ordered
+        return out
 
 
 class _TrainedWorker(_Worker):
@@ -135,7 +144,11 @@ class _TrainedWorker(_Worker):
             gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, iteration, epoch))
             order = torch.randperm(exp.batch_size, generator=gen)
             for start in range(0, exp.batch_size, per_rank):
-                micro = list(exp.select(order[start:start + per_rank]).chunks(self.micro))
+                # this step's rows: micro-batches of rows of similar length, trimmed (the step's gradient is
+                # the sum over its micro-batches, whatever their order)
+                step_rows = exp.select(order[start:start + per_rank])
+                step_rows = step_rows.select(step_rows.by_length())
+                micro = [m.trimmed() for m in step_rows.chunks(self.micro)]
                 result = optimizer_step(self.engine, micro, [float(m.action_mask.sum()) for m in micro], token_sums)
                 for k, v in result.sums.items():
                     sums[k] += v
@@ -165,11 +178,20 @@ class PolicyWorker(_TrainedWorker):
             return apply_lora(load_causal_lm(cfg.model), cfg.model)
 
         self.engine = self._build_engine(build, cfg.train.lr)
+        # ppo.ref_ranks=0: the reference sits beside the policy on its ranks (partitioned like it under ZeRO-3)
+        self.reference = frozen_reference(cfg, self.info) if cfg.model.lora is None and cfg.ppo.ref_ranks == 0 else None
         self.rollout = rollout_engine(cfg.ppo.rollout_engine, self.engine, self.tokenizer, cfg, self.info, build=build)
 
-    def generate(self, prompts: list[str], seed) -> Rollout:
-        """Sample (seed given) or greedy-decode (seed None) one response per prompt; stops at EOS."""
-        return self.rollout.generate(prompts, seed, self.device)
+    def generate(self, prompts: list[str], seed, refresh: bool = True) -> Rollout:
+        """Sample (seed given) or greedy-decode (seed None) one response per prompt; stops at EOS.
+
+        refresh=False: decode with the rollout engine's weights as they are (a rollout running beside an update
+        must not copy weights the update is changing: the driver calls refresh_rollout first)."""
+        return self.rollout.generate(prompts, seed, self.device, refresh=refresh)
+
+    def refresh_rollout(self) -> None:
+        """Bring the rollout engine's weights up to date now (collective under ZeRO-3)."""
+        self.rollout.refresh()
 
     def _logits(self, exp: Experience) -> torch.Tensor:
         # log-probs of the tempered distribution that sampled the tokens, for policy and reference alike
@@ -178,9 +200,12 @@ class PolicyWorker(_TrainedWorker):
 
     @torch.no_grad()
     def logprobs(self, exp: Experience, reference: bool = False) -> torch.Tensor:
-        """(B, R) log-probs of the response tokens; reference=True: with the LoRA adapter off (no reference group)."""
+        """(B, R) log-probs of the response tokens; reference=True (no reference group): the frozen reference this
+        rank holds (ppo.ref_ranks=0), or the policy with its LoRA adapter off."""
         from ftdist.models.adapters import adapter_disabled
 
+        if reference and self.reference is not None:
+            return _reference_logprobs(self, self.reference, exp)
         was_training = self.engine.module.training
         self.engine.train(False)
         try:
@@ -268,24 +293,33 @@ class CriticWorker(_TrainedWorker):
         return self._update(exp, iteration, loss_fn)
 
 
+def frozen_reference(cfg, info):
+    """The starting policy, frozen (partitioned over the group's ranks under ZeRO-3)."""
+    from ftdist.engine.engine import FrozenEngine
+    from ftdist.models.loading import load_causal_lm
+
+    model_cfg = dataclasses.replace(cfg.model, lora=None, quantization=None, gradient_checkpointing=False)
+    return FrozenEngine(lambda: load_causal_lm(model_cfg), cfg, info, grad_accum=1)
+
+
+@torch.no_grad()
+def _reference_logprobs(worker: _Worker, frozen, exp: Experience) -> torch.Tensor:
+    def one(c: Experience):
+        logits = frozen.forward(**_inputs(c, worker.device), use_cache=False).logits  # (b, S, V)
+        return action_logprobs(logits.float() / worker.p.temperature, c.sequences.to(worker.device), c.num_actions)
+
+    return worker._per_chunk(exp, one)
+
+
 class ReferenceWorker(_Worker):
     """Frozen log-probs of the starting policy (partitioned like the policy under ZeRO-3)."""
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        from ftdist.engine.engine import FrozenEngine
-        from ftdist.models.loading import load_causal_lm
+        self.frozen = frozen_reference(cfg, self.info)
 
-        model_cfg = dataclasses.replace(cfg.model, lora=None, quantization=None, gradient_checkpointing=False)
-        self.frozen = FrozenEngine(lambda: load_causal_lm(model_cfg), cfg, self.info, grad_accum=1)
-
-    @torch.no_grad()
     def logprobs(self, exp: Experience) -> torch.Tensor:
-        def one(c: Experience):
-            logits = self.frozen.forward(**_inputs(c, self.device), use_cache=False).logits  # (b, S, V)
-            return action_logprobs(logits.float() / self.p.temperature, c.sequences.to(self.device), c.num_actions)
-
-        return self._per_chunk(exp, one)
+        return _reference_logprobs(self, self.frozen, exp)
 
 
 class RewardWorker(_Worker):

@@ -80,6 +80,28 @@ gain = ((after - exp.old_logp) * exp.action_mask).sum() / exp.action_mask.sum()
 out["mean_logp_gain"] = float(gain)
 out["lora_ref_err_after"] = float((lora_policy.logprobs(exp, reference=True) - ref).abs().max())
 out["policy_stats"] = sorted(stats)
+
+# ppo.ref_ranks=0: a frozen reference on the policy rank gives the reference group's numbers, also after an update
+full = load_config(None, base + ["ppo.reward_fn=ftdist.data.tiny_task:sort_reward", "ppo.ref_ranks=0",
+                                 "train.lr=5e-3"])
+beside = PolicyWorker(full)
+exp.old_logp = beside.logprobs(exp)
+beside.train(exp, 0, 0.0)
+out["beside_ref_err"] = float((beside.logprobs(exp, reference=True) - ReferenceWorker(full).logprobs(exp)).abs().max())
+out["beside_policy_moved"] = float((beside.logprobs(exp) - exp.old_logp).abs().max())
+
+# ppo.async_rollouts: a rollout started after refresh_rollout and decoded beside (here: after) an update samples
+# from the weights before the update, and its recorded log-probs (the importance ratio's denominator) are theirs
+async_cfg = load_config(None, base + ["ppo.reward_fn=ftdist.data.tiny_task:sort_reward", "ppo.async_rollouts=true",
+                                      "train.lr=5e-3"])
+trained, untouched = PolicyWorker(async_cfg), PolicyWorker(async_cfg)  # the same seeded start
+trained.refresh_rollout()
+exp.old_logp = trained.logprobs(exp)
+trained.train(exp, 0, 0.0)
+late = Experience.from_rollout(merge_rollouts([trained.generate(prompts, 7, refresh=False)],
+                                              trained.tokenizer.pad_token_id))
+out["async_old_err"] = float((late.old_logp - untouched.logprobs(late)).abs().max())
+out["async_new_gap"] = float((late.old_logp - trained.logprobs(late)).abs().max())
 print("RESULT " + json.dumps(out))
 """
 
@@ -101,4 +123,9 @@ def test_reward_critic_and_lora_reference_workers(tmp_path):
     assert r["lora_ref_err_before"] < 1e-5, r
     assert r["mean_logp_gain"] > 0.01, r
     assert r["lora_ref_err_after"] < 1e-5, r  # the update touched only the adapter
+    # the same frozen weights through the same kernels in the same process: exactly equal
+    assert r["beside_ref_err"] == 0.0 and r["beside_policy_moved"] > 0.01, r
+    # the generating weights' log-probs within fp32 rounding of incremental decoding (~1e-6; 1e-5 is 10x), and
+    # visibly not the updated policy's (lr 5e-3 moved every sampled token's log-prob)
+    assert r["async_old_err"] < 1e-5 and r["async_new_gap"] > 1e-3, r
     assert {"policy_loss", "clipfrac", "approx_kl", "entropy", "lr", "grad_norm"} <= set(r["policy_stats"])

@@ -117,6 +117,28 @@ def test_grpo_reward_rises_without_a_critic(warm):
     assert not (out / "checkpoints" / f"step-{ITERATIONS}" / "critic").exists()
 
 
+def test_grpo_reward_rises_with_async_rollouts_and_the_reference_beside_the_policy(warm):
+    out = warm["base"] / "grpo_async"
+    # one step off-policy: each batch generated beside the previous update; no reference group (ppo.ref_ranks=0)
+    # each update trains on samples of the weights one update older: the reward rises more slowly per iteration
+    iterations = 16
+    _train("grpo_tiny", out, warm, "ppo.async_rollouts=true", "ppo.ref_ranks=0", "deepspeed.zero_stage=0",
+           "ppo.generate_batch_size=8", "checkpoint.every_steps=5", f"ppo.iterations={iterations}")
+    rows = _iterations(out)
+    assert len(rows) == iterations and all(math.isfinite(r["kl"]) for r in rows)
+    # the second batch was generated beside the first update, by the starting weights = the reference: KL 0 up
+    # to fp32 rounding (exp(x) - x - 1 near x = 0 is off by up to an ulp at 1.0, 1.2e-7, per token; ~10 tokens
+    # per sequence: ~1e-6; 1e-5 is 10x that); the third by updated weights
+    assert rows[0]["kl"] < 1e-5 and rows[1]["kl"] < 1e-5 and rows[2]["kl"] > 1e-3
+    # noise: 128 samples of reward std ~0.3 per iteration give a mean within ~0.027; the difference of two means
+    # of 4 iterations is within ~0.019 (one standard error), so a rise above 0.05 (2.6 of them) is learning
+    rewards = [r["reward_mean"] for r in rows]
+    assert sum(rewards[-4:]) / 4 - sum(rewards[:4]) / 4 > 0.05, [round(x, 3) for x in rewards]
+    placement = {k for r in read_metrics(out) for k in r if k.startswith("placement/")}
+    assert placement == {"placement/policy", "placement/reward"}  # no reference group was started
+    assert (out / "checkpoints" / f"step-{iterations}" / "policy").is_dir()
+
+
 def test_bad_reward_function_fails_before_any_actor_starts(tmp_path):
     proc = run_ftdist(1, "ppo_tiny", [f"output_dir={tmp_path}", "ppo.reward_fn=ftdist.data.tiny_task:nope"],
                       check=False, env=ENV, timeout=120)

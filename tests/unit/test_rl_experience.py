@@ -241,3 +241,37 @@ def test_colocation_decides_which_groups_share_bundles():
     assert sharing("all", roles) == [("policy", "critic", "ref", "reward")]
     # model.lora: no reference group, so policy_ref leaves the policy alone
     assert sharing("policy_ref", ["policy", "critic", "reward"]) == [("policy",), ("critic",), ("reward",)]
+
+
+def test_trimmed_micro_batches_give_the_untrimmed_logprobs():
+    """Rows of similar length trimmed of their all-padding columns: the same per-token log-probs, fewer columns."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    parts = [_rollout([PAD, PAD, PAD, 4, 5], [7, EOS, PAD, PAD, PAD, PAD]),
+             _rollout([PAD, PAD, 6, 4, 5], [8, 9, EOS, PAD, PAD, PAD]),
+             _rollout([9, 9, 6, 4, 5], [8, 9, 10, 11, 12, EOS]),
+             _rollout([PAD, PAD, PAD, PAD, 5], [7, 7, EOS, PAD, PAD, PAD])]
+    exp = Experience.from_rollout(merge_rollouts(parts, PAD))
+    exp.advantages = torch.randn(exp.action_mask.shape) * exp.action_mask
+    order = exp.by_length()
+    assert order.tolist() == [0, 3, 1, 2]  # response lengths 2, 3, 3, 6; of the two 3s the shorter prompt first
+    short = exp.select(order[:2]).trimmed()
+    # rows 0 and 3: prompts of 2 and 1 real tokens, responses of 2 and 3: 2 prompt + 3 response columns remain
+    assert short.sequences.shape == (2, 5) and short.num_actions == 3
+    assert torch.equal(short.advantages, exp.advantages[order[:2], :3])
+
+    def logps(e):
+        am = e.attention_mask
+        logits = model(input_ids=e.sequences, attention_mask=am, position_ids=position_ids(am)).logits
+        return action_logprobs(logits, e.sequences, e.num_actions) * e.action_mask
+
+    with torch.no_grad():
+        full = logps(exp.select(order[:2]))
+        trimmed = logps(short)
+    # the same real tokens at the same positions; only masked padding columns are gone, so the attention sums
+    # are over the same terms (exactly zero weights dropped): fp32 rounding of reordered sums, ~1e-7 relative
+    # on log-probs of size ~3.5; 1e-5 is 30x that
+    assert float((full[:, :3] - trimmed).abs().max()) < 1e-5 and float(full[:, 3:].abs().max()) == 0.0

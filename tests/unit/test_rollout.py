@@ -52,8 +52,8 @@ def test_prompt_runs_groups_consecutive_duplicates():
     assert prompt_runs([]) == ([], [])
 
 
-@pytest.mark.parametrize("repeats", [[1, 1, 1], [3, 1, 2]])
-def test_greedy_tokens_equal_generate_with_rows_leaving(model, repeats):
+@pytest.mark.parametrize("repeats,drop", [([1, 1, 1], True), ([3, 1, 2], True), ([3, 1, 2], False)])
+def test_greedy_tokens_equal_generate_with_rows_leaving(model, repeats, drop):
     ids, mask = _prompts()
     steps = 12
     eos = _eos_that_ends_rows_at_different_steps(model, ids, mask, steps)
@@ -62,7 +62,7 @@ def test_greedy_tokens_equal_generate_with_rows_leaving(model, repeats):
     procs = _processors(tok, do_sample=False, temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.3,
                         min_new_tokens=1, prompt_width=ids.size(1))
     tokens, logps = decode(model, ids, mask, repeats, max_new_tokens=steps, eos_token_id=eos, pad_token_id=PAD,
-                           logprob_temperature=1.0, processors=procs, do_sample=False)
+                           logprob_temperature=1.0, processors=procs, do_sample=False, drop_finished=drop)
     expand = torch.repeat_interleave(torch.arange(3), torch.tensor(repeats))
     ref = model.generate(input_ids=ids[expand], attention_mask=mask[expand], max_new_tokens=steps, do_sample=False,
                          pad_token_id=PAD, eos_token_id=eos, repetition_penalty=1.3, min_new_tokens=1)[:, ids.size(1):]
@@ -70,6 +70,7 @@ def test_greedy_tokens_equal_generate_with_rows_leaving(model, repeats):
     assert tokens.size(1) == R  # decoding stopped when the last row did, as generate does
     ref_mask = response_mask(ref, eos)
     assert torch.equal(tokens.masked_fill(~ref_mask, PAD), ref.masked_fill(~ref_mask, PAD))
+    assert bool((tokens[~ref_mask] == PAD).all())  # nothing but padding after a row's EOS
     lengths = ref_mask.sum(1)
     assert lengths.min() < lengths.max()  # some rows left the batch before others: the case under test
 
