@@ -104,3 +104,17 @@ def test_generate_throughput_tiny_runs_both_arms():
     # greedy on the same model and prompts: both arms generate exactly the same tokens
     assert table["ftdist"][0] == table["plain"][0] and int(table["ftdist"][0]) > 0
     assert float(table["ftdist"][1]) > 0 and float(table["plain"][1]) > 0
+
+
+def test_rl_throughput_and_rollout_decode_tiny(tmp_path):
+    """ftdist GRPO (Ray actor groups) and TRL's GRPOTrainer on the same SFT-warmed policy, then the decoding
+    benchmark on that policy (built once in the work directory)."""
+    out = _run("rl_throughput.py", "--tiny", "--arms", "ftdist_grpo,trl_grpo", "--work", str(tmp_path))
+    table = {k: v for k, v in _table(out).items() if k in ("ftdist_grpo", "trl_grpo")}
+    assert list(table) == ["ftdist_grpo", "trl_grpo"], out[-3000:]
+    for cells in table.values():
+        assert float(cells[0]) > 0 and float(cells[2]) > 0  # samples/s and generated tokens/s of timed iterations
+        assert re.fullmatch(r"[0-9.]+ → [0-9.]+", cells[8])  # a reward mean at the first and last iteration
+    table = _table(_run("rollout_decode.py", "--tiny", "--work", str(tmp_path)))
+    assert list(table) == ["generate", "generate_nrs", "decode_keep", "decode"]
+    assert all(float(cells[0]) > 0 for cells in table.values())
