@@ -27,14 +27,12 @@ weights have changed; the driver never sees which engine runs. An engine:
 
 from __future__ import annotations
 
-import logging
 from typing import Optional
 
 import torch
 
-from ftdist.rl.experience import Rollout, ends_with_eos, response_mask
-
-log = logging.getLogger("ftdist")
+from ftdist.rl.experience import (Experience, Rollout, action_logprobs, ends_with_eos, position_ids,
+                                  response_mask)
 
 
 def prompt_runs(prompts: list[str]) -> tuple[list[str], list[int]]:
@@ -82,8 +80,6 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, repeats
     Rows that have sampled EOS leave the batch (drop_finished=False: they decode padding to the end, as generate
     does; for measuring what leaving saves).
     """
-    from ftdist.rl.experience import position_ids
-
     device = input_ids.device
     U, P = input_ids.shape
     expand = torch.repeat_interleave(torch.arange(U, device=device), torch.tensor(repeats, device=device))
@@ -265,8 +261,6 @@ class HFRolloutEngine:
 
     @torch.no_grad()
     def _forward_logprobs(self, model, r: Rollout, device) -> torch.Tensor:
-        from ftdist.rl.experience import Experience, action_logprobs, position_ids
-
         exp = Experience.from_rollout(r)
         out = []
         for c in exp.chunks(self.cfg.train.micro_batch_size):
