@@ -32,6 +32,16 @@ def gather_last(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Ten
     return values.gather(-1, index.unsqueeze(-1)).squeeze(-1)
 
 
+def gather_last_per_sequence(values: torch.Tensor, seq_ids: torch.Tensor, n_seqs: int) -> torch.Tensor:
+    """Packed rows: values (B, T), seq_ids (B, T) numbering the sequences 1..n_seqs (0 = padding) -> (n_seqs,),
+    the value at each sequence's last token, in number order. A number that never occurs gives values[0, 0]."""
+    flat_ids = seq_ids.reshape(-1)
+    positions = torch.arange(flat_ids.numel(), device=values.device)
+    last = torch.zeros(n_seqs + 1, dtype=torch.long, device=values.device)
+    last = last.scatter_reduce(0, flat_ids, positions, reduce="amax")[1:]  # (n_seqs,) flat index of each last token
+    return values.reshape(-1)[last]
+
+
 def score_diff_weights(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Per-pair weights from annotator scores: (s_chosen - s_rejected)^2, divided by their batch mean.
 

@@ -47,18 +47,37 @@ def token_logprobs(
 
 
 def sequence_logprobs(
-    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX, average: bool = False
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    average: bool = False,
+    seq_ids: torch.Tensor | None = None,
+    n_seqs: int | None = None,
 ) -> torch.Tensor:
     """Sum (or, with average=True, per-token mean) of log-probs over the target tokens.
 
     logits (B, T, V), labels (B, T) -> (B,) float32. A row with no target token gives 0.
     DPO uses the sum; ORPO and length-normalised variants use the mean.
+    Packed rows: seq_ids (B, T) numbers the sequences 1..n_seqs (0 = padding) and the result is (n_seqs,), one
+    value per sequence in number order; a label must never be predicted across a sequence boundary (the first
+    token of each packed sequence carries ignore_index).
     """
     logps, mask = token_logprobs(logits, labels, ignore_index)  # (B, T-1)
-    total = logps.sum(dim=-1)  # ignored positions are already 0
+    if seq_ids is None:
+        total, count = logps.sum(dim=-1), mask.sum(dim=-1)  # ignored positions are already 0
+    else:
+        total = per_sequence_sum(logps, seq_ids[:, 1:], n_seqs)  # (n_seqs,)
+        count = per_sequence_sum(mask.float(), seq_ids[:, 1:], n_seqs)
     if average:
-        return total / mask.sum(dim=-1).clamp(min=1)
+        return total / count.clamp(min=1)
     return total
+
+
+def per_sequence_sum(values: torch.Tensor, seq_ids: torch.Tensor, n_seqs: int) -> torch.Tensor:
+    """values (B, T) summed per packed sequence: seq_ids (B, T) in 0..n_seqs (0 = padding, dropped) -> (n_seqs,)
+    in the values' dtype, with gradient."""
+    out = values.new_zeros(n_seqs + 1)
+    return out.index_add(0, seq_ids.reshape(-1), values.reshape(-1))[1:]
 
 
 def sft_loss_sum(

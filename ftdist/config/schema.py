@@ -113,7 +113,9 @@ class DataConfig:
     max_length: Optional[int] = _f(
         2048, "Maximum tokens per sample; longer samples are truncated (and counted). null = the model's maximum "
         "(max_position_embeddings in its config).")
-    packing: bool = _f(False, "Pack several samples per row (best fit) with attention kept within each sample.")
+    packing: bool = _f(False, "Pack several samples per row (best fit) with attention kept within each sample. "
+                       "rm/dpo/orpo: each micro-batch is its pairs' sequences end to end, no padding; the same pairs "
+                       "per step, up to 2 x train.micro_batch_size x data.max_length tokens per micro-batch.")
     train_on_prompt: bool = _f(False, "Also compute the loss on system/user tokens (default: assistant turns only).")
     on_error: Literal["raise", "skip"] = _f("raise", "Malformed rows: stop with file and row number, or count and skip them.")
     max_prompt_length: int = _f(
@@ -177,7 +179,8 @@ class TrainConfig:
         "train.micro_batch_size rows; more micro-batches where the padding saved pays for them), the same rows and "
         "the same update as without it. epoch (or true): steps of rows of similar length, cut from mega-batches of "
         "50 steps sorted by length (the transformers Trainer's group_by_length), in random step order; can train "
-        "worse (README). false: micro-batches cut from each step's rows in order. No effect with data.packing.")
+        "worse (README). false: micro-batches cut from each step's rows in order. With data.packing: no effect for "
+        "sft (rows packed over the epoch); for rm/dpo/orpo only epoch acts (each step's pairs are packed by tokens).")
     save_final: bool = _f(True, "Write the model to output_dir/final at the end (false: the checkpoints only; a "
                           "LoRA run's hold its adapter, a full run's DeepSpeed's zero_to_fp32.py).")
 

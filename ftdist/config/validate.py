@@ -238,8 +238,6 @@ def _validate_preference(cfg: Config) -> None:
     d, dpo = cfg.data, cfg.dpo
     if d.format not in ("auto", "preference"):
         raise ConfigError(f"data.format: got {d.format!r} for stage={cfg.stage}, allowed: 'preference' or 'auto'")
-    if d.packing:
-        raise ConfigError(f"data.packing=true is not supported for stage={cfg.stage} (pairs are batched, not packed)")
     if not 0 < d.max_prompt_length <= (d.max_length or d.max_prompt_length):  # null: checked once resolved
         raise ConfigError(f"data.max_prompt_length: got {d.max_prompt_length}, allowed: 0 < x <= data.max_length "
                           f"({d.max_length})")

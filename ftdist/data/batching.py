@@ -116,7 +116,7 @@ def length_grouped_rows(rows: list[Row], lengths: Sequence[int], per_step: int, 
 
 def plan_epoch(lengths: Sequence[int], *, seed: int, epoch: int, micro_batch_size: int, grad_accum: int,
                world_size: int, rank: int, packing: bool, capacity: int, group_by_length: bool | str = False,
-               micro_overhead: Optional[float] = None) -> StepPlan:
+               micro_overhead: Optional[float] = None, token_budget: Optional[int] = None) -> StepPlan:
     """The steps of one epoch on this rank.
 
     group_by_length="epoch" (or true; unpacked rows): see length_grouped_rows(); the steps are then still whole
@@ -126,7 +126,11 @@ def plan_epoch(lengths: Sequence[int], *, seed: int, epoch: int, micro_batch_siz
     micro_overhead (unpacked rows, not with "epoch"): the cost of one more forward/backward, in padded tokens.
     Given, each rank's rows of a step run as as many micro-batches of similar length as pays (split_by_length):
     the same rows form the step, so the update is the same (the loss is normalised over the whole step), with
-    less padding. None: grad_accum micro-batches of micro_batch_size rows."""
+    less padding. None: grad_accum micro-batches of micro_batch_size rows.
+
+    token_budget (unpacked rows, whose `lengths` are then the tokens each row adds to a packed micro-batch):
+    each rank's rows of a step run as micro-batches of whole rows holding at most token_budget tokens, as few
+    as fit (pack_ranks_by_tokens); the same rows form the step as without it."""
     rows = epoch_rows(lengths, seed, epoch, packing, capacity)
     per_step = micro_batch_size * grad_accum * world_size
     by_epoch = group_by_length in (True, "epoch") and not packing
@@ -141,6 +145,10 @@ def plan_epoch(lengths: Sequence[int], *, seed: int, epoch: int, micro_batch_siz
             # length-grouped micro-batches: similar lengths pad less; the update is unchanged because
             # the loss is normalised over the whole step
             step_rows = sorted(step_rows, key=lambda r: row_len_of(r, lengths))
+        if token_budget is not None and not packing:
+            steps.append(pack_ranks_by_tokens([step_rows[r::world_size] for r in range(world_size)], lengths,
+                                              token_budget)[rank])
+            continue
         if split:
             steps.append(split_ranks_by_length([step_rows[r::world_size] for r in range(world_size)], lengths,
                                                micro_batch_size, micro_overhead)[rank])
@@ -186,6 +194,27 @@ def split_ranks_by_length(rank_rows: list[list[Row]], lengths: Sequence[int], ma
             candidates = [(saving(g), i) for i, g in enumerate(groups) if len(g) > 1]
             (_, c), i = max(candidates)
             groups[i:i + 1] = [groups[i][:c], groups[i][c:]]
+    return per_rank
+
+
+def pack_ranks_by_tokens(rank_rows: list[list[Row]], lengths: Sequence[int], budget: int) -> list[list[list[Row]]]:
+    """Every rank's rows of one step into micro-batches of at most `budget` tokens (a row longer than the budget
+    goes alone), best-fit decreasing; then the ranks with fewer micro-batches split their fullest until every
+    rank runs as many (a ZeRO forward/backward is collective)."""
+    per_rank = []
+    for rows in rank_rows:
+        bins = best_fit_pack([row_len_of(r, lengths) for r in rows], range(len(rows)), budget)
+        per_rank.append([[rows[i] for i in sorted(b)] for b in bins])
+    k = max(len(p) for p in per_rank)
+    for groups in per_rank:
+        while len(groups) < k:
+            i = max((g for g in range(len(groups)) if len(groups[g]) > 1),
+                    key=lambda g: row_len_of([x for r in groups[g] for x in r], lengths))
+            g = sorted(groups[i], key=lambda r: -row_len_of(r, lengths))
+            halves: list[list[Row]] = [[], []]
+            for r in g:  # alternate by size: two halves of about equal tokens
+                min(halves, key=lambda h: sum(row_len_of(x, lengths) for x in h)).append(r)
+            groups[i:i + 1] = halves
     return per_rank
 
 

@@ -25,9 +25,10 @@ from typing import Optional
 import torch
 
 from ftdist.data.formats import RowProblem
+from ftdist.data.mixture import list_lengths
 from ftdist.data.loading import DataError, RowError, load_rows, resolve_data_path, row_filter
 from ftdist.data.preference_rows import PreferencePair, filter_reason, normalize_preference
-from ftdist.algos.sft import IGNORE_INDEX
+from ftdist.algos.sft import IGNORE_INDEX, per_sequence_sum
 from ftdist.data.parallel import Dropped
 from ftdist.data.tokenize import _fingerprint, build_cached, column_sum, row_format, source_settings
 
@@ -212,13 +213,15 @@ def tokenize_preference(spec: str, tokenizer, data_cfg, cache_dir: Optional[str]
 
 
 class PreferenceData:
-    """Random access to tokenised pairs; `lengths` (prompt + longer response) drive the step planner."""
+    """Random access to tokenised pairs; `lengths` (prompt + longer response: padded rows) or `pair_tokens`
+    (both sequences: packed) drive the step planner."""
 
     def __init__(self, ds, key: str = ""):
         self.key = key
         self.ds = ds.with_format("numpy")
-        self.lengths = [len(p) + max(len(c), len(r))
-                        for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])]
+        sizes = list(zip(*(list_lengths(ds, c).tolist() for c in ("prompt_ids", "chosen_ids", "rejected_ids"))))
+        self.lengths = [p + max(c, r) for p, c, r in sizes]  # a padded row's length
+        self.pair_tokens = [2 * p + c + r for p, c, r in sizes]  # both sequences' tokens, packed
         self.scores = torch.tensor([ds["score_chosen"], ds["score_rejected"], ds["margin"]],
                                    dtype=torch.float32).T  # (N, 3)
 
@@ -238,26 +241,34 @@ class PreferenceData:
 
 @dataclass
 class PreferenceBatch:
-    """B pairs as one padded batch of 2B rows: chosen rows first, then the rejected rows in the same order.
+    """B pairs in one batch: chosen sequences first, then the rejected sequences in the same order.
 
-    Row b and row B + b are the two responses to the same prompt, so one forward
+    Padded (seq_ids None): 2B rows, row b and row B + b the two responses to the same prompt, so one forward
     scores both and `.chunk(2)` splits any (2B, ...) result into chosen and rejected.
+    Packed (data.packing): one row holding the 2B sequences end to end, in the same order, numbered 1..2B by
+    `seq_ids`, positions restarting at 0 for each; per-sequence results (sequence log-probs, rewards) come out
+    as (2B,) in that order, so `.chunk(2)` splits them the same way. Attention stays within each sequence
+    (models/forward.py) and no token is padding.
     """
 
-    input_ids: torch.Tensor  # (2B, T) long, prompt + response, padded with pad_id
-    labels: torch.Tensor  # (2B, T) long, the response tokens; IGNORE_INDEX on prompt and padding
-    attention_mask: torch.Tensor  # (2B, T) long, 1 = real token
-    position_ids: torch.Tensor  # (2B, T) long, 0 at each row's first real token
+    input_ids: torch.Tensor  # (R, T) long, prompt + response, padded with pad_id (R = 2B padded, 1 packed)
+    labels: torch.Tensor  # (R, T) long, the response tokens; IGNORE_INDEX on prompt and padding
+    attention_mask: torch.Tensor  # (R, T) long, 1 = real token
+    position_ids: torch.Tensor  # (R, T) long, 0 at each sequence's first token
     score_chosen: torch.Tensor  # (B,) float32, NaN where the data has no score
     score_rejected: torch.Tensor  # (B,) float32, NaN where the data has no score
     margin: torch.Tensor  # (B,) float32, NaN where the data has no margin column
     index: torch.Tensor  # (B,) long, pair numbers in their split (for precomputed reference log-probs)
     split: str = "train"
-    seq_ids: Optional[torch.Tensor] = None  # never packed; keeps models.forward.model_inputs working
+    seq_ids: Optional[torch.Tensor] = None  # (1, T) long when packed: sequence number 1..2B of each token
 
     @property
     def n_pairs(self) -> int:
         return self.index.numel()
+
+    @property
+    def n_seqs(self) -> int:
+        return 2 * self.n_pairs
 
     @property
     def n_tokens(self) -> int:
@@ -269,8 +280,21 @@ class PreferenceBatch:
 
     @property
     def response_lengths(self) -> torch.Tensor:
-        """(2B,) long: target tokens per row (the causal shift drops column 0)."""
-        return (self.labels[:, 1:] != IGNORE_INDEX).sum(-1)
+        """(2B,) long: target tokens per sequence (the causal shift drops each row's column 0)."""
+        targets = self.labels[:, 1:] != IGNORE_INDEX
+        if self.seq_ids is None:
+            return targets.sum(-1)
+        return per_sequence_sum(targets.long(), self.seq_ids[:, 1:], self.n_seqs)
+
+    def chosen_text_mask(self) -> torch.Tensor:
+        """(R, T) bool: the tokens of the chosen sequences (prompt and response) but each one's first token,
+        which nothing before it predicts: ORPO's SFT term in TRL's form."""
+        if self.seq_ids is None:
+            rows = torch.arange(self.input_ids.shape[0], device=self.input_ids.device)[:, None] < self.n_pairs
+            chosen = rows & (self.attention_mask == 1)
+        else:
+            chosen = (self.seq_ids > 0) & (self.seq_ids <= self.n_pairs)
+        return chosen & (self.position_ids > 0)
 
     def to(self, device) -> "PreferenceBatch":
         return PreferenceBatch(**{k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
@@ -278,9 +302,23 @@ class PreferenceBatch:
 
 
 def collate_pairs(indices: list[int], data: PreferenceData, pad_id: int, split: str = "train",
-                  padding_side: str = "right") -> PreferenceBatch:
+                  padding_side: str = "right", packed: bool = False) -> PreferenceBatch:
     pairs = [data[i] for i in indices]
     seqs = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]  # chosen rows, then rejected rows
+    scores = data.scores[indices]  # (B, 3)
+    tail = (scores[:, 0].clone(), scores[:, 1].clone(), scores[:, 2].clone(), torch.tensor(indices, dtype=torch.long),
+            split)
+    if packed:
+        ids, labels, positions, seq_ids = [], [], [], []
+        for k, (prompt, response) in enumerate(seqs):
+            n = len(prompt) + len(response)
+            ids += prompt + response
+            # a sequence's first token is never a target: nothing of its own comes before it
+            labels += [IGNORE_INDEX] * max(len(prompt), 1) + response[1 if not prompt else 0:]
+            positions += range(n)
+            seq_ids += [k + 1] * n
+        row = [torch.tensor([x], dtype=torch.long) for x in (ids, labels, positions, seq_ids)]
+        return PreferenceBatch(row[0], row[1], torch.ones_like(row[0]), row[2], *tail, seq_ids=row[3])
     T = max(len(p) + len(r) for p, r in seqs)
     rows = len(seqs)
     input_ids = torch.full((rows, T), pad_id, dtype=torch.long)
@@ -294,6 +332,4 @@ def collate_pairs(indices: list[int], data: PreferenceData, pad_id: int, split: 
         labels[b, start + len(prompt):start + n] = torch.tensor(response)
         attention_mask[b, start:start + n] = 1
         position_ids[b, start:start + n] = torch.arange(n)
-    scores = data.scores[indices]  # (B, 3)
-    return PreferenceBatch(input_ids, labels, attention_mask, position_ids, scores[:, 0].clone(),
-                           scores[:, 1].clone(), scores[:, 2].clone(), torch.tensor(indices, dtype=torch.long), split)
+    return PreferenceBatch(input_ids, labels, attention_mask, position_ids, *tail)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import torch
-
 from ftdist.algos.dpo import dpo_loss, orpo_loss
-from ftdist.algos.sft import IGNORE_INDEX, sequence_logprobs, sft_loss_sum
+from ftdist.algos.sft import IGNORE_INDEX, sft_loss_sum
 from ftdist.models.adapters import apply_lora
 from ftdist.models.forward import causal_logits
 from ftdist.models.loading import load_causal_lm
-from ftdist.train.pairs import PairTask, pair_sums
+from ftdist.train.pairs import PairTask, pair_sums, sequence_logps
 from ftdist.train.reference import Reference
 
 
@@ -19,8 +17,8 @@ class PolicyPairTask(PairTask):
 
     def policy_logps(self, engine, batch, average: bool = False):
         """(2B,) float32 summed (or per-token mean) response log-probs of the policy, with gradient."""
-        logits = causal_logits(engine.forward, batch, self.attn_impl, self.dtype)  # (2B, T, V)
-        return sequence_logprobs(logits, batch.labels, average=average)
+        logits = causal_logits(engine.forward, batch, self.attn_impl, self.dtype)  # (R, T, V)
+        return sequence_logps(logits, batch, average=average)
 
     def extra_eval(self, engine, means: dict) -> dict:
         return self.task_accuracy(engine)
@@ -61,15 +59,12 @@ class ORPOTask(PolicyPairTask):
 
     def loss(self, engine, batch):
         batch = batch.to(engine.device)
-        logits = causal_logits(engine.forward, batch, self.attn_impl, self.dtype)  # (2B, T, V)
-        chosen, rejected = sequence_logprobs(logits, batch.labels, average=True).chunk(2)  # (B,), (B,)
+        logits = causal_logits(engine.forward, batch, self.attn_impl, self.dtype)  # (R, T, V)
+        chosen, rejected = sequence_logps(logits, batch, average=True).chunk(2)  # (B,), (B,)
         if self.cfg.orpo.nll == "trl":
-            n = batch.n_pairs
-            mask = batch.attention_mask[:n]
-            targets = batch.input_ids[:n].masked_fill(mask == 0, IGNORE_INDEX)
-            # a row's first real token has nothing before it to be predicted from (with left padding a pad would)
-            targets[torch.arange(n, device=targets.device), mask.argmax(dim=-1)] = IGNORE_INDEX
-            nll_sum, count = sft_loss_sum(logits[:n], targets)
+            targets = batch.input_ids.masked_fill(~batch.chosen_text_mask(), IGNORE_INDEX)  # (R, T)
+            rows = slice(None) if batch.seq_ids is not None else slice(0, batch.n_pairs)  # padded: the chosen rows
+            nll_sum, count = sft_loss_sum(logits[rows], targets[rows])
             nll = nll_sum / count.clamp(min=1)
         else:
             nll = -chosen.mean()

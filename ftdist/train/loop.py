@@ -191,7 +191,7 @@ def _train(cfg: Config, info, stop: StopRequest, run_id: str, suite_eval=None):
         return plan_epoch(lengths, seed=cfg.seed, epoch=epoch, micro_batch_size=cfg.train.micro_batch_size,
                           grad_accum=grad_accum, world_size=info.world_size, rank=info.rank,
                           packing=task.packing, capacity=task.capacity, group_by_length=cfg.train.group_by_length,
-                          micro_overhead=micro_overhead(cfg))
+                          micro_overhead=micro_overhead(cfg), token_budget=task.micro_tokens)
 
     steps_per_epoch = len(epoch_plan(0))
     if steps_per_epoch == 0:

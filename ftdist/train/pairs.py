@@ -4,12 +4,19 @@ Units are pairs: `train.micro_batch_size` and `train.global_batch_size` count
 pairs, a micro-batch of B pairs is one forward over 2B rows, and every loss and
 metric is returned as a sum over the micro-batch's pairs for the loop to divide
 by the pairs in the whole step.
+
+With data.packing the pairs of a step stay the same (and so does the update);
+each rank's pairs of the step run as micro-batches of whole pairs holding up to
+`micro_tokens` tokens (2 x micro_batch_size sequences of data.max_length: never
+more than a padded micro-batch can hold), each micro-batch one row of its
+sequences end to end (data/preference.py), with no padding.
 """
 
 from __future__ import annotations
 
 import logging
 
+from ftdist.algos.sft import sequence_logprobs
 from ftdist.data.loading import DataError
 from ftdist.data.mixture import (list_lengths, mix_lists, mix_tokenized, mixture_fingerprint, mixture_summary,
                                  source_configs)
@@ -24,6 +31,12 @@ def pair_tokens(ds):
     return 2 * list_lengths(ds, "prompt_ids") + list_lengths(ds, "chosen_ids") + list_lengths(ds, "rejected_ids")
 
 
+def sequence_logps(logits, batch, average: bool = False):
+    """(2B,) float32 summed (or per-token mean) response log-probs of each sequence of a pair batch (either
+    layout), with the logits' gradient."""
+    return sequence_logprobs(logits, batch.labels, average=average, seq_ids=batch.seq_ids, n_seqs=batch.n_seqs)
+
+
 def pair_sums(loss, metrics: dict, n_pairs: int) -> tuple:
     """The algos' batch means -> sums over the batch's pairs (the Task loss convention), as tensors."""
     return loss * n_pairs, {"loss": loss.detach() * n_pairs, **{k: v.detach() * n_pairs for k, v in metrics.items()}}
@@ -31,11 +44,13 @@ def pair_sums(loss, metrics: dict, n_pairs: int) -> tuple:
 
 class PairTask:
     name = "pairs"
-    packing = False
+    packing = False  # the planner never packs pairs into rows across the epoch: see micro_tokens
 
     def __init__(self, cfg, tokenizer, info):
         self.cfg, self.tokenizer, self.info = cfg, tokenizer, info
         self.capacity = cfg.data.max_length
+        self.packed = cfg.data.packing
+        self.micro_tokens = 2 * cfg.train.micro_batch_size * cfg.data.max_length if self.packed else None
         self.attn_impl = attn_implementation(cfg.model)
         self.dtype = DTYPES[cfg.model.dtype]
         self.train = self.eval = None
@@ -68,14 +83,14 @@ class PairTask:
                                 f"(map the column with data.columns, e.g. {{{column}: your_column}})")
 
     def train_lengths(self):
-        return self.train.lengths
+        return self.train.pair_tokens if self.packed else self.train.lengths
 
     def eval_rows(self):
         return [] if self.eval is None else [[i] for i in range(len(self.eval))]
 
     def collate(self, rows, split: str):
         data = self.train if split == "train" else self.eval
-        return collate_pairs([row[0] for row in rows], data, self.tokenizer.pad_token_id, split)
+        return collate_pairs([row[0] for row in rows], data, self.tokenizer.pad_token_id, split, packed=self.packed)
 
     def units(self, batch) -> int:
         return batch.n_pairs

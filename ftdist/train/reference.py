@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from ftdist.algos.sft import sequence_logprobs
 from ftdist.data.loading import content_digest
 from ftdist.engine.dist import all_reduce_sum, barrier, rank_batches
 from ftdist.models.forward import causal_logits
+from ftdist.train.pairs import sequence_logps
 
 log = logging.getLogger("ftdist")
 
@@ -67,12 +67,12 @@ class Reference:
             from ftdist.models.adapters import adapter_disabled
 
             with adapter_disabled(engine.module):
-                logits = causal_logits(engine.forward, batch, task.attn_impl, task.dtype)  # (2B, T, V)
+                logits = causal_logits(engine.forward, batch, task.attn_impl, task.dtype)  # (R, T, V)
         else:
             if self.frozen is None:
                 self.frozen = self._build_frozen(engine)
-            logits = causal_logits(self.frozen.forward, batch, task.attn_impl, task.dtype)  # (2B, T, V)
-        return sequence_logprobs(logits, batch.labels)  # (2B,)
+            logits = causal_logits(self.frozen.forward, batch, task.attn_impl, task.dtype)  # (R, T, V)
+        return sequence_logps(logits, batch)  # (2B,)
 
     def _build_frozen(self, engine):
         from ftdist.engine.engine import FrozenEngine

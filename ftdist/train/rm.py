@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from ftdist.algos.reward import gather_last, pairwise_reward_loss, score_diff_weights
+from ftdist.algos.reward import gather_last, gather_last_per_sequence, pairwise_reward_loss, score_diff_weights
 from ftdist.models.adapters import apply_lora, is_peft_model
 from ftdist.models.forward import model_inputs
 from ftdist.models.heads import export_reward_model, load_reward_model, pad_appears_in_text, token_values
@@ -36,8 +36,10 @@ class RewardTask(PairTask):
         return apply_lora(model, self.cfg.model, task_type="SEQ_CLS")
 
     def rewards(self, engine, batch):
-        """(2B,) float32: the head's value at each row's last real token."""
+        """(2B,) float32: the head's value at each sequence's last token."""
         values = token_values(engine.forward, engine.module, model_inputs(batch, self.attn_impl, self.dtype))
+        if batch.seq_ids is not None:  # packed: (1, T) -> (2B,)
+            return gather_last_per_sequence(values, batch.seq_ids, batch.n_seqs)
         return gather_last(values, batch.attention_mask)  # (2B, T) -> (2B,)
 
     def loss(self, engine, batch):

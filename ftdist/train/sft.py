@@ -22,6 +22,7 @@ log = logging.getLogger("ftdist")
 
 class SFTTask:
     name = "sft"
+    micro_tokens = None  # packing is across the epoch, into rows of `capacity` (plan_epoch)
 
     def __init__(self, cfg, tokenizer, info):
         self.cfg, self.tokenizer, self.info = cfg, tokenizer, info

@@ -19,8 +19,9 @@ from ftdist.data.batching import Row
 
 class Task(Protocol):
     name: str
-    packing: bool
+    packing: bool  # samples packed into rows of `capacity` tokens across the epoch (SFT)
     capacity: int
+    micro_tokens: Optional[int]  # pair stages with data.packing: tokens per micro-batch of whole pairs (else None)
 
     def prepare_data(self, cache_dir: str, show_progress: bool) -> str:
         """Tokenise train/eval data (called on rank 0 first, then the others reuse the cache); returns a summary."""
