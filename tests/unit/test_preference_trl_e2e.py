@@ -83,14 +83,15 @@ def models(tmp_path_factory):
     return {"base": base, "policy": str(root / "policy"), "rm": str(root / "rm"), "tok": tok}
 
 
-def _task(tmp_path, rows, **recipe):
+def _task(tmp_path, rows, data=None, **recipe):
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "pairs.jsonl"
     text = "\n".join(json.dumps(r) for r in rows) + "\n"
     if not path.exists() or path.read_text() != text:  # an untouched file keeps its tokenised cache
         path.write_text(text)
     recipe.setdefault("model", {})["dtype"] = "fp32"
-    cfg = load_config(data={**recipe, "data": {"train": str(path), "max_length": 128, "max_prompt_length": 100}})
+    cfg = load_config(data={**recipe, "data": {"train": str(path), "max_length": 128, "max_prompt_length": 100,
+                                               **(data or {})}})
     tok = load_tokenizer(cfg.model)
     task = make_task(cfg, tok, DistInfo(0, 1, 0, "gloo"))
     task.prepare_data(str(tmp_path / "cache"), show_progress=False)
