@@ -39,6 +39,28 @@ def test_sft_throughput_tiny_has_every_arm():
     assert padding["ftdist_unpacked"] < padding["ftdist_unpacked_plain"]
 
 
+def test_dpo_throughput_tiny_has_every_arm():
+    out = _run("dpo_throughput.py", "--tiny", "--repeats", "1")
+    table = _table(out)
+    assert list(table) == ["ftdist_packed", "ftdist_padded", "ftdist_packed_precomputed", "trl", "trl_padding_free"]
+    trained = {arm: cells for arm, cells in table.items() if cells[0] != "n/a"}
+    assert set(trained) >= {"ftdist_packed", "ftdist_padded", "ftdist_packed_precomputed", "trl"}
+    padding = {arm: float(cells[4].rstrip("%")) for arm, cells in trained.items()}
+    for arm, cells in trained.items():
+        assert float(cells[0]) > 0 and float(cells[2]) > 0, (arm, cells)  # pairs/s, real tokens/s
+        assert float(cells[9]) == pytest.approx(0.6931, abs=1e-4), (arm, cells)  # step 1: policy = reference, ln 2
+    assert padding["ftdist_packed"] == padding["ftdist_packed_precomputed"] == 0.0
+    assert padding["ftdist_padded"] > 0 and padding["trl"] > 5.0  # pairs of mixed lengths, padded
+    assert float(table["ftdist_packed_precomputed"][6]) > 0  # the precompute pass is timed on its own
+    # the same pairs in every step: packed and padded train the same losses. Their per-pair numbers differ by
+    # fp32 rounding (~1e-6 relative, tests/unit/test_preference_packing.py) and six AdamW steps carry that into
+    # the weights, at most ~10x per step where a gradient entry is ~0 (tests/helpers.py on Adam): 1e-4 of a loss
+    # of ~0.69 holds that with room, while a step on other pairs or a wrong pooling moves it by >1e-3
+    diff = float(re.search(r"max \|loss\(ftdist_padded\) - loss\(ftdist_packed\)\| over the steps, per round: "
+                           r"([0-9.e+-]+)", out).group(1))
+    assert diff < 1e-4
+
+
 @pytest.mark.parametrize("compare", ["ckpt", "packing"])
 def test_gpu_sft_tiny_reports_both_settings(tmp_path, compare):
     import json
