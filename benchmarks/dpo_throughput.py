@@ -1,7 +1,7 @@
 """DPO throughput side by side: ftdist (padding-free pairs, padded pairs, precomputed reference) and TRL's DPOTrainer.
 
-    python benchmarks/dpo_throughput.py --repeats 1     # one round of every arm (~25 min on 2 CPU cores)
-    python benchmarks/dpo_throughput.py                 # 3 rounds, medians
+    python benchmarks/dpo_throughput.py --repeats 1     # one round of every arm (~37 min on 2 CPU cores, 1 thread)
+    python benchmarks/dpo_throughput.py                 # 3 rounds, medians (~2 h)
     python benchmarks/dpo_throughput.py --tiny          # seconds: a smoke test of every arm (CI)
     python benchmarks/dpo_throughput.py --arms ftdist_packed,trl --max-steps 12 --work /tmp/dpobench
 
