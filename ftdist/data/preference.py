@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 from ftdist.data.formats import RowProblem
@@ -212,6 +213,12 @@ def tokenize_preference(spec: str, tokenizer, data_cfg, cache_dir: Optional[str]
     return ds, stats, key
 
 
+def pair_tokens(ds):
+    """Tokens of each tokenised pair, both sequences (the prompt twice and both responses): what PreferenceStats
+    counts and what a pair adds to a packed micro-batch."""
+    return 2 * list_lengths(ds, "prompt_ids") + list_lengths(ds, "chosen_ids") + list_lengths(ds, "rejected_ids")
+
+
 class PreferenceData:
     """Random access to tokenised pairs; `lengths` (prompt + longer response: padded rows) or `pair_tokens`
     (both sequences: packed) drive the step planner."""
@@ -219,9 +226,9 @@ class PreferenceData:
     def __init__(self, ds, key: str = ""):
         self.key = key
         self.ds = ds.with_format("numpy")
-        sizes = list(zip(*(list_lengths(ds, c).tolist() for c in ("prompt_ids", "chosen_ids", "rejected_ids"))))
-        self.lengths = [p + max(c, r) for p, c, r in sizes]  # a padded row's length
-        self.pair_tokens = [2 * p + c + r for p, c, r in sizes]  # both sequences' tokens, packed
+        prompt, chosen, rejected = (list_lengths(ds, c) for c in ("prompt_ids", "chosen_ids", "rejected_ids"))
+        self.lengths = (prompt + np.maximum(chosen, rejected)).tolist()  # a padded row's length
+        self.pair_tokens = pair_tokens(ds).tolist()  # both sequences' tokens, packed
         self.scores = torch.tensor([ds["score_chosen"], ds["score_rejected"], ds["margin"]],
                                    dtype=torch.float32).T  # (N, 3)
 

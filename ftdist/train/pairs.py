@@ -18,17 +18,13 @@ import logging
 
 from ftdist.algos.sft import sequence_logprobs
 from ftdist.data.loading import DataError
-from ftdist.data.mixture import (list_lengths, mix_lists, mix_tokenized, mixture_fingerprint, mixture_summary,
+from ftdist.data.mixture import (mix_lists, mix_tokenized, mixture_fingerprint, mixture_summary,
                                  source_configs)
-from ftdist.data.preference import PreferenceData, collate_pairs, load_preference_pairs, tokenize_preference
+from ftdist.data.preference import (PreferenceData, collate_pairs, load_preference_pairs, pair_tokens,
+                                   tokenize_preference)
 from ftdist.models.loading import DTYPES, attn_implementation
 
 log = logging.getLogger("ftdist")
-
-
-def pair_tokens(ds):
-    """Tokens of each tokenised pair as PreferenceStats counts them: the prompt twice and both responses."""
-    return 2 * list_lengths(ds, "prompt_ids") + list_lengths(ds, "chosen_ids") + list_lengths(ds, "rejected_ids")
 
 
 def sequence_logps(logits, batch, average: bool = False):
