@@ -19,10 +19,12 @@ import shutil
 import sys
 from pathlib import Path
 
+from ftdist.errors import UserError
+
 log = logging.getLogger("ftdist")
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     pass
 
 

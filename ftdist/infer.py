@@ -26,10 +26,12 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from ftdist.errors import UserError
+
 log = logging.getLogger("ftdist")
 
 
-class InferError(ValueError):
+class InferError(UserError):
     pass
 
 

@@ -18,12 +18,14 @@ import os
 import sys
 from pathlib import Path
 
+from ftdist.errors import UserError
+
 log = logging.getLogger("ftdist")
 
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 
-class MergeError(ValueError):
+class MergeError(UserError):
     pass
 
 

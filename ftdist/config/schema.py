@@ -9,6 +9,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
+from ftdist.errors import UserError
+
 # optimizers that optimizer offload turns into DeepSpeed's CPU Adam (the engine, the validation and the
 # memory planner all read this)
 OFFLOAD_OPTIMIZERS = ("adamw_torch", "paged_adamw_32bit")
@@ -16,7 +18,7 @@ PREFERENCE_STAGES = ("rm", "dpo", "orpo")
 EVAL_SUITES = ("perplexity", "exact_match", "contains", "choice", "reward", "judge")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A recipe problem the user can fix: the message names key, value and what is allowed."""
 
 

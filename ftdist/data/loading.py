@@ -8,11 +8,13 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from ftdist.errors import UserError
+
 BUNDLED_PREFIX = "ftdist/tiny-task"
 _EXTENSIONS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A data problem the user can fix: names the file and, for a bad row, the row number (1-based)."""
 
 

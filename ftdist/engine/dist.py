@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ftdist.errors import RunError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -69,7 +71,7 @@ def env_from_launcher() -> None:
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
 
 
-class RendezvousError(RuntimeError):
+class RendezvousError(RunError):
     """The ranks did not all meet within dist.timeout_s: the message says how many did, where, and what to check."""
 
 

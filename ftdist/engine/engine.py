@@ -20,6 +20,7 @@ import torch
 
 from ftdist.config import Config, ConfigError, ds_config_path
 from ftdist.engine.dist import DistInfo
+from ftdist.errors import UserError
 from ftdist.models.loading import decay_param_groups
 
 log = logging.getLogger("ftdist")
@@ -153,7 +154,7 @@ def _build_optimizer(cfg: Config, param_groups: list[dict]):
     return build_optimizer(cfg.train, param_groups, offload=cfg.deepspeed.offload_optimizer)
 
 
-class UnsafeCheckpointError(ValueError):
+class UnsafeCheckpointError(UserError):
     """A checkpoint file holds objects other than tensors, plain containers and DeepSpeed's own state types."""
 
 

@@ -14,12 +14,14 @@ import math
 import string
 from pathlib import Path
 
+from ftdist.errors import UserError
+
 from ftdist.config.schema import EVAL_SUITES as SUITES
 
 LM_EVAL = "lm_eval:"
 
 
-class EvalError(ValueError):
+class EvalError(UserError):
     pass
 
 

@@ -13,12 +13,14 @@ import os
 
 import torch
 
+from ftdist.errors import UserError
+
 log = logging.getLogger("ftdist")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-class ModelError(ValueError):
+class ModelError(UserError):
     pass
 
 

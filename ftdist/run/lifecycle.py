@@ -7,6 +7,8 @@ import os
 import signal
 import sys
 
+from ftdist.errors import RunError
+
 
 class StopRequest:
     """SIGUSR1/SIGTERM/SIGINT (SIGUSR1 ahead of Slurm's time limit, SIGTERM on scancel/requeue, Ctrl-C): finish
@@ -29,7 +31,7 @@ class StopRequest:
         self.requested = True
 
 
-class RunFailure(RuntimeError):
+class RunFailure(RunError):
     """A failure of the run itself (not of the user's input), reported as one line; `details` (a full traceback)
     goes to output_dir/error.log."""
 

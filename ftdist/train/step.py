@@ -27,6 +27,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ftdist.engine.dist import all_reduce_sum
+from ftdist.errors import UserError
 
 LossFn = Callable[[object], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
@@ -53,7 +54,7 @@ class StepResult:
         return None
 
 
-class NonFiniteError(ValueError):
+class NonFiniteError(UserError):
     """A step produced a non-finite loss or gradient norm: training stops before anything of it is saved."""
 
 

@@ -2,6 +2,7 @@
 goes down the layer order, never up and never round in a cycle.
 
 The order, lowest first (a package imports only from its own layer or the layers before it):
+    errors   ftdist's own error types (every package raises them)
     algos    losses as pure torch functions
     config   the recipe schema, loading and validation
     run      services every entry point shares: logging, seeding, stop requests, metrics, progress, cache
@@ -23,7 +24,7 @@ import pytest
 pytestmark = pytest.mark.unit
 
 PACKAGE = Path(__file__).resolve().parents[2] / "ftdist"
-LAYERS = [("algos",), ("config",), ("run",), ("data", "models"), ("engine",), ("train", "eval"), ("rl",),
+LAYERS = [("errors",), ("algos",), ("config",), ("run",), ("data", "models"), ("engine",), ("train", "eval"), ("rl",),
           ("plan", "merge", "export"), ("infer",), ("evaluate",), ("cli",), ("__main__",)]
 # imports allowed inside a layer, and why
 WITHIN = {("models", "data"): "the tiny model trains its tokenizer on the bundled task's text"}
