@@ -7,6 +7,7 @@ partitions parameters as they are created.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -129,6 +130,30 @@ def load_causal_lm(model_cfg, dtype: torch.dtype | None = None, auto_class=None,
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
+
+
+def side_model_config(model_cfg, name_or_path: str | None = None, *, quantized: bool = True, trained: bool = False):
+    """The ModelConfig of a model loaded beside the policy, derived from the recipe's `model` (dtype, attention
+    kernel, trust_remote_code): a reference, a reward model, a critic's starting weights. Never with an adapter.
+
+    quantized: with the policy's `model.quantization`. A reference must start equal to the policy (same base, same
+    quantisation: DPO's step 1 then gives ln 2, PPO's first KL 0); a different model (a reward model) or one whose
+    every weight trains (a critic: 4-bit weights cannot) is loaded in full precision (quantized=False).
+    trained: keeps `model.gradient_checkpointing`; a frozen model runs no backward and never needs it.
+    """
+    return dataclasses.replace(model_cfg, name_or_path=name_or_path or model_cfg.name_or_path, lora=None,
+                               quantization=model_cfg.quantization if quantized else None,
+                               gradient_checkpointing=model_cfg.gradient_checkpointing and trained)
+
+
+def describe_weights(model_cfg) -> str:
+    """'NAME' or 'NAME in 4-bit nf4' / 'NAME in 8-bit': how a model's weights are loaded, for the log."""
+    q = model_cfg.quantization
+    if q is not None and q.load_in_4bit:
+        return f"{model_cfg.name_or_path} in 4-bit {q.quant_type}"
+    if q is not None and q.load_in_8bit:
+        return f"{model_cfg.name_or_path} in 8-bit"
+    return model_cfg.name_or_path
 
 
 def enable_neftune(model, alpha: float):

@@ -263,9 +263,10 @@ class CriticWorker(_TrainedWorker):
     def __init__(self, cfg):
         super().__init__(cfg)
         from ftdist.models.heads import load_reward_model
-        from ftdist.models.loading import load_tokenizer
+        from ftdist.models.loading import load_tokenizer, side_model_config
 
-        model_cfg = dataclasses.replace(cfg.model, name_or_path=critic_source(cfg), lora=None, quantization=None)
+        # every weight of the critic trains, so it loads in full precision even beside a quantised (QLoRA) policy
+        model_cfg = side_model_config(cfg.model, critic_source(cfg), quantized=False, trained=True)
         pad = load_tokenizer(cfg.model, cfg.data.chat_template).pad_token_id
         self.engine = self._build_engine(
             lambda: load_reward_model(model_cfg, "sequence_classification", pad, seed=cfg.seed), cfg.ppo.critic_lr)
@@ -294,11 +295,12 @@ class CriticWorker(_TrainedWorker):
 
 
 def frozen_reference(cfg, info):
-    """The starting policy, frozen (partitioned over the group's ranks under ZeRO-3)."""
+    """The starting policy, frozen (partitioned over the group's ranks under ZeRO-3): the same base, quantised as
+    the policy is, so that the first KL is 0."""
     from ftdist.engine.engine import FrozenEngine
-    from ftdist.models.loading import load_causal_lm
+    from ftdist.models.loading import load_causal_lm, side_model_config
 
-    model_cfg = dataclasses.replace(cfg.model, lora=None, quantization=None, gradient_checkpointing=False)
+    model_cfg = side_model_config(cfg.model)
     return FrozenEngine(lambda: load_causal_lm(model_cfg), cfg, info, grad_accum=1)
 
 
@@ -334,10 +336,10 @@ class RewardWorker(_Worker):
             return
         from ftdist.engine.engine import FrozenEngine
         from ftdist.models.heads import load_reward_model
-        from ftdist.models.loading import load_tokenizer
+        from ftdist.models.loading import load_tokenizer, side_model_config
 
-        model_cfg = dataclasses.replace(cfg.model, name_or_path=cfg.ppo.reward_model, lora=None, quantization=None,
-                                        gradient_checkpointing=False)
+        # another model than the policy: its own full-precision weights, so that it scores as it was trained to
+        model_cfg = side_model_config(cfg.model, cfg.ppo.reward_model, quantized=False)
         pad = load_tokenizer(cfg.model, cfg.data.chat_template).pad_token_id
         self.frozen = FrozenEngine(lambda: load_reward_model(model_cfg, "sequence_classification", pad), cfg,
                                    self.info, grad_accum=1)

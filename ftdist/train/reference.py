@@ -8,7 +8,6 @@ first use, after the policy engine exists and any checkpoint was restored.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import os
@@ -20,6 +19,7 @@ import torch
 from ftdist.data.loading import content_digest
 from ftdist.engine.dist import all_reduce_sum, barrier, rank_batches
 from ftdist.models.forward import causal_logits
+from ftdist.models.loading import describe_weights, load_causal_lm, side_model_config
 from ftdist.train.pairs import sequence_logps
 
 log = logging.getLogger("ftdist")
@@ -44,12 +44,22 @@ class Reference:
     def _uses_adapter(self) -> bool:
         return self.cfg.model.lora is not None and self.cfg.dpo.reference_model is None
 
+    def _adapter_off(self) -> bool:
+        """The reference forward is the policy's own with its adapter off (no second model)."""
+        return self.mode == "adapter_disabled" or (self.mode == "precomputed" and self._uses_adapter())
+
+    def _model_cfg(self):
+        """The frozen reference: the policy's base (or dpo.reference_model) loaded as the policy's was, quantised
+        alike, so that it starts equal to the policy."""
+        return side_model_config(self.cfg.model, self.cfg.dpo.reference_model)
+
     def _source(self) -> str:
-        if self._uses_adapter():
-            return "the policy with its LoRA adapter disabled"
-        return f"frozen {self.cfg.dpo.reference_model or self.cfg.model.name_or_path}"
+        if self._adapter_off():
+            return f"the policy with its LoRA adapter disabled (its base, {describe_weights(self.cfg.model)})"
+        return f"a frozen copy of {describe_weights(self._model_cfg())}"
 
     def describe(self) -> str:
+        """The one log line's words for what the reference is."""
         return ("precomputed once from " if self.mode == "precomputed" else "") + self._source()
 
     @torch.no_grad()
@@ -63,7 +73,7 @@ class Reference:
 
     def _forward_logps(self, engine, batch) -> torch.Tensor:
         task = self.task
-        if self.mode == "adapter_disabled" or (self.mode == "precomputed" and self._uses_adapter()):
+        if self._adapter_off():
             from ftdist.models.adapters import adapter_disabled
 
             with adapter_disabled(engine.module):
@@ -76,12 +86,9 @@ class Reference:
 
     def _build_frozen(self, engine):
         from ftdist.engine.engine import FrozenEngine
-        from ftdist.models.loading import load_causal_lm
 
-        m = self.cfg.model
-        ref_cfg = dataclasses.replace(m, name_or_path=self.cfg.dpo.reference_model or m.name_or_path, lora=None,
-                                      quantization=None, gradient_checkpointing=False)
-        log.info("reference: loading %s (frozen, ZeRO-%d)", ref_cfg.name_or_path, engine.zero_stage)
+        ref_cfg = self._model_cfg()
+        log.debug("reference: loading %s (frozen, ZeRO-%d)", describe_weights(ref_cfg), engine.zero_stage)
         return FrozenEngine(lambda: load_causal_lm(ref_cfg), self.cfg, engine.info, engine.grad_accum)
 
     # -- precomputed ----------------------------------------------------------------------------
@@ -94,7 +101,8 @@ class Reference:
         return content_digest(path, (".safetensors", ".bin", ".json")) if os.path.exists(path) else path
 
     def _cache_file(self, split: str, data) -> Path:
-        src = f"{self._source()}|{self._weights_digest()}"
+        # the weights' content and how they are loaded (dtype, every quantisation setting) decide the log-probs
+        src = f"{self._source()}|{self._weights_digest()}|{self.cfg.model.quantization}"
         key = hashlib.sha256(f"{data.key}|{src}|{self.cfg.model.dtype}|v2".encode()).hexdigest()[:16]
         return Path(self.task.cache_dir) / f"ref-logps-{split}-{key}.pt"
 
@@ -113,7 +121,7 @@ class Reference:
                     self.table[split] = torch.load(path, weights_only=True)
                     log.info("reference log-probs (%s): cached %s", split, path)
                     continue
-                if not self._uses_adapter() and self.frozen is None:
+                if not self._adapter_off() and self.frozen is None:
                     self.frozen = self._build_frozen(engine)
                 self.table[split] = self._score_split(engine, split, data)
                 if info.is_main:

@@ -86,9 +86,23 @@ full = load_config(None, base + ["ppo.reward_fn=ftdist.data.tiny_task:sort_rewar
                                  "train.lr=5e-3"])
 beside = PolicyWorker(full)
 exp.old_logp = beside.logprobs(exp)
+# at the start every reference is the policy: KL 0
+out["start_kl_beside"] = float((beside.logprobs(exp, reference=True) - exp.old_logp).abs().max())
+out["start_kl_group"] = float((ReferenceWorker(full).logprobs(exp) - exp.old_logp).abs().max())
 beside.train(exp, 0, 0.0)
 out["beside_ref_err"] = float((beside.logprobs(exp, reference=True) - ReferenceWorker(full).logprobs(exp)).abs().max())
 out["beside_policy_moved"] = float((beside.logprobs(exp) - exp.old_logp).abs().max())
+
+# a quantised (QLoRA) GRPO policy: its reference (the adapter off, whatever ppo.ref_ranks) and a frozen reference
+# built for its recipe are its 4-bit starting point, not the full-precision base
+qlora = load_config(None, base + ["ppo.reward_fn=ftdist.data.tiny_task:sort_reward", "ppo.algorithm=grpo",
+                                  "ppo.samples_per_prompt=2", "model.lora.r=4", "model.lora.dropout=0.0",
+                                  "model.quantization.load_in_4bit=true", "model.quantization.compute_dtype=fp32"])
+qpolicy = PolicyWorker(qlora)
+qstart = qpolicy.logprobs(exp)
+out["qlora_start_kl_adapter_off"] = float((qpolicy.logprobs(exp, reference=True) - qstart).abs().max())
+out["qlora_start_kl_frozen"] = float((ReferenceWorker(qlora).logprobs(exp) - qstart).abs().max())
+out["qlora_vs_full_base"] = float((ref - qstart).abs().max())  # ref: the full-precision base's log-probs
 
 # ppo.async_rollouts: a rollout started after refresh_rollout and decoded beside (here: after) an update samples
 # from the weights before the update, and its recorded log-probs (the importance ratio's denominator) are theirs
@@ -125,6 +139,13 @@ def test_reward_critic_and_lora_reference_workers(tmp_path):
     assert r["lora_ref_err_after"] < 1e-5, r  # the update touched only the adapter
     # the same frozen weights through the same kernels in the same process: exactly equal
     assert r["beside_ref_err"] == 0.0 and r["beside_policy_moved"] > 0.01, r
+    # the starting policy's own weights through the same kernels (a frozen copy, or the policy in eval mode):
+    # equal up to fp32 rounding of log-probs of size ~5 (~1e-6); 1e-5 is 10x that
+    assert r["start_kl_beside"] < 1e-5 and r["start_kl_group"] < 1e-5, r
+    assert r["qlora_start_kl_adapter_off"] < 1e-5 and r["qlora_start_kl_frozen"] < 1e-5, r
+    # ... and the 4-bit start is visibly not the full-precision base (NF4 rounding moves log-probs by ~1e-2),
+    # which a reference loaded without the policy's quantisation would be
+    assert r["qlora_vs_full_base"] > 1e-3, r
     # the generating weights' log-probs within fp32 rounding of incremental decoding (~1e-6; 1e-5 is 10x), and
     # visibly not the updated policy's (lr 5e-3 moved every sampled token's log-prob)
     assert r["async_old_err"] < 1e-5 and r["async_new_gap"] > 1e-3, r

@@ -69,6 +69,37 @@ def test_precomputed_reference_with_lora_uses_the_adapter_off_policy(models, tmp
     torch.testing.assert_close(_ref_logps(task, engine, batch), base, **TOL)
 
 
+LORA = {"r": 4, "alpha": 8, "dropout": 0.0}
+QLORA = {"lora": LORA, "quantization": {"load_in_4bit": True, "compute_dtype": "fp32"}}
+
+
+@pytest.mark.parametrize("model,mode", [
+    ({}, "model"), ({}, "precomputed"),
+    *[(m, mode) for m in ({"lora": LORA}, QLORA) for mode in ("model", "auto", "adapter_disabled", "precomputed")],
+    (QLORA, "precomputed_frozen"),  # precomputed from a frozen copy (dpo.reference_model set), not the adapter off
+], ids=lambda v: v if isinstance(v, str) else ("qlora" if "quantization" in v else "lora" if v else "full"))
+def test_every_reference_starts_equal_to_the_policy(models, tmp_path, model, mode):
+    """Step 1 of DPO, before any update: the reference is the policy's starting point (same base, same
+    quantisation), so the loss is ln 2 and every implicit reward 0, for every reference mode."""
+    import math
+
+    dpo = {"reference": mode}
+    if mode == "precomputed_frozen":
+        dpo = {"reference": "precomputed", "reference_model": "ftdist/tiny"}
+    task, engine, batch = _task(tmp_path, _chat_rows(), stage="dpo",
+                                model={"name_or_path": "ftdist/tiny", **model}, dpo=dpo)
+    loss, metrics = _ftdist(task, engine, batch)
+    # the policy and the reference compute the same fp32 sums (up to ~1e-6 relative of summed log-probs of size
+    # <100, within the batch or in the precompute's other batch shapes): rewards beta * difference within 1e-5;
+    # a reference without the policy's 4-bit quantisation is off by ~1e-3 here
+    assert abs(float(loss) - math.log(2)) < 1e-5, (float(loss), metrics)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert abs(float(metrics[key])) < 1e-5, (key, metrics)
+    # the one log line says what the reference is, quantisation included
+    if "quantization" in model:
+        assert "in 4-bit nf4" in task.reference.describe(), task.reference.describe()
+
+
 def test_reward_is_taken_at_the_last_real_token_with_either_padding(models, tmp_path):
     from ftdist.data.preference import collate_pairs
 
