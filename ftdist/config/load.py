@@ -182,8 +182,8 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
         key, raw = item.split("=", 1)
         key = key.strip()
         _check_override_key(key)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+        try:  # a key given twice in a flow mapping ({a: x, a: y}) is refused, as in a recipe file
+            value = _load_yaml(raw, item) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
         # YAML reads 1e-4 as a string; accept it as a number
@@ -201,6 +201,9 @@ def resolve_recipe_path(recipe: str) -> Path:
     if p.suffix in (".yaml", ".yml") or p.exists():
         if not p.exists():
             raise ConfigError(f"recipe file not found: {recipe}")
+        if not p.is_file():
+            raise ConfigError(f"{recipe}: a directory, not a recipe (a YAML file or a built-in name: "
+                              f"{', '.join(builtin_recipes())})")
         return p
     builtin = RECIPES_DIR / f"{recipe}.yaml"
     if builtin.exists():
@@ -229,16 +232,31 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _read_recipe(path: Path) -> dict:
+def _load_yaml(text: str, name: str):
+    """YAML's safe load, except that a key given twice in one mapping is a ConfigError naming `name`."""
+    loader = _UniqueKeyLoader(text)
+    loader.name = name
     try:
-        loader = _UniqueKeyLoader(path.read_text())
-        loader.name = str(path)
-        try:
-            tree = loader.get_single_data()
-        finally:
-            loader.dispose()
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _read_recipe(path: Path) -> dict:
+    data = path.read_bytes()
+    try:
+        if b"\0" in data:
+            raise UnicodeError
+        text = data.decode("utf-8")
+    except UnicodeError:
+        raise ConfigError(f"{path}: not a recipe: binary content, not YAML text") from None
+    try:
+        tree = _load_yaml(text, str(path))
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        what = getattr(e, "problem", None) or " ".join(str(e).split())
+        raise ConfigError(f"{path}: {where}not valid YAML: {what}") from None
     return tree or {}
 
 
@@ -251,11 +269,40 @@ def load_config(recipe: Optional[str] = None, overrides: Optional[list[str]] = N
             raise ConfigError(f"{path}: a recipe must be a mapping of sections")
     if data:
         tree = _merge(tree, data)
-    for key, value in parse_overrides(overrides or []):
+    given = parse_overrides(overrides or [])
+    notes = _command_line_warmup(tree, dict(given))
+    for key, value in given:
         _set_dotted(tree, key, value)
     cfg = _build(Config, tree)
     validate(cfg)
+    t = cfg.train
+    if t.scheduler == "constant" and (t.warmup_steps or t.warmup_ratio):
+        # transformers' constant schedule ignores num_warmup_steps; a warmup that is set is meant to happen
+        warmup = f"train.warmup_steps={t.warmup_steps}" if t.warmup_steps else f"train.warmup_ratio={t.warmup_ratio}"
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, scheduler="constant_with_warmup"))
+        notes.append(f"train.scheduler=constant with {warmup}: the learning rate warms up, then stays constant "
+                     f"(constant_with_warmup; transformers' constant schedule would skip the warmup)")
+    cfg.notes = tuple(notes)
     return cfg
+
+
+WARMUP_KEYS = ("train.warmup_steps", "train.warmup_ratio")
+
+
+def _command_line_warmup(tree: dict, given: dict) -> list[str]:
+    """A warmup key given on the command line replaces the recipe's other one (as transformers' warmup_steps wins
+    over warmup_ratio), so `train.warmup_steps=5` works on a recipe that sets a ratio; returns the note saying so.
+    Both keys in the same place, both non-zero, stays an error (validate)."""
+    on_line = [k for k in WARMUP_KEYS if k in given]
+    if len(on_line) != 1:
+        return []
+    other = next(k for k in WARMUP_KEYS if k not in on_line)
+    section = tree.get("train")
+    name = other.split(".")[1]
+    if not isinstance(section, dict) or section.get(name) is None:
+        return []
+    replaced = section.pop(name)
+    return [f"{on_line[0]}={given[on_line[0]]} from the command line replaces the recipe's {other}={replaced}"]
 
 
 def _merge(a: dict, b: dict) -> dict:
@@ -292,7 +339,60 @@ def _walk_keys(cls=Config, prefix: str = ""):
             yield from _walk_keys(sub[0], key + ".")
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        yield key, _type_name(tp), default, f.metadata.get("help", ""), False
+        help = f.metadata.get("help", "")
+        if "library" in f.metadata:
+            help += f" ({_library_default(f.metadata['library'])})"
+        yield key, _type_name(tp), default, help, False
+
+
+def _library_default(library: tuple) -> str:
+    name, value, shown = library
+    return f"{name} default: {shown or yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+
+
+def _library_marks(cfg: Config) -> dict[str, str]:
+    """key -> '<library> default: X' for every key whose value differs from that library's own default."""
+    marks = {}
+    unused = {"ppo", "data.train_on_prompt"} - ({"ppo"} if cfg.stage == "ppo" else {"data.train_on_prompt"} if
+                                                cfg.stage == "sft" else set())  # keys this stage does not read
+
+    def walk(obj, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if prefix + f.name in unused:
+                continue
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            elif "library" in f.metadata:
+                if f.name == "warmup_ratio" and value is None:  # null: 3%, unless warmup_steps decides
+                    value = 0.03 if obj.warmup_steps is None else f.metadata["library"][1]
+                if value != f.metadata["library"][1]:
+                    marks[prefix + f.name] = _library_default(f.metadata["library"])
+
+    walk(cfg, "")
+    return marks
+
+
+def config_yaml(cfg: Config) -> str:
+    """The resolved recipe as YAML (`ftdist train --print-config`): every value that differs from the default of
+    the Hugging Face library a user would compare with carries a comment naming that default, and what the
+    loader decided (cfg.notes) heads it as comments."""
+    marks = _library_marks(cfg)
+    lines, path = [], []  # path: (indent, key) of the mappings the line is inside
+    for line in yaml.safe_dump(cfg.to_dict(), sort_keys=False).splitlines():
+        body = line.lstrip(" ")
+        indent = len(line) - len(body)
+        key, sep, _ = body.partition(":")
+        if sep and not body.startswith(("-", "'", '"')) and " " not in key:
+            path = [p for p in path if p[0] < indent] + [(indent, key)]
+            dotted = ".".join(k for _, k in path)
+            if dotted in marks:
+                line += f"  # {marks[dotted]}"
+        lines.append(line)
+    head = [f"# {note}" for note in cfg.notes]
+    if marks:
+        head.append("# values marked '<library> default: X' differ from that library's default; ftdist's are kept")
+    return "\n".join(head + lines) + "\n"
 
 
 def config_help() -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 from ftdist.errors import UserError
 
@@ -22,7 +22,12 @@ class ConfigError(UserError):
     """A recipe problem the user can fix: the message names key, value and what is allowed."""
 
 
-def _f(default, help: str, **kw):
+def _f(default, help: str, library: Optional[tuple] = None, **kw):
+    """A recipe key: its default and help. library: (library, its default, how to show it or None) where
+    ftdist's default differs from the value the Hugging Face library a user knows would take; --help, the
+    README's key table and --print-config say so."""
+    if library is not None:
+        kw["library"] = library
     if isinstance(default, (dict, list)) or dataclasses.is_dataclass(default):
         factory = (lambda d=default: type(d)(d)) if not dataclasses.is_dataclass(default) else type(default)
         return field(default_factory=factory, metadata={"help": help, **kw})
@@ -31,11 +36,12 @@ def _f(default, help: str, **kw):
 
 @dataclass
 class LoraConfig:
-    r: int = _f(16, "LoRA rank.")
-    alpha: float = _f(16.0, "LoRA scaling numerator (scale = alpha / r).")
-    dropout: float = _f(0.05, "Dropout on the LoRA input.")
+    r: int = _f(16, "LoRA rank.", library=("peft", 8, None))
+    alpha: float = _f(16.0, "LoRA scaling numerator (scale = alpha / r).", library=("peft", 8.0, "8"))
+    dropout: float = _f(0.05, "Dropout on the LoRA input.", library=("peft", 0.0, "0"))
     target_modules: Union[str, list[str]] = _f(
-        "all-linear", "Modules to adapt: a list of names, or 'all-linear' for every linear layer but the output head.")
+        "all-linear", "Modules to adapt: a list of names, or 'all-linear' for every linear layer but the output head.",
+        library=("peft", None, "the architecture's attention projections, e.g. [q_proj, v_proj] for Llama"))
     modules_to_save: list[str] = _f([], "Extra modules trained in full and saved with the adapter (e.g. lm_head, score).")
     bias: Literal["none", "all", "lora_only"] = _f("none", "Which biases are trained.")
 
@@ -44,20 +50,24 @@ class LoraConfig:
 class QuantizationConfig:
     load_in_4bit: bool = _f(False, "Load linear weights in 4 bits (bitsandbytes); needs model.lora.")
     load_in_8bit: bool = _f(False, "Load linear weights in 8 bits (bitsandbytes); needs model.lora.")
-    quant_type: Literal["nf4", "fp4"] = _f("nf4", "4-bit data type.")
-    double_quant: bool = _f(True, "Quantise the quantisation constants too (saves ~0.4 bit/param).")
-    compute_dtype: Literal["bf16", "fp16", "fp32"] = _f("bf16", "Dtype of the matmuls on de-quantised weights.")
+    quant_type: Literal["nf4", "fp4"] = _f("nf4", "4-bit data type.", library=("bitsandbytes", "fp4", None))
+    double_quant: bool = _f(True, "Quantise the quantisation constants too (saves ~0.4 bit/param).",
+                            library=("bitsandbytes", False, "false"))
+    compute_dtype: Literal["bf16", "fp16", "fp32"] = _f("bf16", "Dtype of the matmuls on de-quantised weights.",
+                                                        library=("bitsandbytes", "fp32", None))
     quant_storage: Optional[Literal["bf16", "fp16", "fp32", "uint8"]] = _f(
         None, "Storage dtype of packed 4-bit weights; must equal the training dtype under ZeRO-3 (default: chosen for you).")
 
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = _f("ftdist/tiny", "Hugging Face model directory or hub id; 'ftdist/tiny' is the embedded tiny Llama.")
+    name_or_path: str = _f("ftdist/tiny", "Hugging Face model directory or hub id; 'ftdist/tiny' is the embedded tiny "
+                           "Llama. A LoRA adapter directory is refused (merge it first: ftdist merge).")
     tokenizer: Optional[str] = _f(
         None, "Load the tokenizer (and its chat template) from this directory instead of model.name_or_path; it must "
         "share the model's vocabulary.")
-    dtype: Literal["bf16", "fp16", "fp32"] = _f("bf16", "Training precision (bf16/fp16 mixed precision, or fp32).")
+    dtype: Literal["bf16", "fp16", "fp32"] = _f("bf16", "Training precision (bf16/fp16 mixed precision, or fp32); fp16 "
+                                                "needs a GPU.")
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = _f(
         "auto", "Attention kernel; 'auto' = flash_attention_2 on CUDA when installed, else sdpa.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
@@ -106,19 +116,22 @@ class DataConfig:
     eval_split: str = _f("test", "Split of data.eval when it is a dataset name or directory with splits (e.g. "
                          "test_sft[:3000]).")
     subset: Optional[str] = _f(None, "Configuration (subset) name of a dataset with several, as load_dataset's name.")
-    revision: Optional[str] = _f(None, "Revision (branch, tag or commit) of a Hub dataset.")
+    revision: Optional[str] = _f(None, "Revision (branch, tag or commit) of a Hub dataset (refused for a local path, "
+                                 "which has none).")
     max_samples: int = _f(0, "Use at most this many rows of each data source (after data.shuffle_seed); 0 = all.")
     shuffle_seed: Optional[int] = _f(None, "Shuffle the rows with this seed before data.max_samples; null = file order.")
     format: Literal["auto", "messages", "alpaca", "text", "preference", "prompt"] = _f(
         "auto", "Row format; 'auto' detects it from the columns.")
-    columns: dict[str, str] = _f({}, "Column mapping from the format's names to the file's names, e.g. {messages: conversations}.")
+    columns: dict[str, str] = _f({}, "Column mapping from the format's names to the file's names, e.g. {messages: "
+                                 "conversations}; a name the format does not read is refused.")
     max_length: Optional[int] = _f(
         2048, "Maximum tokens per sample; longer samples are truncated (and counted). null = the model's maximum "
-        "(max_position_embeddings in its config).")
+        "(max_position_embeddings in its config); above it is refused.", library=("TRL", 1024, None))
     packing: bool = _f(False, "Pack several samples per row (best fit) with attention kept within each sample. "
                        "rm/dpo/orpo: each micro-batch is its pairs' sequences end to end, no padding; the same pairs "
                        "per step, up to 2 x train.micro_batch_size x data.max_length tokens per micro-batch.")
-    train_on_prompt: bool = _f(False, "Also compute the loss on system/user tokens (default: assistant turns only).")
+    train_on_prompt: bool = _f(False, "Also compute the loss on system/user tokens (default: assistant turns only).",
+                               library=("TRL", True, "true for messages rows (assistant_only_loss=False)"))
     on_error: Literal["raise", "skip"] = _f("raise", "Malformed rows: stop with file and row number, or count and skip them.")
     max_prompt_length: int = _f(
         512, "Preference stages: prompt tokens kept (the end of the prompt) before the response; at most "
@@ -140,16 +153,22 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    micro_batch_size: int = _f(4, "Rows per forward/backward on one rank.")
+    micro_batch_size: int = _f(4, "Rows per forward/backward on one rank.",
+                               library=("transformers", 8, "8 (per_device_train_batch_size)"))
     global_batch_size: int = _f(16, "Rows per optimizer step over all ranks; accumulation = global / (micro * world).")
-    epochs: float = _f(1.0, "Passes over the training data (ignored when train.max_steps > 0).")
+    epochs: float = _f(1.0, "Passes over the training data (ignored when train.max_steps > 0).",
+                       library=("transformers", 3.0, "3"))
     max_steps: int = _f(-1, "Optimizer steps to run; -1 = derived from train.epochs.")
     lr: float = _f(2e-5, "Peak learning rate.")
     scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts"] = _f(
-        "cosine", "Learning-rate schedule (transformers schedulers).")
+        "cosine", "Learning-rate schedule (transformers schedulers); constant with a warmup set warms up "
+        "(constant_with_warmup).", library=("transformers", "linear", None))
     warmup_ratio: Optional[float] = _f(
-        None, "Fraction of steps with linear warmup (default 0.03 unless train.warmup_steps is given).")
-    warmup_steps: Optional[int] = _f(None, "Steps of linear warmup (instead of train.warmup_ratio; not both).")
+        None, "Fraction of steps with linear warmup (default 0.03 unless train.warmup_steps is given).",
+        library=("transformers", 0.0, "0 (no warmup)"))
+    warmup_steps: Optional[int] = _f(
+        None, "Steps of linear warmup, instead of train.warmup_ratio: both non-zero in the recipe (or both on the "
+        "command line) is refused; given on the command line, either replaces the recipe's other one.")
     scheduler_kwargs: dict[str, Any] = _f(
         {}, "Extra arguments of the schedule, as transformers names them (e.g. {num_cycles: 2} for "
         "cosine_with_restarts).")
@@ -187,10 +206,13 @@ class TrainConfig:
                           "LoRA run's hold its adapter, a full run's DeepSpeed's zero_to_fp32.py).")
 
     def warmup(self, total_steps: int) -> int:
-        """Warmup steps of a run of total_steps steps."""
-        if self.warmup_steps is not None:
+        """Warmup steps of a run of total_steps steps: the non-zero one of warmup_steps and warmup_ratio (both
+        non-zero is refused), else 0 where either is given, else 3%."""
+        if self.warmup_steps:
             return self.warmup_steps
-        return int(round((0.03 if self.warmup_ratio is None else self.warmup_ratio) * total_steps))
+        if self.warmup_ratio is None and self.warmup_steps is None:
+            return int(round(0.03 * total_steps))
+        return int(round((self.warmup_ratio or 0.0) * total_steps))
 
 
 @dataclass
@@ -204,7 +226,8 @@ class DeepSpeedConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = _f(0, "Save a checkpoint every N optimizer steps (and always at the end); 0 = only at the end.")
-    keep_last: int = _f(2, "Keep the newest N checkpoints; 0 keeps all.")
+    keep_last: int = _f(2, "Keep the newest N checkpoints; 0 keeps all.",
+                        library=("transformers", 0, "all (save_total_limit=None)"))
     resume: str = _f("auto", "'auto' = newest complete checkpoint in output_dir, 'never', or a checkpoint path.")
     resume_with_new_data: bool = _f(
         False, "Resume even though data.train's content changed since the checkpoint (the data position then points "
@@ -214,7 +237,8 @@ class CheckpointConfig:
 @dataclass
 class LoggingConfig:
     tensorboard: bool = _f(True, "Write TensorBoard events to output_dir/tensorboard.")
-    wandb: bool = _f(False, "Log to Weights & Biases (needs WANDB_API_KEY in the environment).")
+    wandb: bool = _f(False, "Log to Weights & Biases: needs the wandb package (pip install 'ftdist[wandb]') and a "
+                     "key (WANDB_API_KEY or `wandb login`), or WANDB_MODE=offline; checked before anything loads.")
     wandb_project: str = _f("ftdist", "W&B project name.")
 
 
@@ -274,7 +298,8 @@ class PPOConfig:
         128, "Longest response; prompts keep their last data.max_length - max_new_tokens tokens.")
     temperature: float = _f(1.0, "Sampling temperature of the rollouts.")
     top_p: float = _f(1.0, "Nucleus sampling threshold of the rollouts (1 = off).")
-    top_k: int = _f(0, "Sample only among the k most likely tokens (0 = off).")
+    top_k: int = _f(0, "Sample only among the k most likely tokens (0 = off).",
+                    library=("transformers", 50, "50 (generate)"))
     repetition_penalty: float = _f(1.0, "transformers' repetition penalty in the rollouts (1 = off).")
     min_new_tokens: int = _f(0, "EOS is not sampled before this many response tokens.")
     missing_eos_penalty: Optional[float] = _f(
@@ -408,6 +433,9 @@ class Config:
     orpo: ORPOConfig = _f(ORPOConfig(), "ORPO section (stage: orpo).")
     ppo: PPOConfig = _f(PPOConfig(), "PPO section (stage: ppo).")
     eval: EvalConfig = _f(EvalConfig(), "Evaluation suites (during training, and stage: eval).")
+    # not a recipe key: what load_config decided on the user's behalf (a command-line value replacing the recipe's,
+    # a schedule that warms up), one line each, logged when the run starts and shown by --print-config
+    notes: ClassVar[tuple[str, ...]] = ()
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)

@@ -6,6 +6,7 @@ here too, and the Ray shells read them from here.
 
 from __future__ import annotations
 
+import difflib
 import logging
 
 from ftdist.config.filters import parse_filter
@@ -14,6 +15,16 @@ from ftdist.config.schema import (EVAL_SUITES, OFFLOAD_OPTIMIZERS, PREFERENCE_ST
 
 # ppo.colocation -> the groups that share devices ("all": every group the recipe starts)
 COLOCATED = {"policy_ref": ("policy", "ref"), "critic_reward": ("critic", "reward"), "ref_reward": ("ref", "reward")}
+
+# what data.columns may map, by row format: the names each format's reader asks for (a key outside them would
+# silently do nothing)
+COLUMN_ROLES = {
+    "messages": ("messages",),
+    "alpaca": ("instruction", "input", "output", "system"),
+    "text": ("text",),
+    "preference": ("prompt", "chosen", "rejected", "system", "score_chosen", "score_rejected", "margin"),
+    "prompt": ("prompt",),
+}
 
 
 # what may differ between a checkpoint's recipe and the one that resumes it (key or section prefix): where the
@@ -108,9 +119,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.adam_eps: got {t.adam_eps}, must be > 0")
     if cfg.dist.timeout_s <= 0:
         raise ConfigError(f"dist.timeout_s: got {cfg.dist.timeout_s}, must be > 0 (seconds a collective may wait)")
-    if t.warmup_ratio is not None and t.warmup_steps is not None:
+    if t.warmup_ratio and t.warmup_steps:  # one of them 0: the other one counts
         raise ConfigError(f"train.warmup_ratio={t.warmup_ratio} and train.warmup_steps={t.warmup_steps}: give one "
-                          f"of them")
+                          f"of them (a command-line value replaces the recipe's other one)")
     if t.warmup_ratio is not None and not 0 <= t.warmup_ratio < 1:
         raise ConfigError(f"train.warmup_ratio: got {t.warmup_ratio}, allowed: 0 <= x < 1")
     if t.warmup_steps is not None and t.warmup_steps < 0:
@@ -151,6 +162,9 @@ def validate(cfg: Config) -> None:
     if cfg.stage == "ppo":
         _validate_ppo(cfg)
     _check_filters("data.filter", cfg.data.filter)
+    if cfg.data.max_samples < 0:
+        raise ConfigError(f"data.max_samples: got {cfg.data.max_samples}, must be >= 0 (0 = all rows)")
+    _check_columns("data.columns", cfg.data.columns, cfg.stage, cfg.data.format)
     if cfg.data.train is None and cfg.stage != "ppo":
         raise ConfigError("data.train: no training data given (a file path, a datasets directory, or 'ftdist/tiny-task')")
     for which in ("train", "eval"):
@@ -162,6 +176,7 @@ def _validate_eval(cfg: Config) -> None:
     e = cfg.eval
     for i, spec in enumerate(e.suites):
         name, sep, path = str(spec).partition("=")
+        name = name.partition("@")[0]  # SUITE@SPLIT=DATA: a split of a dataset directory or Hub name
         if str(spec).startswith("lm_eval:"):
             if cfg.stage != "eval" and cfg.deepspeed.zero_stage == 3:
                 raise ConfigError(f"eval.suites[{i}]: {spec}: lm-evaluation-harness needs the whole model in one "
@@ -171,7 +186,7 @@ def _validate_eval(cfg: Config) -> None:
         if not sep or name not in EVAL_SUITES or not path:
             raise ConfigError(f"eval.suites[{i}]: got {spec!r}, allowed: SUITE=FILE with SUITE one of "
                               f"{', '.join(EVAL_SUITES)}, or lm_eval:TASK[,TASK]")
-    names = {str(s).partition("=")[0] for s in e.suites}
+    names = {str(s).partition("=")[0].partition("@")[0] for s in e.suites}
     if "reward" in names and not e.reward_model:
         raise ConfigError("eval.suites has a reward suite: set eval.reward_model (an ftdist rm run's final/)")
     if "judge" in names and not e.judge_model:
@@ -197,6 +212,28 @@ def _check_filters(key: str, filters: list[str]) -> None:
             raise ConfigError(f"{key}: {e}") from None
 
 
+def _check_columns(key: str, columns: dict, stage: str, fmt: str) -> None:
+    """data.columns maps roles a row format reads to the file's columns: any other key would do nothing."""
+    if stage == "ppo":
+        fmt = "prompt"  # PPO reads the prompt column; every other column travels to the reward function as it is
+    elif stage in PREFERENCE_STAGES:
+        fmt = "preference"
+    if fmt == "auto":
+        allowed = tuple(dict.fromkeys(r for roles in COLUMN_ROLES.values() for r in roles))
+        what = "rows of any format (data.format=auto)"
+    else:
+        allowed, what = COLUMN_ROLES[fmt], f"{fmt} rows" + (f" (stage={stage})" if stage != "sft" else "")
+    for role, column in columns.items():
+        if role in allowed:
+            continue
+        hint = ""
+        if column in allowed:
+            hint = f"; the mapping goes from the role to your column: {{{column}: {role}}}"
+        elif difflib.get_close_matches(role, allowed, n=1, cutoff=0.75):
+            hint = f"; did you mean '{difflib.get_close_matches(role, allowed, n=1, cutoff=0.75)[0]}'?"
+        raise ConfigError(f"{key}.{role}: {what} have no column role {role!r}; allowed: {', '.join(allowed)}{hint}")
+
+
 def _validate_sources(cfg: Config, which: str) -> None:
     """The sources of a data mixture (data.train or data.eval given as a list)."""
     sources = getattr(cfg.data, which)
@@ -218,6 +255,7 @@ def _validate_sources(cfg: Config, which: str) -> None:
             raise ConfigError(f"{key}.format: got {src.format!r} for stage={cfg.stage}, allowed: 'preference' or "
                               f"'auto'")
         _check_filters(f"{key}.filter", src.filter or [])
+        _check_columns(f"{key}.columns", src.columns or {}, cfg.stage, src.format or cfg.data.format)
 
 
 def _validate_scheduler_kwargs(name: str, kwargs: dict) -> None:

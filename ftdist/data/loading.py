@@ -124,6 +124,26 @@ def is_hub_name(path: str) -> bool:
     return not os.path.exists(path) and not path.lower().endswith(_FILE_LIKE) and not path.startswith((".", "/", "~"))
 
 
+def source_key(spec: str, data_cfg) -> str:
+    """The recipe key a source was given as (data.train or data.eval), for errors."""
+    return "data.eval" if data_cfg is not None and spec == data_cfg.eval and spec != data_cfg.train else "data.train"
+
+
+def check_local_source(spec: str, data_cfg, key: Optional[str] = None) -> None:
+    """What can be told of a source before reading it: a local path must exist, and has no revisions to pick
+    (data.revision applies to Hub datasets only). `key` names it in the error (default: data.train or data.eval)."""
+    path = resolve_data_path(spec)
+    if is_hub_name(path):
+        return
+    key = key or source_key(spec, data_cfg)
+    if not os.path.exists(path):
+        raise DataError(f"{key}: {path}: data file not found")
+    revision = getattr(data_cfg, "revision", None)
+    if revision is not None:
+        raise DataError(f"{key}: {path} is a local path, which has no revisions: data.revision={revision!r} would be "
+                        f"ignored; remove it (it picks a branch, tag or commit of a Hub dataset)")
+
+
 def split_of(spec: str, data_cfg) -> str:
     """The split a source is read with: data.split for data.train, data.eval_split for data.eval."""
     if data_cfg is None:
@@ -158,10 +178,11 @@ def _load_source(spec: str, data_cfg, scratch: Optional[str] = None):
 
     path = resolve_data_path(spec)
     datasets.disable_progress_bars()
+    if _is_repository(path) and is_hub_name(path):
+        return _load_repository(path, data_cfg)
+    check_local_source(spec, data_cfg)
     if _is_repository(path):
         return _load_repository(path, data_cfg)
-    if not os.path.exists(path):
-        raise DataError(f"{path}: data file not found")
     kind = None
     try:
         if os.path.isdir(path):
@@ -226,6 +247,7 @@ def source_digest(spec: str, data_cfg=None) -> str:
     """What the tokenised cache and a resume compare: a local source's content digest; for a dataset name, the
     loaded split's fingerprint (which datasets derives from the files and revision) with the subset and split."""
     path = resolve_data_path(spec)
+    check_local_source(spec, data_cfg)
     if not _is_repository(path):
         return content_digest(path)
     ds = _load_repository(path, data_cfg)

@@ -21,7 +21,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from ftdist.config.schema import DataConfig, DataSource
-from ftdist.data.loading import DataError, data_fingerprint, resolve_data_path
+from ftdist.data.loading import DataError, check_local_source, data_fingerprint, resolve_data_path
 
 # the keys of a source that replace data.* (split is placed by side: data.split or data.eval_split)
 OVERRIDES = ("subset", "revision", "format", "columns", "filter", "max_samples", "shuffle_seed")
@@ -77,6 +77,14 @@ def source_configs(data_cfg: DataConfig, which: str = "train") -> list[Source]:
             cfg = replace(data_cfg, train=None, eval=src.path, eval_split=src.split or data_cfg.eval_split, **given)
         out.append(Source(which, i, src.path, cfg, src.weight, src.samples))
     return out
+
+
+def check_sources(data_cfg: DataConfig) -> None:
+    """Before anything loads: every local source of data.train and data.eval exists and asks for no revision (a
+    DataError naming its key, e.g. data.train[1], and its path)."""
+    for which in ("train", "eval"):
+        for src in source_configs(data_cfg, which):
+            check_local_source(src.spec, src.cfg, f"data.{which}" + ("" if src.index is None else f"[{src.index}]"))
 
 
 def select_rows(n_rows: int, weight: Optional[float] = None, samples: Optional[int] = None,

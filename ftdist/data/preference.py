@@ -16,7 +16,6 @@ question usually sits at the end), then prompt+response keeps its first
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,8 @@ from ftdist.data.loading import DataError, RowError, load_rows, resolve_data_pat
 from ftdist.data.preference_rows import PreferencePair, filter_reason, normalize_preference
 from ftdist.algos.sft import IGNORE_INDEX, per_sequence_sum
 from ftdist.data.parallel import Dropped
-from ftdist.data.tokenize import _fingerprint, build_cached, column_sum, row_format, source_settings
+from ftdist.data.templates import render_chat, template_label
+from ftdist.data.tokenize import _fingerprint, build_cached, column_sum, load_cached, row_format, source_settings
 
 
 @dataclass
@@ -69,21 +69,22 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _ids(tokenizer, value, **kw) -> list[int]:
+def _ids(tokenizer, value, template: Optional[str] = None, **kw) -> list[int]:
     if isinstance(value, list):
-        return list(tokenizer.apply_chat_template(value, tokenize=True, return_dict=True, **kw)["input_ids"])
+        return list(render_chat(tokenizer, value, template, tokenize=True, return_dict=True, **kw)["input_ids"])
     return list(tokenizer(value)["input_ids"])
 
 
-def encode_pair(tokenizer, pair: PreferencePair, max_prompt_length: int, max_length: int):
-    """-> (prompt_ids, chosen_ids, rejected_ids, truncated)."""
+def encode_pair(tokenizer, pair: PreferencePair, max_prompt_length: int, max_length: int,
+                template: Optional[str] = None):
+    """-> (prompt_ids, chosen_ids, rejected_ids, truncated); `template` names the chat template in errors."""
     if pair.conversational:
         if getattr(tokenizer, "chat_template", None) is None:
             raise DataError("the tokenizer has no chat template; preference data with message lists needs one: set "
                             "data.chat_template (chatml, llama3, llama2, mistral, zephyr, or a Jinja file) or "
                             "model.tokenizer")
-        prompt = _ids(tokenizer, pair.prompt, add_generation_prompt=True)
-        full = [_ids(tokenizer, pair.prompt + r) for r in (pair.chosen, pair.rejected)]
+        prompt = _ids(tokenizer, pair.prompt, template, add_generation_prompt=True)
+        full = [_ids(tokenizer, pair.prompt + r, template) for r in (pair.chosen, pair.rejected)]
     else:
         eos = tokenizer.eos_token or ""
         prompt = _ids(tokenizer, pair.prompt)
@@ -142,6 +143,7 @@ class _PairEncoder:
         self.max_prompt_length, self.max_length = data_cfg.max_prompt_length, data_cfg.max_length
         self.drop_ties, self.min_chosen_score = data_cfg.drop_ties, data_cfg.min_chosen_score
         self.on_error = data_cfg.on_error
+        self.template = template_label(data_cfg.chat_template, tokenizer)
 
     @staticmethod
     def features():
@@ -165,7 +167,7 @@ class _PairEncoder:
             if reason is not None:
                 return Dropped(reason)
             prompt, chosen, rejected, truncated = encode_pair(self.tokenizer, pair, self.max_prompt_length,
-                                                              self.max_length)
+                                                              self.max_length, self.template)
         except RowProblem as e:
             if self.on_error == "skip":
                 return Dropped("skipped", f"row {index + 1}: {e}")
@@ -179,17 +181,15 @@ class _PairEncoder:
 def tokenize_preference(spec: str, tokenizer, data_cfg, cache_dir: Optional[str], show_progress: bool = False):
     """Tokenise a preference source once (cached, and in data.num_proc processes, like SFT data).
     -> (datasets.Dataset, PreferenceStats, cache key)."""
-    import datasets
-
     path = resolve_data_path(spec)
     settings = {k: getattr(data_cfg, k) for k in ("max_length", "max_prompt_length", "format", "columns",
                                                      "on_error", "drop_ties", "min_chosen_score")}
     settings.update(source_settings(spec, data_cfg))
     key = f"pref-{Path(path).stem}-{_fingerprint(spec, tokenizer, {**settings, 'v': 1}, data_cfg)}"
     cache_path = Path(cache_dir) / key if cache_dir else None
-    if cache_path is not None and (cache_path / "stats.json").exists():
-        stats = PreferenceStats(**json.loads((cache_path / "stats.json").read_text()))
-        return datasets.load_from_disk(str(cache_path / "data")), stats, key
+    cached = load_cached(cache_path, PreferenceStats)
+    if cached is not None:
+        return (*cached, key)
 
     def make_encoder(rows):
         fmt = row_format(rows, data_cfg, path)

@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ftdist.config import ConfigError
+from ftdist.data.formats import RowProblem
+from ftdist.data.loading import DataError
 
 _SYSTEM_FIRST = ("{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
                  "{% set loop_messages = messages[1:] %}{% else %}{% set system = '' %}"
@@ -55,3 +57,44 @@ def resolve_chat_template(spec: str) -> str:
         return text
     raise ConfigError(f"data.chat_template={spec!r}: neither a built-in template ({', '.join(BUILTIN)}) nor a "
                       f"Jinja file")
+
+
+def template_label(spec: str | None, tokenizer) -> str:
+    """How errors name the chat template in use: data.chat_template's value, or the tokenizer's own."""
+    if spec:
+        return f"data.chat_template={spec}" if len(spec) <= 80 and "\n" not in spec else \
+            "data.chat_template (the Jinja text given)"
+    return f"the chat template of {getattr(tokenizer, 'name_or_path', '') or 'the tokenizer'}"
+
+
+def render_chat(tokenizer, messages: list[dict], template: str | None = None, **kwargs):
+    """tokenizer.apply_chat_template(messages, **kwargs), with the template's own failures in one line naming it
+    (`template`, from template_label) and the template line jinja2 gives: a syntax error, or an attempt to leave
+    jinja2's sandbox, is a DataError (every row would fail); an error the template raises for this conversation
+    (raise_exception, an undefined value or index) is a RowProblem (the caller adds file and row)."""
+    import jinja2
+
+    try:
+        return tokenizer.apply_chat_template(messages, **kwargs)
+    except jinja2.TemplateError as e:
+        label = template or template_label(None, tokenizer)
+        line = getattr(e, "lineno", None) or _template_line(e)
+        where = f"{label}, line {line}" if line else label
+        message = " ".join(str(getattr(e, "message", None) or e).split())
+        if isinstance(e, jinja2.TemplateSyntaxError):
+            raise DataError(f"{where}: not a valid Jinja template: {message}") from None
+        if isinstance(e, jinja2.exceptions.SecurityError):
+            raise DataError(f"{where}: refused by the template sandbox: {message}") from None
+        kind = "undefined value" if isinstance(e, jinja2.UndefinedError) else "the template raised an error"
+        raise RowProblem(f"{where}: {kind}: {message}") from None
+
+
+def _template_line(exc: BaseException):
+    """The line of the template where a runtime error happened: jinja2 rewrites the traceback so that frames of
+    the compiled template carry the template's file name ('<template>') and line."""
+    line, tb = None, exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == "<template>":
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line

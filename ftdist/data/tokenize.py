@@ -15,6 +15,7 @@ import bisect
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -27,7 +28,9 @@ from ftdist.data.formats import SFT_NORMALIZERS, RowProblem, detect_format
 from ftdist.data.loading import (DataError, RowError, load_rows, resolve_data_path, row_filter, source_digest,
                                  split_of)
 from ftdist.data.parallel import Dropped, drop_summary, encode_dataset
+from ftdist.data.templates import render_chat, template_label
 
+log = logging.getLogger("ftdist")
 
 
 @dataclass
@@ -54,15 +57,18 @@ class EncodeStats:
         return s
 
 
-def _assistant_char_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
+def _assistant_char_spans(tokenizer, messages: list[dict], template: str | None = None):
+    """(the rendered conversation, the character span of each assistant turn); `template` names the template in
+    errors (templates.template_label)."""
+    full = render_chat(tokenizer, messages, template, tokenize=False)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        before = render_chat(tokenizer, messages[:i], template, tokenize=False, add_generation_prompt=True) if i else ""
         # the conversation through its last message is the whole conversation
-        through = full if i == len(messages) - 1 else tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        through = full if i == len(messages) - 1 else render_chat(tokenizer, messages[: i + 1], template,
+                                                                  tokenize=False)
         if not (full.startswith(before) and full.startswith(through) and len(before) <= len(through)):
             raise RowProblem("the tokenizer's chat template is not prefix-stable; cannot locate assistant turns "
                              "(use data.train_on_prompt=true or a different template)")
@@ -83,14 +89,15 @@ def encode_messages(tokenizer, messages: list[dict], max_length: int, train_on_p
     return _label_tokens(tokenizer, text, spans, *_ids_and_offsets(tokenizer, [text])[0], max_length, train_on_prompt)
 
 
-def encode_messages_batch(tokenizer, conversations: list, max_length: int, train_on_prompt: bool = False) -> list:
+def encode_messages_batch(tokenizer, conversations: list, max_length: int, train_on_prompt: bool = False,
+                          template: str | None = None) -> list:
     """encode_messages for many conversations, tokenised in one call (the tokenizer's per-call overhead is a
     third of the time of one short conversation); an item is a RowProblem where its conversation has one."""
     require_chat_template(tokenizer)
     rendered = []
     for messages in conversations:
         try:
-            rendered.append(_assistant_char_spans(tokenizer, messages))
+            rendered.append(_assistant_char_spans(tokenizer, messages, template))
         except RowProblem as e:
             rendered.append(e)
     ok = [r for r in rendered if not isinstance(r, RowProblem)]
@@ -200,6 +207,7 @@ class _SFTEncoder:
         self.tokenizer, self.normalize, self.keep, self.path = tokenizer, normalize, keep, path
         self.mapping, self.max_length = data_cfg.columns, data_cfg.max_length
         self.train_on_prompt, self.on_error = data_cfg.train_on_prompt, data_cfg.on_error
+        self.template = template_label(data_cfg.chat_template, tokenizer)
 
     @staticmethod
     def features():
@@ -223,8 +231,10 @@ class _SFTEncoder:
             except RowProblem as e:
                 out[k] = self._problem(e, index)
         convs = [(k, r) for k, r in chats if "messages" in r]
+        # text rows need no chat template: only conversations are rendered with one
         encoded = dict(zip([k for k, _ in convs], encode_messages_batch(
-            self.tokenizer, [r["messages"] for _, r in convs], self.max_length, self.train_on_prompt)))
+            self.tokenizer, [r["messages"] for _, r in convs], self.max_length, self.train_on_prompt,
+            self.template))) if convs else {}
         for k, r in chats:
             try:
                 if k in encoded:
@@ -318,16 +328,14 @@ def tokenize_sft(spec: str, tokenizer, data_cfg, cache_dir: str | None, show_pro
     Rows are read and tokenised in data.num_proc processes and streamed to Arrow files (see data/parallel.py).
     Returns (datasets.Dataset with input_ids/labels, EncodeStats).
     """
-    import datasets
-
     path = resolve_data_path(spec)
     settings = {"max_length": data_cfg.max_length, "train_on_prompt": data_cfg.train_on_prompt,
                 "format": data_cfg.format, "columns": data_cfg.columns, "on_error": data_cfg.on_error, "v": 1,
                 **source_settings(spec, data_cfg)}
     cache_path, fingerprint = cache_location("sft", spec, tokenizer, settings, data_cfg, cache_dir)
-    if cache_path is not None and (cache_path / "stats.json").exists():
-        stats = EncodeStats(**json.loads((cache_path / "stats.json").read_text()))
-        return datasets.load_from_disk(str(cache_path / "data")), stats
+    cached = load_cached(cache_path, EncodeStats)
+    if cached is not None:
+        return cached
 
     def make_encoder(rows):
         fmt = row_format(rows, data_cfg, path)
@@ -350,6 +358,25 @@ def tokenize_sft(spec: str, tokenizer, data_cfg, cache_dir: str | None, show_pro
 
     return build_cached(spec, data_cfg, cache_path, fingerprint, make_encoder, finish, ["input_ids", "labels"],
                         f"tokenising {Path(path).name}" if show_progress else None)
+
+
+def load_cached(cache_path: Path | None, stats_type):
+    """(datasets.Dataset, stats) from a tokenised cache, or None where there is none. A cache that cannot be read
+    (a truncated Arrow file, a damaged stats.json: a full disk, a copy cut short) is removed with a warning naming
+    it, and the caller builds it again."""
+    if cache_path is None or not (cache_path / "stats.json").exists():
+        return None
+    import datasets
+
+    try:
+        stats = stats_type(**json.loads((cache_path / "stats.json").read_text()))
+        return datasets.load_from_disk(str(cache_path / "data")), stats
+    except Exception as e:  # pyarrow, json and datasets each raise their own types for a damaged file
+        first = (str(e).strip().splitlines() or [""])[0]
+        log.warning("%s: the tokenised cache cannot be read (%s: %s); building it again", cache_path,
+                    type(e).__name__, first)
+        shutil.rmtree(cache_path, ignore_errors=True)
+        return None
 
 
 def _save_atomically(ds, stats: EncodeStats, cache_path: Path) -> None:

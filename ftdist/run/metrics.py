@@ -7,7 +7,44 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
+
+from ftdist.config import ConfigError
+
+# WANDB_MODE values that log without the service (offline: to files for `wandb sync`), so no key is needed
+WANDB_KEYLESS_MODES = ("offline", "dryrun", "disabled")
+
+
+def wandb_problem(environ: Mapping[str, str] = os.environ, installed: Optional[bool] = None,
+                  netrc_file: Optional[str] = None) -> Optional[str]:
+    """Why logging.wandb=true would fail in this environment (one line saying what fixes it), or None.
+
+    installed: whether the wandb package can be imported (default: looked up); a key is WANDB_API_KEY or the
+    api.wandb.ai entry `wandb login` writes to ~/.netrc (netrc_file, default $NETRC or ~/.netrc)."""
+    if installed is None:
+        import importlib.util
+
+        installed = importlib.util.find_spec("wandb") is not None
+    if not installed:
+        return ("logging.wandb=true but the wandb package is not installed: pip install 'ftdist[wandb]' (or pip "
+                "install wandb), or set logging.wandb=false")
+    if environ.get("WANDB_API_KEY") or environ.get("WANDB_MODE", "").lower() in WANDB_KEYLESS_MODES:
+        return None
+    if _netrc_has_key(netrc_file or environ.get("NETRC") or os.path.expanduser("~/.netrc"),
+                      environ.get("WANDB_BASE_URL", "https://api.wandb.ai")):
+        return None
+    return ("logging.wandb=true but no W&B API key was found: set WANDB_API_KEY (or run `wandb login`), or "
+            "WANDB_MODE=offline to log to files only (`wandb sync` uploads them later)")
+
+
+def _netrc_has_key(path: str, base_url: str) -> bool:
+    import netrc
+    from urllib.parse import urlparse
+
+    try:
+        return netrc.netrc(path).authenticators(urlparse(base_url).hostname or base_url) is not None
+    except (OSError, netrc.NetrcParseError):  # no file, or one that cannot be read: no key from it
+        return False
 
 
 class MetricsWriter:
@@ -35,8 +72,9 @@ class MetricsWriter:
             except ImportError:
                 self.tb = None
         if logging_cfg is not None and logging_cfg.wandb:
-            if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
-                raise RuntimeError("logging.wandb=true needs WANDB_API_KEY (or WANDB_MODE=offline) in the environment")
+            problem = wandb_problem()
+            if problem is not None:
+                raise ConfigError(problem)
             import wandb
 
             self.wandb = wandb.init(project=logging_cfg.wandb_project, config=config_dict, dir=output_dir,

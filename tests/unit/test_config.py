@@ -143,8 +143,47 @@ def test_warmup_steps_or_ratio_and_schedule_arguments():
     assert load_config("sft_tiny", []).train.warmup(1000) == 50  # the recipe's warmup_ratio 0.05
     assert load_config("sft_tiny", ["train.warmup_ratio=null"]).train.warmup(1000) == 30  # the default, 3%
     assert load_config("sft_tiny", ["train.warmup_ratio=null", "train.warmup_steps=7"]).train.warmup(1000) == 7
-    with pytest.raises(ConfigError, match="train.warmup_ratio=0.05 and train.warmup_steps=7: give one of them"):
-        load_config("sft_tiny", ["train.warmup_steps=7"])
+    with pytest.raises(ConfigError, match="train.warmup_ratio=0.1 and train.warmup_steps=7: give one of them"):
+        load_config("sft_tiny", ["train.warmup_steps=7", "train.warmup_ratio=0.1"])  # both on the command line
+
+
+def test_a_command_line_warmup_replaces_the_recipes_other_one(tmp_path):
+    """sft_tiny sets train.warmup_ratio: 0.05. As in transformers (warmup_steps wins over a ratio), a warmup key on
+    the command line replaces the recipe's other one, with a note; both non-zero in one place stays an error."""
+    steps = load_config("sft_tiny", ["train.warmup_steps=5"])
+    assert (steps.train.warmup_steps, steps.train.warmup_ratio, steps.train.warmup(1000)) == (5, None, 5)
+    assert steps.notes == ("train.warmup_steps=5 from the command line replaces the recipe's train.warmup_ratio=0.05",)
+    off = load_config("sft_tiny", ["train.warmup_steps=0"])
+    assert off.train.warmup(1000) == 0  # no warmup: the recipe's ratio is gone, not the 3% default
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  warmup_steps: 10\n")
+    assert load_config(str(recipe), BASE + ["train.warmup_ratio=0"]).train.warmup(1000) == 0
+    recipe.write_text("train:\n  warmup_steps: 10\n  warmup_ratio: 0\n")  # the same place, one of them 0
+    assert load_config(str(recipe), BASE).train.warmup(1000) == 10
+    recipe.write_text("train:\n  warmup_steps: 10\n  warmup_ratio: 0.1\n")
+    with pytest.raises(ConfigError, match="train.warmup_ratio=0.1 and train.warmup_steps=10: give one of them"):
+        load_config(str(recipe), BASE)
+
+
+def test_a_constant_schedule_with_a_warmup_warms_up():
+    """transformers' constant schedule ignores num_warmup_steps: a warmup the recipe sets becomes
+    constant_with_warmup (noted); without one it stays constant."""
+    import torch
+    from transformers import get_scheduler
+
+    cfg = load_config("sft_tiny", ["train.scheduler=constant", "train.warmup_ratio=null", "train.warmup_steps=4"])
+    assert cfg.train.scheduler == "constant_with_warmup" and cfg.train.warmup(10) == 4
+    assert cfg.notes[-1].startswith("train.scheduler=constant with train.warmup_steps=4: the learning rate warms up")
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = get_scheduler(cfg.train.scheduler, opt, num_warmup_steps=cfg.train.warmup(10), num_training_steps=10)
+    lrs = []
+    for _ in range(6):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]  # linear over 4 steps (k / 4), then constant
+    plain = load_config("sft_tiny", ["train.scheduler=constant", "train.warmup_ratio=0"])
+    assert plain.train.scheduler == "constant" and plain.notes == ()
     cfg = load_config("sft_tiny", ["train.scheduler=cosine_with_restarts", "train.scheduler_kwargs={num_cycles: 3}"])
     assert cfg.train.scheduler_kwargs == {"num_cycles": 3}
     with pytest.raises(ConfigError, match=r"train.scheduler_kwargs.num_cycle: not an argument of the "
@@ -221,3 +260,73 @@ def test_resume_safe_keys_are_whole_keys_or_sections():
     assert changed("data", "num_proc", 2) == []
     assert changed("train", "group_by_length", False) == []
     assert changed("train", "group_by_length", "epoch") == ["train.group_by_length"]
+
+
+@pytest.mark.parametrize("recipe,overrides,words", [
+    ("sft_tiny", ["data.columns={score_diff: my_col}"], ["data.columns.score_diff", "allowed: messages"]),
+    ("rm_tiny", ["data.columns={score_diff: my_col}"],
+     ["data.columns.score_diff: preference rows (stage=rm)", "prompt, chosen, rejected, system, score_chosen, "
+                                                             "score_rejected, margin"]),
+    ("sft_tiny", ["data.format=alpaca", "data.columns={instruction: q, answer: a}"],
+     ["data.columns.answer", "alpaca rows", "instruction, input, output, system"]),
+    ("sft_tiny", ["data.columns={conversations: messages}"], ["the mapping goes from the role to your column: "
+                                                             "{messages: conversations}"]),
+    ("sft_tiny", ["data.train=[{path: a.jsonl, format: text, columns: {txt: body}}]"],
+     ["data.train[0].columns.txt", "text rows", "allowed: text"]),
+    ("sft_tiny", ["data.max_samples=-3"], ["data.max_samples: got -3, must be >= 0"]),
+    (None, BASE + ["data.columns={messages: a, messages: b}"], ["data.columns={messages: a, messages: b}",
+                                                                "key 'messages' is given twice"]),
+])
+def test_data_keys_that_would_do_nothing_are_refused(recipe, overrides, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(recipe, overrides)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_preference_roles_are_accepted():
+    cfg = load_config("rm_tiny", ["data.columns={score_chosen: a, score_rejected: b, margin: m, prompt: q}"])
+    assert cfg.data.columns == {"score_chosen": "a", "score_rejected": "b", "margin": "m", "prompt": "q"}
+
+
+@pytest.mark.parametrize("content,words", [
+    (None, ["a directory, not a recipe"]),
+    (b"\x00\x01PK\x03\x04binary", ["binary content, not YAML text"]),
+    (b"train:\n  lr: [1, 2\n", ["line 3, column 1: not valid YAML"]),
+])
+def test_a_recipe_that_is_no_yaml_text_is_one_line(tmp_path, content, words):
+    path = tmp_path / "recipe.yaml"
+    path.mkdir() if content is None else path.write_bytes(content)
+    with pytest.raises(ConfigError) as e:
+        load_config(str(path))
+    assert "\n" not in str(e.value) and str(e.value).startswith(str(path))
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_print_config_marks_values_that_differ_from_the_library_defaults():
+    """ftdist keeps its own defaults where they differ from peft's, bitsandbytes', transformers' and TRL's, and
+    says so: a comment on each such value in --print-config, the library default in --help and the README."""
+    import yaml
+
+    from ftdist.config.load import config_yaml
+
+    cfg = load_config("qlora_tiny", ["model.lora.r=8", "train.scheduler=constant", "train.warmup_steps=3"])
+    text = config_yaml(cfg)
+    assert yaml.safe_load(text) == cfg.to_dict()  # comments only: the same recipe
+    lines = text.splitlines()
+    assert "    target_modules: all-linear  # peft default: the architecture's attention projections, e.g. [q_proj, " \
+           "v_proj] for Llama" in lines
+    assert "    quant_type: nf4  # bitsandbytes default: fp4" in lines
+    assert "    double_quant: true  # bitsandbytes default: false" in lines
+    assert "  keep_last: 2  # transformers default: all (save_total_limit=None)" in lines
+    assert "    r: 8" in lines  # equal to peft's: no mark
+    assert "    compute_dtype: fp32" in lines  # qlora_tiny computes in fp32, as bitsandbytes does by default
+    assert not any("top_k" in line and "#" in line for line in lines)  # ppo keys in an sft recipe: not marked
+    assert lines[0] == "# train.warmup_steps=3 from the command line replaces the recipe's train.warmup_ratio=0.05"
+    assert lines[1].startswith("# train.scheduler=constant with train.warmup_steps=3")
+    grpo = config_yaml(load_config("grpo_tiny")).splitlines()
+    assert "  top_k: 0  # transformers default: 50 (generate)" in grpo
+    help_text = config_help()
+    assert "(peft default: the architecture's attention projections" in help_text
+    assert "(bitsandbytes default: fp32)" in help_text and "(transformers default: 50 (generate))" in help_text

@@ -79,16 +79,16 @@ def _data(train, **data):
 
 
 def test_a_list_of_sources_loads_and_each_source_falls_back_to_data_keys():
-    cfg = _data(MIX, eval=["e.jsonl", {"path": "org/chat", "split": "test_sft[:20]"}], columns={"x": "y"},
+    cfg = _data(MIX, eval=["e.jsonl", {"path": "org/chat", "split": "test_sft[:20]"}], columns={"text": "body"},
                 shuffle_seed=7, eval_split="dev")
     src = source_configs(cfg.data, "train")
     assert [s.spec for s in src] == ["a.jsonl", "org/chat", "b.csv"]
     assert [(s.weight, s.samples) for s in src] == [(None, None), (0.5, None), (None, 100)]
     a, hub, csv = (s.cfg for s in src)
-    assert (a.train, a.split, a.columns, a.format, a.shuffle_seed, a.max_samples) == ("a.jsonl", "train", {"x": "y"},
-                                                                                     "auto", 7, 0)
+    assert (a.train, a.split, a.columns, a.format, a.shuffle_seed, a.max_samples) == (
+        "a.jsonl", "train", {"text": "body"}, "auto", 7, 0)
     assert (hub.train, hub.split, hub.columns) == ("org/chat", "train_sft", {"messages": "conversations"})
-    assert (csv.format, csv.filter, csv.max_samples, csv.columns) == ("alpaca", ["score >= 3"], 50, {"x": "y"})
+    assert (csv.format, csv.filter, csv.max_samples, csv.columns) == ("alpaca", ["score >= 3"], 50, {"text": "body"})
     ev = source_configs(cfg.data, "eval")
     assert [(s.spec, s.cfg.eval, s.cfg.eval_split, s.cfg.train) for s in ev] == [
         ("e.jsonl", "e.jsonl", "dev", None), ("org/chat", "org/chat", "test_sft[:20]", None)]
