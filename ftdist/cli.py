@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
-from ftdist.run.lifecycle import RunFailure
+from ftdist.errors import RunError, UserError, print_error
 
 TRAIN_EPILOG = """\
 RECIPE is a built-in recipe name ({recipes}) or a YAML file.
@@ -24,29 +25,20 @@ Recipe keys (type, default):
 """
 
 
-def _user_errors():
-    from ftdist.config import ConfigError
-    from ftdist.data.loading import DataError
-    from ftdist.engine.engine import UnsafeCheckpointError
-    from ftdist.models.loading import ModelError
-    from ftdist.train.step import NonFiniteError
-
-    return (ConfigError, DataError, ModelError, NonFiniteError, UnsafeCheckpointError)
+class UsageError(UserError):
+    """A command line argparse cannot parse (an unknown option, a missing argument)."""
 
 
-def _fail(msg: str) -> int:
-    rank = os.environ.get("RANK")
-    prefix = f"ftdist: error (rank {rank}): " if rank not in (None, "0") else "ftdist: error: "
-    print(prefix + msg, file=sys.stderr)
-    return 2
+class _Parser(argparse.ArgumentParser):
+    """argparse's errors as ftdist's own (one line, exit 2) instead of a usage block and SystemExit."""
+
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
 def cmd_train(args) -> int:
     from ftdist.config import load_config
 
-    from ftdist.engine.dist import RendezvousError
-
-    errors = _user_errors()
     cfg = None
     try:
         cfg = load_config(args.recipe, args.overrides)
@@ -55,23 +47,21 @@ def cmd_train(args) -> int:
 
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             return 0
+        if os.environ.get("RANK", "0") == "0":  # one probe, by the process that claims output_dir next
+            from ftdist.run.outputs import check_writable
+
+            check_writable(cfg.output_dir, "output_dir", directory=True)
         result = run_stage(cfg, end_process_when_done=True)
-        code = 3 if "stopped_at" in result else 0
-    except errors as e:
-        return _fail(str(e))
-    except RendezvousError as e:  # the ranks never met: one line saying how many did and where
-        _fail(str(e))
-        return 1
-    except RunFailure as e:  # the run failed (not the input): one line, the details in output_dir/error.log
-        _fail(str(e))
-        return 1
-    except RuntimeError as e:
-        if cfg is not None:
+        return 3 if "stopped_at" in result else 0
+    except BaseException as e:
+        # the run's error.log receives the traceback where output_dir is this run's (not a directory it refused)
+        if cfg is not None and (Path(cfg.output_dir) / "run.json").exists():
+            args.log_dir = cfg.output_dir
+        if cfg is not None and isinstance(e, RuntimeError) and not isinstance(e, RunError):
             _exit_on_collective_failure(e, cfg.dist.timeout_s)
         raise
     finally:
         _destroy_process_group()
-    return code
 
 
 def run_stage(cfg, end_process_when_done: bool = False) -> dict:
@@ -129,7 +119,7 @@ def cmd_recipes(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from ftdist.config import builtin_recipes, config_help
 
-    p = argparse.ArgumentParser(prog="ftdist", description="Distributed fine-tuning of causal language models.")
+    p = _Parser(prog="ftdist", description="Distributed fine-tuning of causal language models.")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="run a recipe: train (sft, rm, dpo, orpo, ppo) or evaluate (stage: eval)",
@@ -192,19 +182,68 @@ def _take_local_rank(argv: list[str]) -> list[str]:
 
 
 def main(argv=None) -> int:
+    """Every verb runs inside one error boundary: ftdist's own errors (UserError: exit 2, RunError: exit 1) end as
+    one line, any other exception as one line naming it and the file its traceback went to (exit 1); the
+    traceback goes to the run's error.log where the command has a run directory (args.log_dir)."""
     argv = _take_local_rank(list(sys.argv[1:] if argv is None else argv))
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    # argparse stops collecting `key=value` overrides at the first option (`--print-config a=1`): take the rest
-    if getattr(args, "command", None) == "train":
-        args.overrides += [a for a in extra if "=" in a and not a.startswith("-")]
-        extra = [a for a in extra if not ("=" in a and not a.startswith("-"))]
-    if extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args = argparse.Namespace(command=argv[0] if argv else None)
     try:
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        # argparse stops collecting `key=value` overrides at the first option (`--print-config a=1`): take the rest
+        if getattr(args, "command", None) == "train":
+            args.overrides += [a for a in extra if "=" in a and not a.startswith("-")]
+            extra = [a for a in extra if not ("=" in a and not a.startswith("-"))]
+        if extra:
+            raise UsageError(f"ftdist {args.command}: unrecognized arguments: {' '.join(extra)} "
+                             f"(see ftdist {args.command} --help)")
         return args.func(args)
     except KeyboardInterrupt:
         return 130
+    except (UserError, RunError) as e:
+        _write_traceback(e, args, argv, temp_file=False)
+        print_error(str(e))
+        return e.exit_code
+    except Exception as e:  # not one of ftdist's: still one line, what failed and where its traceback is
+        where = _write_traceback(e, args, argv, temp_file=True)
+        if isinstance(e, OSError) and e.filename:  # a read-only or full file system, a missing permission
+            what = f"{e.filename}: {e.strerror}"
+        else:
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            what = f"`ftdist {args.command or ''}` failed: {type(e).__name__}: {first}"
+        print_error(f"{what} ({f'the traceback is in {where}' if where else 'its traceback could not be saved'})")
+        return 1
+
+
+def _write_traceback(exc: BaseException, args, argv: list[str], temp_file: bool):
+    """Append the traceback to the run's error.log (args.log_dir, when the command has one and it exists), else
+    (temp_file) to a new temporary file; returns the file, or None where nothing was written."""
+    import datetime
+    import socket
+    import tempfile
+    import traceback
+
+    header = (f"--- {datetime.datetime.now().isoformat(timespec='seconds')} {socket.gethostname()} "
+              f"pid {os.getpid()} rank {os.environ.get('RANK', '0')}: ftdist {' '.join(argv)}\n")
+    text = header + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    log_dir = getattr(args, "log_dir", None)
+    if log_dir and os.path.isdir(log_dir):
+        path = Path(log_dir) / "error.log"
+        try:
+            with open(path, "a") as f:  # one write per process: ranks appending at once do not interleave lines
+                f.write(text)
+            return path
+        except OSError:
+            pass
+    if not temp_file:
+        return None
+    try:
+        fd, name = tempfile.mkstemp(prefix="ftdist-error-", suffix=".log")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+    except OSError:  # no writable temporary directory either
+        return None
+    return name
 
 
 if __name__ == "__main__":

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
@@ -54,9 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ftdist eval", description="Evaluate models side by side on held-out data.")
     p.add_argument("models", nargs="+", metavar="[NAME=]MODEL",
                    help="models to compare: a model directory, a run's output_dir, a LoRA adapter, ftdist/tiny")
-    p.add_argument("--suite", action="append", required=True, metavar="SUITE=FILE",
-                   help=f"a suite and its data file, or lm_eval:TASK[,TASK]; repeat for several "
-                   f"({', '.join(SUITES)})")
+    p.add_argument("--suite", action="append", required=True, metavar="SUITE[@SPLIT]=DATA",
+                   help=f"a suite and its data (a file, a datasets directory or a Hub name; @SPLIT: that split of a "
+                   f"directory or Hub name), or lm_eval:TASK[,TASK]; repeat for several ({', '.join(SUITES)})")
+    p.add_argument("--split", default=None,
+                   help="the split of every dataset directory or Hub name whose --suite names none (default: train)")
+    p.add_argument("--chat-template", default=None, metavar="TEMPLATE",
+                   help="one chat template for every model (as data.chat_template: a built-in name, a Jinja file or "
+                        "text), so that models are compared on the same prompts; default: each model's own")
     p.add_argument("--step", default=None, help="with runs' output_dirs: this checkpoint step instead of final/")
     p.add_argument("--base", default=None, help="LoRA adapters' base model (default: as their config names it)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32", "auto"), default="auto",
@@ -134,18 +138,22 @@ def _sharded_model(spec: str, settings, cfg, scratch: str):
     return frozen, frozen.module, tok
 
 
-def evaluate_models(settings, key: str = "--suite", option=lambda name: "--" + name.replace("_", "-"), cfg=None):
+def evaluate_models(settings, key: str = "--suite", option=lambda name: "--" + name.replace("_", "-"), cfg=None,
+                    split=None, chat_template=None):
     """Every model of settings.models on every suite; (models, results, samples) on rank 0, ([], {}, []) on the
     others. `key` and `option` name the settings in errors (command-line options, or the recipe's eval.* keys).
-    With a recipe `cfg` whose deepspeed.zero_stage is 3 and several ranks, the models are ZeRO-3-sharded."""
+    With a recipe `cfg` whose deepspeed.zero_stage is 3 and several ranks, the models are ZeRO-3-sharded.
+    `split`: of dataset directories and Hub names a suite names none for; `chat_template`: one template (a
+    built-in name, Jinja file or text) every model's tokenizer uses instead of its own."""
     import torch
 
     from ftdist.engine.dist import gather_to_main
     from ftdist.infer import inference_process, load_model
 
+    template = _template(chat_template, option("chat_template") if cfg is None else "data.chat_template")
+    suites, models = parse_suites(settings.suites, key, split), parse_models(settings.models)
     rank, world, device = inference_process()
-    suites, models = parse_suites(settings.suites, key), parse_models(settings.models)
-    names = {n for n, _ in suites}
+    names = {suite.name for suite in suites}
     helpers = {}
     if "reward" in names:
         if not settings.reward_model:
@@ -166,41 +174,52 @@ def evaluate_models(settings, key: str = "--suite", option=lambda name: "--" + n
             else:
                 model, tok = load_model(spec, settings.step if (Path(spec) / "config.yaml").exists() else None,
                                         settings.base, settings.dtype, device, scratch)
+            if template is not None:
+                tok.chat_template = template
             mine = evaluate_model(model, tok, suites, settings, helpers, (rank, world), synced=sharded)
             del model
             if sharded:
                 frozen.close()
-        order = {suite: k for k, (suite, _) in enumerate(suites)}
+        order = {suite.name: k for k, suite in enumerate(suites)}
         gathered = sorted((s for part in gather_to_main(mine) for s in part),
                           key=lambda s: (order[s["suite"]], s["row"]))
         if rank == 0:
-            results[name] = {suite: {**aggregate(suite, [s for s in gathered if s["suite"] == suite]),
-                                     "file": path} for suite, path in suites}
+            results[name] = {suite: {**aggregate(suite, [s for s in gathered if s["suite"] == suite]), "file": path,
+                                     **({"split": part} if part else {})} for suite, path, part in suites}
             all_samples += [{"model": name, **s} for s in gathered]
     if rank == 0:
         compare_to_first(results, all_samples, helpers)
     return (models if rank == 0 else []), results, all_samples
 
 
+def _template(spec, key: str):
+    """The Jinja text of a chat template given by name, file or text; None for each model's own."""
+    if spec is None:
+        return None
+    from ftdist.config import ConfigError
+    from ftdist.data.templates import resolve_chat_template
+
+    try:
+        return resolve_chat_template(spec)
+    except ConfigError as e:
+        raise EvalError(str(e).replace("data.chat_template", key, 1)) from None
+
+
 def write_results(out: Path, models, results: dict, samples: list[dict]) -> None:
     """eval.json and samples.jsonl, each written whole then renamed (never half a file)."""
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("eval.json", json.dumps({"models": dict(models), "results": results}, indent=1)),
-                       ("samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))):
-        tmp = out / (name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(out / name)
+    from ftdist.run.outputs import write_whole
+
+    write_whole(out / "eval.json", json.dumps({"models": dict(models), "results": results}, indent=1))
+    write_whole(out / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
 
 
 def run(args) -> int:
-    from ftdist.config import ConfigError
-    from ftdist.infer import InferError
+    from ftdist.run.outputs import check_writable
 
-    try:
-        models, results, samples = evaluate_models(_settings(args))
-    except (EvalError, InferError, ConfigError) as e:
-        print(f"ftdist eval: error: {e}", file=sys.stderr)
-        return 2
+    if args.out:  # before the work: a location found unwritable after it would lose the results
+        check_writable(args.out, "--out", directory=True)
+        args.log_dir = args.out  # an unexpected failure's traceback goes to --out/error.log where it exists
+    models, results, samples = evaluate_models(_settings(args), split=args.split, chat_template=args.chat_template)
     if not models:  # not rank 0
         return 0
     print(table(results))
@@ -213,13 +232,12 @@ def run(args) -> int:
 def run_recipe(cfg) -> dict:
     """A `stage: eval` recipe: eval.models on eval.suites; eval.json, samples.jsonl and config.yaml in output_dir.
     Returns {model: {suite: metrics}} (empty on ranks other than 0)."""
-    from ftdist.config import ConfigError, dump_config
-    from ftdist.infer import InferError
+    from ftdist.config import dump_config
+    from ftdist.run.outputs import check_writable
 
-    try:
-        models, results, samples = evaluate_models(cfg.eval, "eval.suites", lambda name: f"eval.{name}", cfg)
-    except (EvalError, InferError) as e:
-        raise ConfigError(str(e)) from None
+    check_writable(cfg.output_dir, "output_dir", directory=True)
+    models, results, samples = evaluate_models(cfg.eval, "eval.suites", lambda name: f"eval.{name}", cfg,
+                                               chat_template=cfg.data.chat_template)
     if models:
         out = Path(cfg.output_dir)
         print(table(results))

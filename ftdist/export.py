@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
-import sys
 from pathlib import Path
 
 from ftdist.errors import UserError
@@ -67,48 +66,92 @@ def find_checkpoint(run_dir: Path, step: str) -> Path:
 
 def export(run_dir: str, step: str, out: str, overwrite: bool = False) -> Path:
     from ftdist.config import ConfigError, load_config
-    from ftdist.engine.checkpoint import consolidated_weights
-    from ftdist.engine.dist import DistInfo
-    from ftdist.models.loading import load_tokenizer
-    from ftdist.train.task import make_task
+    from ftdist.run.outputs import check_writable, writing
 
     run, out_dir = Path(run_dir), Path(out)
     if not (run / "config.yaml").exists():
         raise ExportError(f"{run}: no config.yaml (not an ftdist run's output_dir)")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise ExportError(f"--out {out_dir}: not empty (use --overwrite)")
+    check_writable(out, "--out", directory=True)
     try:
         cfg = load_config(str(run / "config.yaml"))
     except ConfigError as e:
         raise ExportError(f"{run / 'config.yaml'}: {e}") from None
-    if cfg.stage == "ppo":
-        raise ExportError(f"{run}: a PPO run; its policy is written to {run / 'final'} (checkpoints hold one "
-                          f"engine state per actor group)")
     ckpt = find_checkpoint(run, step)
     tmp = out_dir.with_name(f".tmp-{out_dir.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    if cfg.model.lora is not None:
-        if not (ckpt / "adapter").is_dir():
-            raise ExportError(f"{ckpt}: a LoRA run's checkpoint without its adapter/ directory")
-        shutil.copytree(ckpt / "adapter", tmp)
-    else:
-        tokenizer = load_tokenizer(cfg.model, cfg.data.chat_template)
-        task = make_task(cfg, tokenizer, DistInfo(rank=0, world_size=1, local_rank=0, backend="gloo"))
-        model = task.build_model()
-        state = consolidated_weights(ckpt / "engine")
-        dtype = next(model.parameters()).dtype
-        missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
-        # tied weights (lm_head = embed_tokens) are saved once
-        missing = [k for k in missing if k not in _tied_names(model)]
-        if missing or unexpected:
-            raise ExportError(f"{ckpt}: the checkpoint's weights do not fit the model of {run / 'config.yaml'} "
-                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    copied = cfg.model.lora is not None and cfg.stage != "ppo"  # a LoRA checkpoint's adapter/, as it is
+    if copied and not (ckpt / "adapter").is_dir():
+        raise ExportError(f"{ckpt}: a LoRA run's checkpoint without its adapter/ directory")
+    model, tokenizer = (None, None) if copied else _rebuilt(cfg, run, ckpt)
+    # a full disk while writing: the checkpoint is untouched, --out as it was
+    with writing(out_dir, cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True), note=f"; {ckpt} is unchanged"):
+        if copied:
+            shutil.copytree(ckpt / "adapter", tmp)
+            _record_base(ckpt / "adapter", tmp)
+        else:
+            # a LoRA model is saved as its adapter alone (embeddings are never resized)
+            extra = {"save_embedding_layers": False} if cfg.model.lora is not None else {}
+            model.save_pretrained(str(tmp), safe_serialization=True, **extra)
+            tokenizer.save_pretrained(str(tmp))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
     return out_dir
+
+
+def _rebuilt(cfg, run: Path, ckpt: Path):
+    """(model, tokenizer): the checkpoint's model rebuilt from the run's recipe, its weights from the DeepSpeed
+    state. A PPO checkpoint holds one engine state per trained actor group: the policy's
+    (checkpoints/step-N/policy/engine) is the model, a LoRA policy's saved as its adapter (its state holds
+    the adapter alone: the frozen base is loaded unquantised, which the adapter's weights do not depend on)."""
+    import dataclasses
+
+    from ftdist.engine.checkpoint import consolidated_weights
+    from ftdist.engine.dist import DistInfo
+    from ftdist.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model, cfg.data.chat_template)
+    if cfg.stage == "ppo":
+        from ftdist.models.adapters import apply_lora
+        from ftdist.models.loading import load_causal_lm
+
+        model_cfg = dataclasses.replace(cfg.model, quantization=None, gradient_checkpointing=False)
+        model, engine_dir = apply_lora(load_causal_lm(model_cfg), model_cfg), ckpt / "policy" / "engine"
+    else:
+        from ftdist.train.task import make_task
+
+        task = make_task(cfg, tokenizer, DistInfo(rank=0, world_size=1, local_rank=0, backend="gloo"))
+        model, engine_dir = task.build_model(), ckpt / "engine"
+    state = consolidated_weights(engine_dir)
+    dtype = next(model.parameters()).dtype
+    missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
+    # tied weights (lm_head = embed_tokens) are saved once; a LoRA state leaves out the frozen base
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad} if cfg.model.lora is not None else set()
+    missing = [k for k in missing if k not in _tied_names(model) and k not in frozen]
+    if missing or unexpected:
+        raise ExportError(f"{ckpt}: the checkpoint's weights do not fit the model of {run / 'config.yaml'} "
+                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model, tokenizer
+
+
+def _record_base(adapter: Path, copy: Path) -> None:
+    """The copy names its base by the path training used, resolved against the run (an adapter saved with a
+    relative base path would otherwise load only from the directory the run was started in)."""
+    import json
+
+    from ftdist.models.adapters import adapter_base
+    from ftdist.models.loading import ModelError
+
+    try:
+        base = adapter_base(adapter)
+    except ModelError:
+        return  # left as it is: loading it says which paths were tried
+    config = json.loads((copy / "adapter_config.json").read_text())
+    if config.get("base_model_name_or_path") != base:
+        config["base_model_name_or_path"] = base
+        (copy / "adapter_config.json").write_text(json.dumps(config, indent=2))
 
 
 def _tied_names(model) -> set[str]:
@@ -119,15 +162,7 @@ def _tied_names(model) -> set[str]:
 def run(args) -> int:
     from ftdist.run.logs import setup_logging
 
-    from ftdist.config import ConfigError
-    from ftdist.engine.engine import UnsafeCheckpointError
-    from ftdist.models.loading import ModelError
-
     setup_logging(True)
-    try:
-        out = export(args.run_dir, args.step, args.out, args.overwrite)
-    except (ExportError, ConfigError, ModelError, UnsafeCheckpointError) as e:
-        print(f"ftdist export: error: {e}", file=sys.stderr)
-        return 2
+    out = export(args.run_dir, args.step, args.out, args.overwrite)
     print(f"exported to {out}")
     return 0

@@ -93,12 +93,9 @@ def resolve_model_dir(model: str, step: Optional[str], scratch: str) -> str:
                 raise InferError(f"{model}: a run without final/ (still training, or train.save_final=false): "
                                  f"pass --step N or --step latest")
             return str(path / "final")
-        from ftdist.export import ExportError, export
+        from ftdist.export import export
 
-        try:
-            return str(export(str(path), step, os.path.join(scratch, "model")))
-        except ExportError as e:
-            raise InferError(str(e)) from None
+        return str(export(str(path), step, os.path.join(scratch, "model")))
     if step is not None:
         raise InferError(f"--step {step}: {model} is not a run's output_dir (no config.yaml)")
     if not ((path / "config.json").exists() or (path / "adapter_config.json").exists()):
@@ -112,32 +109,34 @@ def load_model(model: str, step: Optional[str] = None, base: Optional[str] = Non
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ftdist.models.loading import resolve_model_path
+    from ftdist.models.loading import check_model_source, load_failure
 
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dtype == "auto":
         dtype = "bf16" if device.type == "cuda" else "fp32"
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     path = Path(resolve_model_dir(model, step, scratch or tempfile.mkdtemp(prefix="ftdist-model-")))
+    loading = path  # the directory being read, named when it fails
     try:
         if (path / "adapter_config.json").exists():
             from peft import PeftModel
 
-            named = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-            base_path = resolve_model_path(base or named or "")
-            if not base_path or not Path(base_path).exists() and base_path.startswith((".", "/")):
-                raise InferError(f"{model}: a LoRA adapter whose base {base or named!r} is not found: pass --base")
+            from ftdist.models.adapters import adapter_base
+
+            base_path = check_model_source(adapter_base(path, base), "--base" if base else f"{model}: its base")
+            loading = Path(base_path)
             lm = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch_dtype)
+            loading = path
             lm = PeftModel.from_pretrained(lm, str(path), is_trainable=False)
             tok_dir = path if (path / "tokenizer_config.json").exists() else Path(base_path)
         else:
             lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
             tok_dir = path
         tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-    except InferError:
+    except UserError:
         raise
-    except (OSError, ValueError) as e:
-        raise InferError(f"{model}: cannot be loaded: {' '.join(str(e).split())[:300]}") from None
+    except Exception as e:  # OSError, a damaged safetensors file, a pickle refused by the weights-only loader, ...
+        raise InferError(f"{model}: cannot be loaded: {load_failure(loading, e)}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return lm.to(device).eval(), tokenizer
@@ -194,35 +193,23 @@ def inference_process():
 
 
 def run(args) -> int:
-    from ftdist.config import ConfigError
-    from ftdist.data.loading import DataError
     from ftdist.engine.dist import gather_to_main
-    from ftdist.engine.engine import UnsafeCheckpointError
-    from ftdist.models.loading import ModelError
     from ftdist.models.generate import generate
+    from ftdist.run.outputs import check_writable, write_whole
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
-        print(f"ftdist generate: error: --out {out} exists (use --overwrite)", file=sys.stderr)
-        return 2
+        raise InferError(f"--out {out} exists (use --overwrite)")
+    check_writable(args.out, "--out", directory=False)
     rank, world, device = inference_process()
-    try:
-        with tempfile.TemporaryDirectory(prefix="ftdist-generate-") as scratch:
-            model, tok = load_model(args.model, args.step, args.base, args.dtype, device, scratch)
-            prompts = load_prompts(args.prompts, tok)
-            records = _generate_share(model, tok, prompts, args, rank, world, device, generate)
-    except (InferError, ConfigError, DataError, ModelError, UnsafeCheckpointError) as e:
-        print(f"ftdist generate: error: {e}", file=sys.stderr)
-        return 2
+    with tempfile.TemporaryDirectory(prefix="ftdist-generate-") as scratch:
+        model, tok = load_model(args.model, args.step, args.base, args.dtype, device, scratch)
+        prompts = load_prompts(args.prompts, tok)
+        records = _generate_share(model, tok, prompts, args, rank, world, device, generate)
     everything = gather_to_main(records)
     if rank == 0:
         rows = sorted((r for part in everything for r in part), key=lambda r: (r["index"], r["sample"]))
-        tmp = out.with_name(f".{out.name}.tmp")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w") as f:
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        os.replace(tmp, out)
+        write_whole(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         print(f"{len(rows)} answers to {len(prompts)} prompts written to {out}")
     return 0
 
@@ -274,15 +261,13 @@ def run_chat(args) -> int:
     from ftdist.run.logs import setup_logging
 
     setup_logging(True)
-    try:
-        with tempfile.TemporaryDirectory(prefix="ftdist-chat-") as scratch:
-            model, tok = load_model(args.model, args.step, args.base, args.dtype, None, scratch)
-    except InferError as e:
-        print(f"ftdist chat: error: {e}", file=sys.stderr)
-        return 2
+    with tempfile.TemporaryDirectory(prefix="ftdist-chat-") as scratch:
+        model, tok = load_model(args.model, args.step, args.base, args.dtype, None, scratch)
     if getattr(tok, "chat_template", None) is None:
-        print(f"ftdist chat: error: {args.model}: the tokenizer has no chat template", file=sys.stderr)
-        return 2
+        raise InferError(f"{args.model}: the tokenizer has no chat template")
+    if hasattr(sys.stdin, "reconfigure"):
+        # bytes that are not UTF-8 (a terminal in another encoding) come through as lone surrogates, refused below
+        sys.stdin.reconfigure(errors="surrogateescape")
     torch.manual_seed(args.seed)
     device = next(model.parameters()).device
     system, history = args.system, []
@@ -296,6 +281,9 @@ def run_chat(args) -> int:
             return 0
         text = line.strip()
         if not text:
+            continue
+        if any("\udc80" <= c <= "\udcff" for c in text):
+            print("(that line is not UTF-8 text and was left out: set the terminal to UTF-8)", flush=True)
             continue
         if text in ("/exit", "/quit"):
             return 0

@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import sys
 from pathlib import Path
 
 from ftdist.errors import UserError
@@ -63,18 +61,6 @@ def _adapter_config(path: Path) -> dict:
     return data
 
 
-def _resolve_base(base: str) -> str:
-    from ftdist.models.loading import resolve_model_path
-
-    path = resolve_model_path(base)
-    if os.path.isdir(path):
-        if not os.path.exists(os.path.join(path, "config.json")):
-            raise MergeError(f"--base {base}: no config.json (not a Hugging Face model directory)")
-    elif base.startswith((".", "/", "~")) or base.count("/") > 1:
-        raise MergeError(f"--base {base}: no such directory")
-    return path
-
-
 def _check_fits(model, adapter_dir: Path, base: str) -> None:
     """LoRA shapes against the base's layers, so a wrong base fails here with names, not deep in peft."""
     from safetensors import safe_open
@@ -110,50 +96,59 @@ def merge(base: str | None, adapters: list[str], out: str, dtype: str = "bf16", 
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from ftdist.models.adapters import adapter_base
+    from ftdist.models.loading import check_model_source, load_failure
+    from ftdist.run.outputs import check_writable, writing
+
     dirs = [Path(a) for a in adapters]
     configs = [_adapter_config(d) for d in dirs]
-    base = base or configs[0].get("base_model_name_or_path")
-    if not base:
-        raise MergeError("--base: not given, and the first adapter does not name its base model")
-    path = _resolve_base(base)
+    path = check_model_source(adapter_base(dirs[0], base), "--base" if base else f"--adapter {dirs[0]}: its base")
+    base = base or path
     out_dir = Path(out)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise MergeError(f"--out {out}: directory is not empty (pass --overwrite to write into it)")
+    check_writable(out, "--out", directory=True)
     for d, c in zip(dirs, configs):
         named = c.get("base_model_name_or_path")
         if named and base and named != base and Path(named).name != Path(base).name:
             log.warning("adapter %s was trained on %r; merging it into %r", d, named, base)
 
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if getattr(config, "quantization_config", None):
-        raise MergeError(f"--base {base}: a quantised checkpoint; merging needs the 16/32-bit weights the "
-                         f"adapter was trained on top of (QLoRA quantises at load time, so pass the original)")
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if getattr(config, "quantization_config", None):
+            raise MergeError(f"--base {base}: a quantised checkpoint; merging needs the 16/32-bit weights the "
+                             f"adapter was trained on top of (QLoRA quantises at load time, so pass the original)")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    except MergeError:
+        raise
+    except Exception as e:  # a damaged or crafted weights file, a config transformers cannot read
+        raise MergeError(f"--base {base}: cannot be loaded: {load_failure(path, e)}") from None
     for d in dirs:
         _check_fits(model, d, base)
         try:
             model = PeftModel.from_pretrained(model, str(d), is_trainable=False, torch_device="cpu")
         except (ValueError, RuntimeError, KeyError) as e:
             raise MergeError(f"--adapter {d} does not fit --base {base}: {e}") from None
+        except Exception as e:  # a crafted adapter_model.bin (refused by the weights-only reader), ...
+            raise MergeError(f"--adapter {d}: cannot be loaded: {load_failure(d, e)}") from None
         # merged before the next adapter loads: the next one was trained on top of this one
         model = model.merge_and_unload(safe_merge=True)
         log.info("merged %s", d)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
     tok_src = next((d for d in reversed(dirs) if (d / "tokenizer_config.json").exists()), None)
     tokenizer = AutoTokenizer.from_pretrained(str(tok_src) if tok_src else path, trust_remote_code=trust_remote_code)
-    tokenizer.save_pretrained(out_dir)
+    with writing(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out_dir, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir)
     return model
 
 
 def run(args) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s ftdist: %(message)s", datefmt="%H:%M:%S")
-    try:
-        merge(args.base, args.adapter, args.out, args.dtype, args.trust_remote_code, args.overwrite)
-    except MergeError as e:
-        print(f"ftdist merge: error: {e}", file=sys.stderr)
-        return 2
+    from ftdist.run.logs import setup_logging
+
+    setup_logging(True)
+    merge(args.base, args.adapter, args.out, args.dtype, args.trust_remote_code, args.overwrite)
     print(f"merged {len(args.adapter)} adapter(s) into {args.base or 'the adapter base'}: {args.out}")
     return 0

@@ -26,11 +26,17 @@ class RewardScorer:
     def __init__(self, path: str, dtype, device):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from ftdist.models.loading import ModelError, check_model_source, load_failure
+
         try:
-            self.model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype).to(device)
-            self.tok = AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError) as e:
-            raise EvalError(f"--reward-model {path}: cannot be loaded: {' '.join(str(e).split())[:300]}") from None
+            source = check_model_source(path, "--reward-model")  # a missing local path is not taken for a hub id
+        except ModelError as e:
+            raise EvalError(str(e)) from None
+        try:
+            self.model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, dtype=dtype).to(device)
+            self.tok = AutoTokenizer.from_pretrained(source)
+        except Exception as e:  # OSError, a damaged or crafted weights file, ...
+            raise EvalError(f"--reward-model {path}: cannot be loaded: {load_failure(source, e)}") from None
         self.model.eval()
         self.device = device
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 import string
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 from ftdist.errors import UserError
 
@@ -25,8 +27,16 @@ class EvalError(UserError):
     pass
 
 
-def parse_suites(specs: list[str], key: str = "--suite") -> list[tuple[str, str]]:
-    """[(suite, data file)] from SUITE=FILE specs; errors name `key` (--suite, or eval.suites[i] of a recipe)."""
+class Suite(NamedTuple):
+    name: str  # perplexity, exact_match, ..., or lm_eval:TASK
+    path: str  # the data source (or the lm-eval task's name)
+    split: Optional[str] = None  # the split of a dataset directory or Hub name (None: train)
+
+
+def parse_suites(specs: list[str], key: str = "--suite", split: Optional[str] = None) -> list[Suite]:
+    """Suites from SUITE[@SPLIT]=DATA specs; errors name `key` (--suite, or eval.suites[i] of a recipe). The split
+    is written on the suite's side of `=`, so that no path can be mistaken for one; `split` (--split) is the
+    split of every dataset directory or Hub name whose spec names none (a single file has one split)."""
     out = []
     for i, spec in enumerate(specs):
         where = key if key.startswith("-") else f"{key}[{i}]"
@@ -34,11 +44,13 @@ def parse_suites(specs: list[str], key: str = "--suite") -> list[tuple[str, str]
             tasks = [t.strip() for t in spec[len(LM_EVAL):].split(",") if t.strip()]
             if not tasks:
                 raise EvalError(f"{where} {spec!r}: lm_eval:TASK[,TASK] names lm-evaluation-harness tasks")
-            out += [(LM_EVAL + t, t) for t in tasks]
+            out += [Suite(LM_EVAL + t, t) for t in tasks]
             continue
-        name, sep, path = spec.partition("=")
-        if not sep or name not in SUITES:
-            raise EvalError(f"{where} {spec!r}: SUITE=FILE with SUITE one of {', '.join(SUITES)}")
+        head, sep, path = spec.partition("=")
+        name, at, own_split = head.partition("@")
+        if not sep or name not in SUITES or not path or (at and not own_split):
+            raise EvalError(f"{where} {spec!r}: SUITE=FILE (SUITE@SPLIT=DATA for a split of a dataset directory or "
+                            f"Hub name) with SUITE one of {', '.join(SUITES)}")
         from ftdist.data.loading import DataError, is_hub_name, resolve_data_path
 
         try:
@@ -47,8 +59,30 @@ def parse_suites(specs: list[str], key: str = "--suite") -> list[tuple[str, str]
             raise EvalError(f"{where} {spec!r}: {e}") from None
         if not Path(resolved).exists() and not is_hub_name(path):
             raise EvalError(f"{where} {spec!r}: {path}: no such file")
-        out.append((name, path))
+        if Path(resolved).is_file():
+            if own_split:
+                raise EvalError(f"{where} {spec!r}: {path} is one file, with one split; @SPLIT chooses a split of a "
+                                f"dataset directory or Hub name")
+            out.append(Suite(name, path))
+        else:
+            out.append(Suite(name, path, own_split or split))
     return out
+
+
+def _data_settings(path: str, split: Optional[str], **more):
+    """The data section a suite's rows are read with: its source as data.train, with its split."""
+    from ftdist.config import load_config
+
+    return load_config(data={"data": {"train": path, **({"split": split} if split else {}), **more}}).data
+
+
+def _split_error(e: Exception, path: str, split: Optional[str]) -> EvalError:
+    """A data error about a split, pointing to what chooses the split here (not data.split: eval does not read it)."""
+    text = re.sub(r"[;(]?\s*set data\.split[^);]*\)?", "", str(e)).strip()
+    if "split" not in text.lower():
+        return EvalError(text)
+    return EvalError(f"{text}; choose the split of {path} with --split SPLIT or SUITE@SPLIT={path} "
+                     f"(eval.suites: SUITE@SPLIT={path}), now {split or 'train'!r}")
 
 
 # -- answers and references --------------------------------------------------------------------
@@ -71,21 +105,22 @@ def accuracy_interval(k: int, n: int) -> tuple[float, float]:
     return (0.0 if k == 0 else max(0.0, mid - half)), (1.0 if k == n else min(1.0, mid + half))
 
 
-def _rows(path: str, max_samples: int):
+def _rows(path: str, max_samples: int, split: Optional[str] = None):
     from ftdist.data.loading import DataError, load_rows
 
     try:
-        rows = load_rows(path)
+        rows = load_rows(path, _data_settings(path, split) if split else None)
     except DataError as e:
-        raise EvalError(str(e)) from None
+        raise _split_error(e, path, split) from None
     return rows.select(range(min(len(rows), max_samples))) if max_samples > 0 else rows
 
 
-def qa_rows(path: str, max_samples: int, need_reference: bool = True) -> list[tuple[object, list | str, str]]:
+def qa_rows(path: str, max_samples: int, need_reference: bool = True,
+            split: Optional[str] = None) -> list[tuple[object, list | str, str]]:
     """[(prompt as given, prompt messages or text, reference ('' where none is needed and none is given))]."""
     from ftdist.data.formats import RowProblem, normalize_messages
 
-    rows = _rows(path, max_samples)
+    rows = _rows(path, max_samples, split)
     ref_col = next((c for c in ("reference", "answer", "completion") if c in rows.column_names), None)
     out = []
     for i, row in enumerate(rows):
@@ -113,9 +148,9 @@ def qa_rows(path: str, max_samples: int, need_reference: bool = True) -> list[tu
     return out
 
 
-def choice_rows(path: str, max_samples: int) -> list[tuple[str, list[str], int]]:
+def choice_rows(path: str, max_samples: int, split: Optional[str] = None) -> list[tuple[str, list[str], int]]:
     """[(question, options, index of the right option)]."""
-    rows = _rows(path, max_samples)
+    rows = _rows(path, max_samples, split)
     out = []
     for i, row in enumerate(rows):
         where = f"{path}: row {i + 1}"
@@ -151,20 +186,19 @@ def _share(n: int, share: tuple[int, int], synced: bool = False) -> tuple[list[i
     return mine, real
 
 
-def suite_perplexity(model, tok, path: str, args, share=(0, 1), synced: bool = False) -> list[dict]:
+def suite_perplexity(model, tok, path: str, args, share=(0, 1), synced: bool = False,
+                     split: Optional[str] = None) -> list[dict]:
     """Per row: its target tokens and their summed negative log-likelihood (float32 sums of float32 log-probs)."""
     import torch
 
     from ftdist.algos.sft import IGNORE_INDEX
-    from ftdist.config import load_config
     from ftdist.data.tokenize import tokenize_sft
 
-    cfg = load_config(data={"data": {"train": path, "max_length": args.max_length,
-                                     "max_samples": args.max_samples}})
+    data = _data_settings(path, split, max_length=args.max_length, max_samples=args.max_samples)
     try:
-        ds, _ = tokenize_sft(path, tok, cfg.data, None)
+        ds, _ = tokenize_sft(path, tok, data, None)
     except ValueError as e:
-        raise EvalError(str(e)) from None
+        raise _split_error(e, path, split) from None
     device = next(model.parameters()).device
     (mine, real), samples = _share(len(ds), share, synced), []
     for start in range(0, len(mine), args.batch_size):
@@ -212,8 +246,9 @@ def greedy_answers(model, tok, rows, path: str, args, synced: bool = False) -> l
     return answers
 
 
-def suite_answers(model, tok, path: str, args, contains: bool, share=(0, 1), synced: bool = False) -> list[dict]:
-    rows = qa_rows(path, args.max_samples)
+def suite_answers(model, tok, path: str, args, contains: bool, share=(0, 1), synced: bool = False,
+                  split: Optional[str] = None) -> list[dict]:
+    rows = qa_rows(path, args.max_samples, split=split)
     mine, real = _share(len(rows), share, synced)
     samples = []
     answers = greedy_answers(model, tok, [rows[i] for i in mine], path, args, synced)
@@ -247,8 +282,9 @@ def _option_logprobs(model, tok, question: str, options: list[str]) -> list[floa
     return out
 
 
-def suite_choice(model, tok, path: str, args, share=(0, 1), synced: bool = False) -> list[dict]:
-    rows = choice_rows(path, args.max_samples)
+def suite_choice(model, tok, path: str, args, share=(0, 1), synced: bool = False,
+                 split: Optional[str] = None) -> list[dict]:
+    rows = choice_rows(path, args.max_samples, split)
     samples = []
     mine, real = _share(len(rows), share, synced)
     for k, i in enumerate(mine):
@@ -337,8 +373,14 @@ def aggregate(suite: str, samples: list[dict]) -> dict:
         out = {}
         for k in names:
             values = [float(smp[k]) for smp in samples if isinstance(smp.get(k), (int, float))]
-            if values:
-                out[k], out[k + "_ci95"] = sum(values) / len(values), mean_interval(values)
+            if not values:
+                continue
+            out[k] = sum(values) / len(values)
+            # a proportion (acc, exact_match: every value 0 or 1) gets the Wilson interval, as the choice suite;
+            # the normal one can leave [0, 1] on few rows
+            binary = all(v in (0.0, 1.0) for v in values)
+            out[k + "_ci95"] = (list(accuracy_interval(int(sum(values)), len(values))) if binary
+                                else mean_interval(values))
         return {**out, "rows": n}
     scores = [s["score"] for s in samples]  # reward, judge
     return {suite: sum(scores) / max(n, 1), f"{suite}_ci95": mean_interval(scores), "rows": n}
@@ -360,17 +402,17 @@ def _question(prompt) -> str:
     return prompt if isinstance(prompt, str) else "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
 
 
-def evaluate_model(model, tok, suites: list[tuple[str, str]], args, helpers: dict, share=(0, 1),
+def evaluate_model(model, tok, suites: list[Suite], args, helpers: dict, share=(0, 1),
                    synced: bool = False) -> list[dict]:
     """This rank's share of every suite's rows, as samples (suite, row, what was asked, answered and scored)."""
     samples = []
-    for name, path in suites:
+    for name, path, split in suites:
         if name == "perplexity":
-            smp = suite_perplexity(model, tok, path, args, share, synced)
+            smp = suite_perplexity(model, tok, path, args, share, synced, split)
         elif name == "choice":
-            smp = suite_choice(model, tok, path, args, share, synced)
+            smp = suite_choice(model, tok, path, args, share, synced, split)
         elif name in ("reward", "judge"):
-            rows = qa_rows(path, args.max_samples, need_reference=False)
+            rows = qa_rows(path, args.max_samples, need_reference=False, split=split)
             mine, real = _share(len(rows), share, synced)
             answers = greedy_answers(model, tok, [rows[i] for i in mine], path, args, synced)[:real]
             mine = mine[:real]
@@ -384,7 +426,7 @@ def evaluate_model(model, tok, suites: list[tuple[str, str]], args, helpers: dic
         elif name.startswith(LM_EVAL):
             smp = suite_lm_eval(model, tok, path, args, share, synced)
         else:
-            smp = suite_answers(model, tok, path, args, name == "contains", share, synced)
+            smp = suite_answers(model, tok, path, args, name == "contains", share, synced, split)
         samples += [{"suite": name, **sm} for sm in smp]
     return samples
 

@@ -30,9 +30,9 @@ class SuiteEval:
         # rows as the training evaluation takes them: at most train.eval_max_samples, data.max_length tokens
         self.settings = dataclasses.replace(cfg.eval, max_samples=cfg.train.eval_max_samples,
                                             max_length=cfg.data.max_length or cfg.eval.max_length)
-        counts = Counter(name for name, _ in self.suites)
+        counts = Counter(suite.name for suite in self.suites)
         # a suite given twice (two files) is told apart by its file's name
-        self.labels = [name if counts[name] == 1 else f"{name}:{Path(path).stem}" for name, path in self.suites]
+        self.labels = [name if counts[name] == 1 else f"{name}:{Path(path).stem}" for name, path, _ in self.suites]
         self.helpers: Optional[dict] = None
 
     def _load_helpers(self, device) -> dict:
@@ -42,7 +42,7 @@ class SuiteEval:
         from ftdist.models.loading import DTYPES
 
         e, dtype = self.cfg.eval, DTYPES[self.cfg.model.dtype]
-        names = {n for n, _ in self.suites}
+        names = {suite.name for suite in self.suites}
         helpers = {}
         try:
             if "reward" in names:
@@ -78,12 +78,12 @@ class SuiteEval:
                                   (info.rank, info.world_size), synced)
         except EvalError as e:
             raise ConfigError(str(e)) from None
-        order = {name: k for k, (name, _) in enumerate(self.suites)}
+        order = {suite.name: k for k, suite in enumerate(self.suites)}
         gathered = sorted((s for part in gather_to_main(mine) for s in part),
                           key=lambda s: (order[s["suite"]], s["row"]))
         metrics = {}
         if info.is_main:
-            for label, (name, _) in zip(self.labels, self.suites):
+            for label, (name, _, _) in zip(self.labels, self.suites):
                 for k, v in aggregate(name, [s for s in gathered if s["suite"] == name]).items():
                     if isinstance(v, (int, float)) and not isinstance(v, bool):
                         metrics[f"eval/{label}/{k}"] = v

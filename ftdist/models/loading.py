@@ -11,6 +11,7 @@ import dataclasses
 import importlib.util
 import logging
 import os
+from pathlib import Path
 
 import torch
 
@@ -33,17 +34,17 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def _check_source(path: str, what: str) -> None:
+def _check_source(path: str, what: str, key: str = "model.name_or_path") -> None:
     if os.path.isdir(path):
         if not os.path.exists(os.path.join(path, "config.json")) and what == "model":
-            raise ModelError(f"model.name_or_path: {path} has no config.json (not a Hugging Face model directory)")
+            raise ModelError(f"{key}: {path} has no config.json (not a Hugging Face model directory)")
         return
     # a hub id is ORG/NAME; anything else, or ORG/NAME whose ORG is a local directory, was meant as a local path
     local = (path.startswith((".", "/", "~")) or path.count("/") != 1 or os.path.isdir(path.split("/")[0]))
     if local:
-        raise ModelError(f"model.name_or_path: {path} does not exist (a local path; hub ids look like org/name)")
+        raise ModelError(f"{key}: {path} does not exist (a local path; hub ids look like org/name)")
     if os.environ.get("HF_HUB_OFFLINE") == "1" and not _in_hub_cache(path):
-        raise ModelError(f"model.name_or_path: {path} is neither a local directory nor in the Hugging Face cache, "
+        raise ModelError(f"{key}: {path} is neither a local directory nor in the Hugging Face cache, "
                          f"and HF_HUB_OFFLINE=1 forbids downloading it")
 
 
@@ -52,6 +53,35 @@ def _in_hub_cache(repo_id: str) -> bool:
         from huggingface_hub import scan_cache_dir
 
         return any(r.repo_id == repo_id for r in scan_cache_dir().repos)
+def check_model_source(name_or_path: str, key: str) -> str:
+    """The path of a model named by an option or key (`key` in the error): a local directory with config.json,
+    or a hub id (available offline when HF_HUB_OFFLINE=1); a local path that does not exist is not taken for a
+    hub id."""
+    path = resolve_model_path(name_or_path)
+    _check_source(path, "model", key)
+    return path
+
+
+def load_failure(path, exc: BaseException) -> str:
+    """What went wrong loading the model in `path`, in one line: the damaged weights file where one is, and the
+    library's first line."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    if type(exc).__name__ == "SafetensorError":
+        from safetensors import safe_open
+
+        for f in sorted(Path(path).glob("*.safetensors")):
+            try:
+                with safe_open(str(f), framework="pt"):
+                    pass
+            except Exception:
+                return f"{f}: damaged (SafetensorError: {first})"
+    if "Weights only load failed" in str(exc) or type(exc).__name__ == "UnpicklingError":
+        files = sorted(str(f) for f in Path(path).glob("*.bin")) or [str(path)]
+        return (f"{', '.join(files)}: refused: it holds objects that are not weights (pickled weights are read "
+                f"weights-only: nothing in the file ran); use safetensors weights")
+    return f"{type(exc).__name__}: {first[:300]}"
+
+
     except Exception:  # no cache directory yet
         return False
 

@@ -4,9 +4,9 @@ plan/estimate.py)."""
 from __future__ import annotations
 
 import argparse
-import sys
 
 from ftdist.config.schema import OFFLOAD_OPTIMIZERS
+from ftdist.errors import UserError, print_error
 from ftdist.plan.estimate import (DTYPE_BYTES, GB, LINEAR_TARGETS, METHODS, OPTIMIZER_ALIASES, OPTIMIZER_STATE_BYTES,
                                   PRESETS, Candidate, ModelShape, Recommendation, recommend)
 
@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args) -> int:
     """Print the table and recommendation; write the recipe when asked. 0 = something fits."""
+    if args.emit_recipe:
+        from ftdist.run.outputs import check_writable
+
+        check_writable(args.emit_recipe, "--emit-recipe", directory=False)
     try:
         for flag, value in (("--nodes", args.nodes), ("--gpus-per-node", args.gpus_per_node),
                             ("--seq-len", args.seq_len), ("--micro-batch", args.micro_batch)):
@@ -115,8 +119,7 @@ def run(args) -> int:
                         args.method, args.headroom, args.cpu_memory_gb,
                         dtype=args.dtype, optimizer=args.optimizer, lora_r=r)
     except (ValueError, OSError) as err:
-        print(f"ftdist plan: error: {err}", file=sys.stderr)
-        return 2
+        raise UserError(str(err)) from None
     print(f"model {args.model}: {shape.n_params() / 1e9:.2f}B parameters, {args.method}, "
           f"{args.nodes} node(s) x {args.gpus_per_node} GPU(s), seq {args.seq_len} x micro-batch {args.micro_batch}")
     print(format_table(rec))
@@ -129,11 +132,19 @@ def run(args) -> int:
     if args.emit_recipe:
         name = PRESETS[args.model.lower()][1] if args.model.lower() in PRESETS else args.model
         text = emit_recipe(rec.choice, {"model.name_or_path": name}, path=args.emit_recipe)
-        with open(args.emit_recipe, "w") as f:
-            f.write(text)
+        try:
+            with open(args.emit_recipe, "w") as f:
+                f.write(text)
+        except OSError as err:
+            raise UserError(f"--emit-recipe {args.emit_recipe}: cannot be written ({err.strerror})") from None
         print(f"wrote {args.emit_recipe}; launch with: ftdist train {args.emit_recipe}")
     return 0
 
 
 def main(argv=None) -> int:
-    return run(build_parser().parse_args(argv))
+    """`ftdist plan` on its own (`ftdist plan` itself runs inside the command line's error boundary)."""
+    try:
+        return run(build_parser().parse_args(argv))
+    except UserError as e:
+        print_error(str(e))
+        return e.exit_code

@@ -104,6 +104,6 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, case):
         prompts, expect = str(tmp_path / "bad.jsonl"), "bad.jsonl: row 1:"
     out = tmp_path / "out.jsonl"
     proc = _generate(model, "--prompts", prompts, "--out", str(out))
-    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("ftdist generate: error:")]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("ftdist: error:")]
     assert proc.returncode == 2 and len(errors) == 1 and expect in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and not out.exists() and not list(tmp_path.glob(".out.jsonl*"))

@@ -105,6 +105,22 @@ def test_ppo_resumes_from_a_checkpoint_identically(ppo_run, warm):
     assert max_abs_diff(load_weights(ppo_run / "final"), load_weights(resumed / "final")) == 0.0
 
 
+def test_a_ppo_checkpoint_is_exported_and_evaluated_by_step(ppo_run, tmp_path):
+    """`ftdist export/eval RUN --step N` read the policy group's engine state of a PPO checkpoint."""
+    from ftdist.cli import main
+
+    assert main(["export", str(ppo_run), "--step", str(ITERATIONS), "--out", str(tmp_path / "last")]) == 0
+    # the last checkpoint holds the policy final/ was written from: fp32 master weights of an fp32 model, equal
+    assert max_abs_diff(load_weights(ppo_run / "final"), load_weights(tmp_path / "last")) == 0.0
+    assert main(["export", str(ppo_run), "--step", "5", "--out", str(tmp_path / "step5")]) == 0
+    assert max_abs_diff(load_weights(tmp_path / "step5"), load_weights(tmp_path / "last")) > 0  # 5 updates apart
+    suite = ["--suite", "perplexity=ftdist/tiny-task/eval", "--max-samples", "4"]
+    assert main(["eval", str(ppo_run), "--step", "5", *suite, "--out", str(tmp_path / "by_step")]) == 0
+    assert main(["eval", str(tmp_path / "step5"), *suite, "--out", str(tmp_path / "exported")]) == 0
+    by_step, exported = (json.loads((tmp_path / d / "eval.json").read_text())["results"] for d in ("by_step", "exported"))
+    assert next(iter(by_step.values())) == next(iter(exported.values()))
+
+
 def test_grpo_reward_rises_without_a_critic(warm):
     out = warm["base"] / "grpo"
     # the reference shares the policy's bundles and is a 2-rank group of its own

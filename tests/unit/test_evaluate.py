@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -146,3 +147,62 @@ def test_samples_go_to_a_file_per_step_and_a_wandb_table(tmp_path, monkeypatch):
     assert step == 7 and table.columns == ["suite", "row", "prompt", "answer", "score", "logprobs"]
     assert table.data[0] == ["exact_match", 0, '[{"role": "user", "content": "hi"}]', "a", 1, None]
     assert table.data[1] == ["choice", 0, None, None, 0, "[-1.0, -2.0]"]
+
+
+def test_lm_eval_proportions_get_the_wilson_interval_and_other_metrics_the_normal_one():
+    from ftdist.eval.suites import aggregate, mean_interval
+
+    # 1 right of 5: the normal interval 0.2 +- 1.96 * 0.2 = [-0.19, 0.59] leaves [0, 1]; Wilson's does not
+    samples = [{"metrics": ["acc", "bleu"], "acc": a, "bleu": b} for a, b in zip([1, 0, 0, 0, 0], [0.5, 2, 3, 1, 4])]
+    out = aggregate("lm_eval:task", samples)
+    assert out["acc"] == 0.2 and out["acc_ci95"] == list(accuracy_interval(1, 5)) and out["acc_ci95"][0] > 0
+    assert out["bleu_ci95"] == mean_interval([0.5, 2, 3, 1, 4]) and out["rows"] == 5
+
+
+def _perplexity(capsys, tmp_path, name, *argv):
+    from ftdist.cli import main
+
+    code = main(["eval", "ftdist/tiny", *argv, "--out", str(tmp_path / name)])
+    err = capsys.readouterr().err
+    if code != 0:
+        return code, [line for line in err.splitlines() if line.startswith("ftdist: error")]
+    return code, json.loads((tmp_path / name / "eval.json").read_text())["results"]["ftdist/tiny"]["perplexity"]
+
+
+def test_eval_reads_the_split_given_per_suite_or_for_all(tmp_path, capsys):
+    import datasets
+
+    conversation = [{"role": "user", "content": "Sort the digits: 3 1"}, {"role": "assistant", "content": "1 3"}]
+    splits = {"train": [conversation] * 3, "test": [conversation[:1] + [{"role": "assistant", "content": "3"}]] * 2}
+    saved = tmp_path / "saved"  # a datasets directory (save_to_disk)
+    datasets.DatasetDict({k: datasets.Dataset.from_dict({"messages": v}) for k, v in splits.items()}).save_to_disk(
+        str(saved))
+    repo = tmp_path / "repo"  # a directory laid out as a Hub dataset repository
+    (repo / "data").mkdir(parents=True)
+    for k, rows in splits.items():
+        (repo / "data" / f"{k}.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in rows))
+
+    assert _perplexity(capsys, tmp_path, "a", "--suite", f"perplexity={saved}")[1]["rows"] == 3  # train: the default
+    code, test_all = _perplexity(capsys, tmp_path, "b", "--suite", f"perplexity={saved}", "--split", "test")
+    assert code == 0 and test_all["rows"] == 2 and test_all["split"] == "test"
+    code, test_one = _perplexity(capsys, tmp_path, "c", "--suite", f"perplexity@test={saved}", "--split", "train")
+    assert code == 0 and test_one == test_all  # the suite's own split wins over --split
+    code, from_repo = _perplexity(capsys, tmp_path, "d", "--suite", f"perplexity@test={repo}")
+    assert code == 0 and from_repo["perplexity"] == test_all["perplexity"] and from_repo["rows"] == 2
+    code, lines = _perplexity(capsys, tmp_path, "e", "--suite", f"perplexity={saved}", "--split", "validation")
+    assert code == 2 and len(lines) == 1 and "'validation'" in lines[0] and "--split SPLIT or SUITE@SPLIT=" in lines[0]
+    assert "data.split" not in lines[0]  # eval does not read it
+
+
+def test_one_chat_template_for_every_model(tmp_path, capsys):
+    from ftdist.models.loading import resolve_model_path
+
+    own = tmp_path / "own.jinja"
+    own.write_text((Path(resolve_model_path("ftdist/tiny")) / "chat_template.jinja").read_text())
+    suite = ["--suite", "perplexity=ftdist/tiny-task/eval", "--max-samples", "4"]
+    _, default = _perplexity(capsys, tmp_path, "default", *suite)
+    _, same = _perplexity(capsys, tmp_path, "same", *suite, "--chat-template", str(own))
+    _, chatml = _perplexity(capsys, tmp_path, "chatml", *suite, "--chat-template", "chatml")
+    assert same == default  # the model's own template given as a file: the same tokens, the same numbers
+    # ChatML wraps each turn in its own markers: other prompt tokens, the same answers scored after them
+    assert chatml["rows"] == 4 and chatml["perplexity"] != default["perplexity"]

@@ -2,6 +2,7 @@
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from ftdist.config import ConfigError, load_config
 from ftdist.engine.optim import BNB_OPTIMIZERS, bnb_optimizer_class, build_optimizer
 from ftdist.merge import MergeError, merge
 from ftdist.models.adapters import adapter_disabled, apply_lora, is_peft_model
-from ftdist.models.loading import count_parameters, decay_param_groups, load_causal_lm, resolve_model_path
+from ftdist.models.loading import ModelError, count_parameters, decay_param_groups, load_causal_lm, resolve_model_path
 from ftdist.models.quant import bnb_config, quant_storage_dtype
 
 pytestmark = pytest.mark.unit
@@ -239,7 +240,7 @@ def test_merge_errors_are_clear(tmp_path):
         merge("ftdist/tiny", [str(tmp_path / "missing")], str(tmp_path / "o"))
     with pytest.raises(MergeError, match="no adapter_config.json"):
         merge("ftdist/tiny", [str(tmp_path)], str(tmp_path / "o"))
-    with pytest.raises(MergeError, match="--base .*no such directory"):
+    with pytest.raises(ModelError, match="--base: .*nobase does not exist"):
         merge(str(tmp_path / "nobase"), [str(adapter)], str(tmp_path / "o"))
 
     wide_cfg = AutoConfig.from_pretrained(resolve_model_path("ftdist/tiny"))
@@ -269,7 +270,42 @@ def test_merge_cli(tmp_path, capsys):
     assert main(["merge", "--adapter", str(adapter), "--out", str(tmp_path / "m"), "--dtype", "fp32"]) == 0
     assert (tmp_path / "m" / "model.safetensors").exists()
     assert main(["merge", "--base", "ftdist/tiny", "--adapter", str(tmp_path / "nope"), "--out", str(tmp_path / "m2")]) == 2
-    assert "ftdist merge: error: --adapter" in capsys.readouterr().err
+    assert "ftdist: error: --adapter" in capsys.readouterr().err
+
+
+def test_an_adapter_finds_its_base_from_any_directory(tmp_path, monkeypatch, capsys):
+    """A base given as a relative path is recorded absolute; an adapter that names its base relatively (saved
+    before) is resolved against the directory its run was started in; a missing base names the paths tried."""
+    import shutil
+
+    from ftdist.cli import main
+    from ftdist.models.adapters import adapter_base
+
+    shutil.copytree(resolve_model_path("ftdist/tiny"), tmp_path / "models" / "base")
+    monkeypatch.chdir(tmp_path)  # the run starts here, its recipe naming the base relatively
+    cfg = _tiny_cfg("model.quantization=null", "model.name_or_path=models/base", "model.dtype=fp32")
+    final = tmp_path / "runs" / "lora" / "final"
+    apply_lora(load_causal_lm(cfg), cfg).save_pretrained(str(final))
+    recorded = json.loads((final / "adapter_config.json").read_text())
+    assert recorded["base_model_name_or_path"] == str(tmp_path / "models" / "base")
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": "Sort the digits: 2 1"}) + "\n")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    generate = ["generate", str(final), "--prompts", str(tmp_path / "prompts.jsonl"), "--max-new-tokens", "2"]
+    assert main([*generate, "--out", "a.jsonl"]) == 0 and json.loads(Path("a.jsonl").read_text())["new_tokens"] > 0
+
+    # an adapter written with the relative name, in a run whose config.yaml says where it was started
+    (final.parent / "config.yaml").write_text("output_dir: runs/lora\n")
+    (final / "adapter_config.json").write_text(json.dumps({**recorded, "base_model_name_or_path": "models/base"}))
+    assert adapter_base(final) == str(tmp_path / "models" / "base")
+    shutil.move(tmp_path / "models", tmp_path / "moved")
+    with pytest.raises(ModelError, match=r"base 'models/base' is not found \(tried .*elsewhere/models/base, "
+                                         rf"{tmp_path}/models/base, .*final/models/base; as a hub id it is not in "
+                                         r"the cache, and HF_HUB_OFFLINE=1\): pass --base"):
+        adapter_base(final)
+    capsys.readouterr()
+    assert main([*generate, "--out", "c.jsonl"]) == 2
+    assert "pass --base" in capsys.readouterr().err
 
 
 def test_lora_on_8bit_base_trains_only_the_adapter():
