@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -153,3 +154,30 @@ def start_ranks(n: int, train_args: list[str], log_dir: Path, env: dict | None =
                                           env=full_env, stdout=log, stderr=subprocess.STDOUT,
                                           stdin=subprocess.DEVNULL, start_new_session=True))
     return procs
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size_bytes: int):
+    """A tmpfs of size_bytes (rounded up to KiB) mounted at path for the block: a disk that really fills up, as a
+    full disk does (root, as on the CI machines)."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={-(-size_bytes // 1024)}k", "tmpfs", str(path)],
+                   check=True, capture_output=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
+
+
+def fill_disk(path: Path, leave_bytes: int = 0) -> None:
+    """Take the free space of path's file system, leaving about leave_bytes (at most 4 KiB off)."""
+    import shutil
+
+    with open(path / "filler", "ab", buffering=0) as f:
+        chunk = b"\0" * (1 << 20)
+        while shutil.disk_usage(path).free > leave_bytes:
+            want = shutil.disk_usage(path).free - leave_bytes
+            try:
+                f.write(chunk[:max(4096, min(len(chunk), want))])
+            except OSError:
+                break

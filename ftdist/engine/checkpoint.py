@@ -35,6 +35,8 @@ import torch
 
 from ftdist.config import ConfigError
 from ftdist.engine.dist import barrier, gather_to_main
+from ftdist.engine.engine import CheckpointError, UnsafeCheckpointError, safe_checkpoint_load
+from ftdist.run.disk import space_for, tree_bytes
 from ftdist.run.seeding import rng_state, set_rng_state
 
 log = logging.getLogger("ftdist")
@@ -96,6 +98,30 @@ def damaged_file(path: Path) -> Optional[str]:
     return None
 
 
+def checkpoint_problem(path: Path, verify: bool = True) -> Optional[str]:
+    """What keeps a checkpoint from being resumed, in words, or None: no manifest (it was being written when the
+    run stopped), or a file missing or not what its manifest records (size; with verify, sha256 too)."""
+    if _manifest_files(path) is None:
+        return "incomplete: no valid manifest.json (it was being written when the run stopped)"
+    if not is_complete(path):  # the manifest is there: a file that is missing or of another size
+        bad = damaged_file(path)
+        where = path / bad
+        return f"damaged: {bad} " + ("is missing" if not where.is_file() else
+                                    f"is {where.stat().st_size} bytes, its manifest records "
+                                    f"{_size_of(_manifest_files(path)[bad])}")
+    bad = damaged_file(path) if verify else None
+    return f"damaged: {bad} does not match its manifest (sha256)" if bad is not None else None
+
+
+def _size_of(rec) -> int:
+    return rec["size"] if isinstance(rec, dict) else rec
+
+
+def checkpoint_bytes(path: Path) -> int:
+    """A complete checkpoint's size from its manifest (0 when it has none)."""
+    return sum(_size_of(r) for r in (_manifest_files(path) or {}).values())
+
+
 def list_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
     out = []
     if ckpt_root.exists():
@@ -109,18 +135,14 @@ def list_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
 def find_latest(ckpt_root: Path, run_id: str, warn: bool = True, verify: bool = False) -> Optional[Path]:
     """This run's newest complete checkpoint; with verify, the newest whose files all match their sha256."""
     for step, p in reversed(list_checkpoints(ckpt_root)):
-        if is_complete(p) and run_of(p) != run_id:
+        if _manifest_files(p) is not None and run_of(p) != run_id:
             continue  # another run's (e.g. before checkpoint.resume=never): never resumed by auto
-        if not is_complete(p):
-            if warn:
-                log.warning("skipping incomplete checkpoint %s (no valid manifest: it was being written when the run "
-                            "stopped)", p)
-            continue
-        bad = damaged_file(p) if verify else None
-        if bad is None:
+        problem = checkpoint_problem(p, verify)
+        if problem is None:
             return p
-        log.warning("skipping damaged checkpoint %s: %s does not match its manifest (size or sha256); falling back "
-                    "to the one before", p, bad)
+        if warn:
+            log.warning("skipping %s checkpoint %s: %s; falling back to the one before", problem.split(":")[0], p,
+                        problem.split(": ", 1)[1])
     return None
 
 
@@ -166,11 +188,28 @@ def load_engine_state(engine, state_dir: Path, universal_dir: Optional[Path] = N
         client_state = engine.load_state(str(state_dir))
     rng_file = Path(state_dir) / "rng" / f"rank{engine.info.rank}.pt"
     if rng_file.exists():
-        set_rng_state(torch.load(rng_file, weights_only=True))
+        restore_rng(rng_file)
     else:
         log.warning("%s has no RNG state for rank %d (world size changed?); continuing with fresh RNG", state_dir,
                     engine.info.rank)
     return client_state
+
+
+def restore_rng(rng_file: Path) -> None:
+    """This rank's RNG state from a checkpoint file; a file that would run code is refused, one that holds no RNG
+    state is named as damaged."""
+    try:
+        set_rng_state(safe_checkpoint_load(str(rng_file)))
+    except (UnsafeCheckpointError, CheckpointError):
+        raise
+    except Exception as e:  # a truncated zip, another object's pickle, missing keys: all end the same way
+        raise CheckpointError(f"{rng_file}: damaged: not an RNG state ftdist wrote ({_first_line(e)}); resume from "
+                              f"another checkpoint (checkpoint.resume=PATH)") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
 
 
 def commit_checkpoint(tmp: Path, ckpt_root: Path, step: int, trainer_state: dict, keep_last: int, run_id: str,
@@ -210,6 +249,23 @@ def publish_dir(tmp: Path, final: Path) -> None:
     _fsync_dir(final.parent)
 
 
+def checkpoint_space(ckpt_root: Path, step: int):
+    """Around writing the step-N checkpoint (begin to commit): a full disk ends it as one line with the space
+    needed (the newest complete checkpoint's size: the same model and optimizer), its partial files removed."""
+    def needed() -> Optional[int]:
+        done = [p for _, p in list_checkpoints(ckpt_root) if is_complete(p)]
+        return checkpoint_bytes(done[-1]) if done else None
+
+    return space_for(ckpt_root / f"step-{step}", f"the checkpoint of step {step}", needed,
+                     partial=_tmp_dir(ckpt_root, step), kept="the checkpoints before it and final/ are as they were")
+
+
+def final_space(final: Path, tmp: Path):
+    """Around exporting final/ into `tmp`: a full disk ends it as one line, the partial export removed."""
+    return space_for(final, "the final model", lambda: tree_bytes(final) or None, partial=tmp,
+                     kept=f"the checkpoints{' and the final/ before it' if final.exists() else ''} are as they were")
+
+
 def export_final(engine, export, final: Path) -> None:
     """Collective: `export(dir)` writes the model into a temporary directory that replaces `final` once complete,
     so a run that dies while exporting (a full disk) leaves the previous final/ or none, never half of one."""
@@ -217,10 +273,11 @@ def export_final(engine, export, final: Path) -> None:
     if engine.info.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
     barrier()
-    export(str(tmp))
-    barrier()
-    if engine.info.is_main:
-        publish_dir(tmp, final)
+    with final_space(final, tmp):
+        export(str(tmp))
+        barrier()
+        if engine.info.is_main:
+            publish_dir(tmp, final)
     barrier()
 
 
@@ -242,26 +299,36 @@ def consolidated_weights(engine_dir: Path) -> dict:
 
 
 def read_trainer_state(path: Path) -> dict:
-    return json.loads((Path(path) / "trainer_state.json").read_text())
+    file = Path(path) / "trainer_state.json"
+    try:
+        state = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{file}: damaged: unreadable ({_first_line(e)}); resume from another checkpoint "
+                              f"(checkpoint.resume=PATH)") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file}: damaged: holds a JSON {type(state).__name__}, not the trainer state")
+    return state
 
 
 def save_checkpoint(engine, ckpt_root: Path, step: int, trainer_state: dict, keep_last: int, run_id: str,
                     extra_save: Optional[Callable[[Path], None]] = None) -> Path:
     """Collective over all ranks of one engine; `extra_save(tmp_dir)` runs on every rank before the commit."""
     tmp = _tmp_dir(ckpt_root, step)
-    if engine.info.is_main:
-        begin_checkpoint(ckpt_root, step, run_id)
-    barrier()
-    save_engine_state(engine, tmp, client_state={"ftdist": trainer_state})
-    if extra_save is not None:
-        extra_save(tmp)
-    barrier()
-    # every rank hashes a share of the files (a large checkpoint is hashed in parallel)
     info = engine.info
-    digests = gather_to_main(digest_files(tmp, _files(tmp)[info.rank::info.world_size]))
-    if info.is_main:
-        commit_checkpoint(tmp, ckpt_root, step, trainer_state, keep_last, run_id,
-                          {k: v for d in digests for k, v in d.items()})
+    # a full disk on this rank: one line from it (the others stop at the next collective)
+    with checkpoint_space(ckpt_root, step):
+        if info.is_main:
+            begin_checkpoint(ckpt_root, step, run_id)
+        barrier()
+        save_engine_state(engine, tmp, client_state={"ftdist": trainer_state})
+        if extra_save is not None:
+            extra_save(tmp)
+        barrier()
+        # every rank hashes a share of the files (a large checkpoint is hashed in parallel)
+        digests = gather_to_main(digest_files(tmp, _files(tmp)[info.rank::info.world_size]))
+        if info.is_main:
+            commit_checkpoint(tmp, ckpt_root, step, trainer_state, keep_last, run_id,
+                              {k: v for d in digests for k, v in d.items()})
     barrier()
     return ckpt_root / f"step-{step}"
 
@@ -325,9 +392,7 @@ def resolve_resume(spec: str, ckpt_root: Path, run_id: str) -> Optional[Path]:
     p = Path(spec)
     if not p.exists():
         raise ConfigError(f"checkpoint.resume: {spec} does not exist (use auto, never, or a checkpoint directory)")
-    if not is_complete(p):
-        raise ConfigError(f"checkpoint.resume: {spec} is not a complete checkpoint (no valid manifest.json)")
-    bad = damaged_file(p)
-    if bad is not None:
-        raise ConfigError(f"checkpoint.resume: {spec} is damaged: {bad} does not match its manifest (size or sha256)")
+    problem = checkpoint_problem(p)
+    if problem is not None:
+        raise ConfigError(f"checkpoint.resume: {spec} is {problem}")
     return p

@@ -158,6 +158,10 @@ class UnsafeCheckpointError(UserError):
     """A checkpoint file holds objects other than tensors, plain containers and DeepSpeed's own state types."""
 
 
+class CheckpointError(UserError):
+    """A file a run reads back (checkpoint, RNG state, trainer state) that is damaged: the message names it."""
+
+
 def _deepspeed_checkpoint_types() -> list:
     """The non-tensor types DeepSpeed writes into its checkpoints (found by loading every ZeRO stage, bf16,
     offload and QLoRA checkpoint weights-only); nothing else may be unpickled."""
@@ -179,9 +183,14 @@ def safe_checkpoint_load(path: str, map_location=None):
         try:
             return _TORCH_LOAD(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            # torch's own lines around the reason: how weights_only changed, where to file an issue, the docs
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.startswith(
+                ("Weights only load failed", "Please file an issue", "Check the documentation"))]
+            why = lines[0] if lines else type(e).__name__
+            if "GLOBAL" not in why:  # not an object it refused, but bytes that are no pickle it knows
+                raise CheckpointError(f"{path}: damaged: not a file torch.save wrote ({why})") from None
             raise UnsafeCheckpointError(
-                f"{path}: refused to load: it holds objects that are not checkpoint state ({first}); ftdist never "
+                f"{path}: refused to load: it holds objects that are not checkpoint state ({why}); ftdist never "
                 f"runs code from checkpoint files. Was this file written by ftdist?") from None
 
 

@@ -48,11 +48,6 @@ def _check_source(path: str, what: str, key: str = "model.name_or_path") -> None
                          f"and HF_HUB_OFFLINE=1 forbids downloading it")
 
 
-def _in_hub_cache(repo_id: str) -> bool:
-    try:
-        from huggingface_hub import scan_cache_dir
-
-        return any(r.repo_id == repo_id for r in scan_cache_dir().repos)
 def check_model_source(name_or_path: str, key: str) -> str:
     """The path of a model named by an option or key (`key` in the error): a local directory with config.json,
     or a hub id (available offline when HF_HUB_OFFLINE=1); a local path that does not exist is not taken for a
@@ -82,6 +77,11 @@ def load_failure(path, exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first[:300]}"
 
 
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        return any(r.repo_id == repo_id for r in scan_cache_dir().repos)
     except Exception:  # no cache directory yet
         return False
 

@@ -24,7 +24,8 @@ import torch
 
 from ftdist.algos.ppo import AdaptiveKLController, FixedKLController
 from ftdist.data.answers import exact_match
-from ftdist.engine.checkpoint import begin_checkpoint, commit_checkpoint, publish_dir, read_trainer_state
+from ftdist.engine.checkpoint import (begin_checkpoint, checkpoint_space, commit_checkpoint, final_space, publish_dir,
+                                      read_trainer_state)
 from ftdist.rl import ray_shells as rs
 from ftdist.rl.advantages import compute_advantages
 from ftdist.rl.experience import Experience, merge_rollouts
@@ -242,11 +243,12 @@ class PPODriver:
 
     def save_checkpoint(self) -> Path:
         """checkpoints/step-N/{policy,critic}/ (each group's engine state) + trainer_state.json, atomically."""
-        tmp = begin_checkpoint(self.ckpt_root, self.iteration, self.run_id)
-        trained = [r for r in ("policy", "critic") if r in self.groups]
-        self._get(*[self.groups[r].run("save", str(tmp / r)) for r in trained])
-        return commit_checkpoint(tmp, self.ckpt_root, self.iteration, self.state(), self.cfg.checkpoint.keep_last,
-                                 self.run_id)
+        with checkpoint_space(self.ckpt_root, self.iteration):  # an actor's full disk comes as its error's text
+            tmp = begin_checkpoint(self.ckpt_root, self.iteration, self.run_id)
+            trained = [r for r in ("policy", "critic") if r in self.groups]
+            self._get(*[self.groups[r].run("save", str(tmp / r)) for r in trained])
+            return commit_checkpoint(tmp, self.ckpt_root, self.iteration, self.state(),
+                                     self.cfg.checkpoint.keep_last, self.run_id)
 
     def load_checkpoint(self, path: Path) -> None:
         trained = [r for r in ("policy", "critic") if r in self.groups]
@@ -264,6 +266,7 @@ class PPODriver:
         final = Path(out_dir)
         tmp = final.with_name(f".tmp-{final.name}")
         shutil.rmtree(tmp, ignore_errors=True)
-        self._get(self.groups["policy"].run("export", str(tmp)))
-        publish_dir(tmp, final)
+        with final_space(final, tmp):
+            self._get(self.groups["policy"].run("export", str(tmp)))
+            publish_dir(tmp, final)
         log.info("policy in %s", final)

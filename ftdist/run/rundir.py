@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 from ftdist.config import ConfigError
+from ftdist.run.disk import space_for
 
 log = logging.getLogger("ftdist")
 
@@ -124,9 +125,11 @@ def claim(output_dir: str, overwrite: bool, fresh: bool = False) -> str:
     run_id = uuid.uuid4().hex
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".{RUN_FILE}.tmp"
-    tmp.write_text(json.dumps({"run_id": run_id, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                               "host": socket.gethostname(), "pid": os.getpid()}, indent=1))
-    os.replace(tmp, run_file)
+    with space_for(run_file, f"the run's identity ({RUN_FILE})", partial=tmp,
+                   kept="nothing in output_dir was changed"):
+        tmp.write_text(json.dumps({"run_id": run_id, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                   "host": socket.gethostname(), "pid": os.getpid()}, indent=1))
+        os.replace(tmp, run_file)
     return run_id
 
 
@@ -155,8 +158,12 @@ def lock(output_dir: str, run_id: str) -> Lock:
             except FileNotFoundError:
                 pass
             continue
-        with os.fdopen(fd, "w") as f:
-            f.write(record)
+        # a lock left empty by a full disk would be taken for a dead holder's: it goes
+        with space_for(path, "the run's lock", partial=path, kept="nothing in output_dir was changed"):
+            with os.fdopen(fd, "w") as f:
+                f.write(record)
+                f.flush()
+                os.fsync(f.fileno())
         me.start_heartbeat()
         return me
     raise ConfigError(f"output_dir={output_dir}: could not take the lock {path} (another run is starting?)")

@@ -18,8 +18,10 @@ import torch
 
 from ftdist.data.loading import content_digest
 from ftdist.engine.dist import all_reduce_sum, barrier, rank_batches
+from ftdist.engine.engine import FrozenEngine, UnsafeCheckpointError, safe_checkpoint_load
 from ftdist.models.forward import causal_logits
 from ftdist.models.loading import describe_weights, load_causal_lm, side_model_config
+from ftdist.run.disk import fmt_bytes, free_bytes, out_of_space
 from ftdist.train.pairs import sequence_logps
 
 log = logging.getLogger("ftdist")
@@ -85,8 +87,6 @@ class Reference:
         return sequence_logps(logits, batch)  # (2B,)
 
     def _build_frozen(self, engine):
-        from ftdist.engine.engine import FrozenEngine
-
         ref_cfg = self._model_cfg()
         log.debug("reference: loading %s (frozen, ZeRO-%d)", describe_weights(ref_cfg), engine.zero_stage)
         return FrozenEngine(lambda: load_causal_lm(ref_cfg), self.cfg, engine.info, engine.grad_accum)
@@ -116,20 +116,20 @@ class Reference:
                 if data is None:
                     continue
                 path = self._cache_file(split, data)
-                # every rank must take the same branch: a file half-seen by one rank would hang the others
+                # every rank must take the same branch: a file half-seen (or found damaged) by one rank would hang
+                # the others
+                cached = None
                 if all_reduce_sum([float(path.exists())], engine.device)[0] == info.world_size:
-                    self.table[split] = torch.load(path, weights_only=True)
-                    log.info("reference log-probs (%s): cached %s", split, path)
-                    continue
+                    cached = _read_cache(path, len(data))
+                    if all_reduce_sum([float(cached is not None)], engine.device)[0] == info.world_size:
+                        self.table[split] = cached
+                        log.info("reference log-probs (%s): cached %s", split, path)
+                        continue
                 if not self._adapter_off() and self.frozen is None:
                     self.frozen = self._build_frozen(engine)
                 self.table[split] = self._score_split(engine, split, data)
                 if info.is_main:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="tmp-ref-", suffix=".pt")
-                    os.close(fd)
-                    torch.save(self.table[split], tmp)
-                    os.replace(tmp, path)
+                    _write_cache(path, self.table[split])
                     log.info("reference log-probs (%s): %d pairs from %s -> %s", split, len(data), self._source(),
                              path)
                 barrier()
@@ -149,3 +149,38 @@ class Reference:
                 table[chunk] = torch.stack(out.chunk(2), dim=1)
         flat = all_reduce_sum(table.flatten().tolist(), engine.device)
         return torch.tensor(flat, dtype=torch.float32).view(n, 2)
+
+
+def _read_cache(path: Path, n: int):
+    """The cached (n, 2) table, or None (with a warning) for a damaged file, which is then computed again; a file
+    that would run code when loaded is refused."""
+    try:
+        table = safe_checkpoint_load(str(path))
+    except UnsafeCheckpointError:
+        raise UnsafeCheckpointError(f"{path}: refused to load: this reference log-probs cache holds objects other "
+                                    f"than tensors (nothing in it ran); delete it to compute the log-probs again, "
+                                    f"and find out who wrote it") from None
+    except Exception as e:  # truncated or overwritten: a cache, so it is rebuilt
+        log.warning("%s: damaged reference log-probs cache (%s: %s); computing them again", path, type(e).__name__,
+                    str(e).strip()[:200])
+        return None
+    if not (isinstance(table, torch.Tensor) and tuple(table.shape) == (n, 2)):
+        log.warning("%s: not a (%d, 2) table of reference log-probs; computing them again", path, n)
+        return None
+    return table
+
+
+def _write_cache(path: Path, table: torch.Tensor) -> None:
+    """Written aside and renamed; without room on the disk the run goes on with the table in memory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="tmp-ref-", suffix=".pt")
+    os.close(fd)
+    try:
+        torch.save(table, tmp)
+        os.replace(tmp, path)
+    except Exception as e:
+        Path(tmp).unlink(missing_ok=True)
+        if not out_of_space(e, tmp):
+            raise
+        log.warning("%s: not cached: no space left on the device (%s free); the log-probs are kept in memory", path,
+                    fmt_bytes(free_bytes(path)))

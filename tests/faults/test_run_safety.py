@@ -304,3 +304,26 @@ def test_resume_on_another_number_of_ranks_reshards_the_state(tmp_path, zero, sa
     # ...and steps 3-4 moved the weights far more than that, so a wrong resume could not hide under it
     at_2 = _universal_state(first / "checkpoints" / "step-2", tmp_path / "u2", "fp32")
     assert max_abs_diff({k: final_a[k] for k in at_2}, {k: v.view_as(final_a[k]) for k, v in at_2.items()}) > 100 * tol
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_checkpoints_before(tmp_path, died_after_step_4):
+    """The command line, with DeepSpeed's own writes failing on a real full disk (a tmpfs with room for half a
+    checkpoint more than the run already holds)."""
+    import shutil
+
+    from tests.helpers import small_disk
+
+    held = sum(p.stat().st_size for p in died_after_step_4.rglob("*") if p.is_file())
+    step4 = sum(p.stat().st_size for p in (died_after_step_4 / "checkpoints" / "step-4").rglob("*") if p.is_file())
+    with small_disk(tmp_path / "disk", held + step4 // 2) as disk:
+        out = disk / "run"
+        shutil.copytree(died_after_step_4, out)
+        before = _tree(out / "checkpoints")
+        proc = _train(out, "train.max_steps=6", check=False)  # resumes at step 4; the step-6 checkpoint fails
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
+        lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("ftdist: error")]
+        assert len(lines) == 1, proc.stderr[-4000:]
+        assert lines[0].startswith(f"ftdist: error: {out / 'checkpoints' / 'step-6'}: no space left on the device "
+                                   f"while writing the checkpoint of step 6 ("), lines[0]
+        assert " needed" in lines[0] and "the checkpoints before it and final/ are as they were" in lines[0]
+        assert _tree(out / "checkpoints") == before  # step-2 and step-4 as they were; no partial step-6 left
