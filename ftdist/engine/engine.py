@@ -22,13 +22,12 @@ from ftdist.config import Config, ConfigError, ds_config_path
 from ftdist.engine.dist import DistInfo
 from ftdist.errors import UserError
 from ftdist.models.loading import decay_param_groups
+from ftdist.models.preflight import check_precision
 
 log = logging.getLogger("ftdist")
 
 def build_ds_config(cfg: Config, world_size: int, grad_accum: int) -> dict:
-    if cfg.model.dtype == "fp16" and not torch.cuda.is_available():
-        raise ConfigError("model.dtype=fp16 needs a GPU (DeepSpeed's fp16 mode with loss scaling does not run on "
-                          "the CPU); use model.dtype=bf16 or fp32 here")
+    check_precision(cfg.model)
     path = ds_config_path(cfg)
     try:
         ds = json.loads(path.read_text())

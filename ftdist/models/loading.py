@@ -36,6 +36,11 @@ def resolve_model_path(name_or_path: str) -> str:
 
 def _check_source(path: str, what: str, key: str = "model.name_or_path") -> None:
     if os.path.isdir(path):
+        if (what == "model" and not os.path.exists(os.path.join(path, "config.json"))
+                and os.path.exists(os.path.join(path, "adapter_config.json"))):
+            raise ModelError(f"{key}: {path} is a LoRA adapter (adapter_config.json, no config.json), not a whole "
+                             f"model: merge it into its base first (ftdist merge --adapter {path} --out DIR) and give "
+                             f"DIR; DPO (or any stage) from an SFT adapter needs this merge too")
         if not os.path.exists(os.path.join(path, "config.json")) and what == "model":
             raise ModelError(f"{key}: {path} has no config.json (not a Hugging Face model directory)")
         return
@@ -236,11 +241,10 @@ def count_parameters(model) -> tuple[int, int]:
 
 def resolve_max_length(cfg):
     """The recipe with data.max_length: null replaced by the model's maximum (max_position_embeddings, or
-    n_positions), checked as a recipe value would have been."""
+    n_positions), checked as a recipe value would have been; a data.max_length above that maximum is refused
+    (a longer row would index past the model's position table: an IndexError deep inside the forward)."""
     import dataclasses
 
-    if cfg.data.max_length is not None:
-        return cfg
     from transformers import AutoConfig
 
     from ftdist.config import ConfigError, validate
@@ -249,9 +253,17 @@ def resolve_max_length(cfg):
     try:
         mc = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
     except Exception as e:
+        if cfg.data.max_length is not None:
+            return cfg  # loading the model says what is wrong with it
         raise ModelError(f"model.name_or_path={cfg.model.name_or_path!r}: cannot read its config for "
                          f"data.max_length=null: {e}") from None
     n = getattr(mc, "max_position_embeddings", None) or getattr(mc, "n_positions", None)
+    if cfg.data.max_length is not None:
+        if n and cfg.data.max_length > n:
+            raise ConfigError(f"data.max_length={cfg.data.max_length} is above the {n} positions "
+                              f"{cfg.model.name_or_path} takes (max_position_embeddings in its config); set "
+                              f"data.max_length <= {n}, or null for {n}")
+        return cfg
     if not n:
         raise ConfigError(f"data.max_length=null: {cfg.model.name_or_path} states no maximum length "
                           f"(max_position_embeddings); set data.max_length")

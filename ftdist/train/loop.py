@@ -26,7 +26,9 @@ from ftdist.engine.checkpoint import (export_final, find_latest, load_checkpoint
 from ftdist.engine.dist import (all_reduce_sum, barrier, from_main, init_distributed, placement_summary,
                                 rank_batches, rank_hosts, run_on_main_then_others)
 from ftdist.engine.universal import reshard_refusal, to_universal
-from ftdist.models.loading import count_parameters, load_tokenizer, resolve_max_length
+from ftdist.errors import UserError
+from ftdist.models.loading import count_parameters, load_tokenizer
+from ftdist.models.preflight import preflight
 from ftdist.run import rundir, testing
 from ftdist.run.logs import fmt_metrics, setup_logging
 from ftdist.run.metrics import MetricsWriter, Progress
@@ -127,12 +129,13 @@ def _checked_resume(cfg: Config, ckpt_root: Path, run_id: str, now: dict) -> Opt
 
 
 def _on_main(info, fn):
-    """fn() on rank 0 only; every rank gets its result, or raises its ConfigError (no rank is left waiting)."""
+    """fn() on rank 0 only; every rank gets its result, or raises its error as a ConfigError (any of ftdist's
+    UserErrors: no rank is left waiting)."""
     answer = None
     if info.is_main:
         try:
             answer = ("ok", fn())
-        except ConfigError as e:
+        except UserError as e:
             answer = ("error", str(e))
     kind, value = from_main(answer)
     if kind == "error":
@@ -166,7 +169,7 @@ def micro_overhead(cfg: Config) -> Optional[float]:
 
 
 def _train(cfg: Config, info, stop: StopRequest, run_id: str, suite_eval=None):
-    cfg = resolve_max_length(cfg)
+    cfg = _on_main(info, lambda: preflight(cfg))  # before the tokenizer, the data and the model load
     seed_everything(cfg.seed)
     out = Path(cfg.output_dir)
     if info.is_main:
