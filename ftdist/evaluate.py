@@ -45,8 +45,8 @@ import tempfile
 from pathlib import Path
 
 from ftdist.eval.scorers import Judge, RewardScorer
-from ftdist.eval.suites import (SUITES, EvalError, aggregate, compare_to_first, evaluate_model, parse_suites,
-                                table)
+from ftdist.eval.rows import SUITES, EvalError, parse_suites
+from ftdist.eval.suites import aggregate, compare_to_first, evaluate_model, table
 
 
 def build_parser() -> argparse.ArgumentParser:

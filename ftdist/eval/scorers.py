@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ftdist.eval.suites import EvalError
+from ftdist.eval.rows import EvalError
 
 TEMPLATES = Path(__file__).parent / "judge_templates"
 

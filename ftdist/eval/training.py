@@ -17,7 +17,8 @@ from typing import Optional
 
 from ftdist.config import Config, ConfigError
 from ftdist.eval.scorers import Judge, RewardScorer
-from ftdist.eval.suites import EvalError, aggregate, evaluate_model, parse_suites
+from ftdist.eval.rows import EvalError, parse_suites
+from ftdist.eval.suites import aggregate, evaluate_model
 
 
 class SuiteEval:

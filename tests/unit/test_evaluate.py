@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from ftdist.eval.suites import EvalError, accuracy_interval, choice_rows, normalise, parse_suites, qa_rows
+from ftdist.eval.rows import EvalError, choice_rows, normalise, parse_suites, qa_rows
+from ftdist.eval.suites import accuracy_interval
 from ftdist.evaluate import parse_models
 
 pytestmark = pytest.mark.unit
