@@ -48,6 +48,7 @@ class PPODriver:
         self.kl_ctl = (FixedKLController(p.kl_coef) if p.kl_target is None
                        else AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon))
         self.iteration, self.samples, self.elapsed = 0, 0, 0.0
+        self.resumed_at: tuple | None = None  # (iteration, samples, elapsed) of the checkpoint this process loaded
         self.pending = None  # ppo.async_rollouts: (calls or their results, extras, draw position) of the next batch
         self.out = Path(cfg.output_dir)
         self.ckpt_root = self.out / "checkpoints"
@@ -256,10 +257,23 @@ class PPODriver:
         if missing:
             raise RuntimeError(f"{path} has no {missing[0]}/ state (was it written with another ppo.algorithm?)")
         self._get(*[self.groups[r].run("load", str(path / r)) for r in trained])
-        state = read_trainer_state(path)
+        self.restore(read_trainer_state(path))
+
+    def restore(self, state: dict) -> None:
+        """The controller's side of a checkpoint: counters, KL coefficient, prompt position."""
         self.iteration, self.samples, self.elapsed = state["iteration"], state["samples"], state["elapsed_s"]
+        self.resumed_at = (self.iteration, self.samples, self.elapsed)
         self.kl_ctl.value = state["kl_coef"]
         self.sampler.epoch, self.sampler.position = state["prompts"]["epoch"], state["prompts"]["position"]
+
+    def summary(self) -> str:
+        """What this process did (a resumed run counts from its checkpoint), and where the run stands."""
+        it0, samples0, elapsed0 = self.resumed_at or (0, 0, 0.0)
+        text = (f"{self.iteration - it0} iterations, {self.samples - samples0} samples in "
+                f"{self.elapsed - elapsed0:.1f}s")
+        if self.resumed_at is not None:
+            text += f" (resumed at iteration {it0}; {self.iteration} of {self.p.iterations} done in all)"
+        return text
 
     def export(self, out_dir: str) -> None:
         """final/ from the policy group, written aside and then put in place (never half of one)."""

@@ -105,8 +105,8 @@ def _train(cfg: Config, run_id: str) -> dict:
             return result
         if cfg.train.save_final:
             driver.export(str(out / "final"))
-        log.info("done: %d iterations, %d samples in %.1fs; policy in %s", driver.iteration, driver.samples,
-                 driver.elapsed, out / "final" if cfg.train.save_final else "the last checkpoint (train.save_final=false)")
+        log.info("done: %s; policy in %s", driver.summary(),
+                 out / "final" if cfg.train.save_final else "the last checkpoint (train.save_final=false)")
         return result
     except RunFailure as e:
         if e.details:

@@ -257,7 +257,7 @@ def _train(cfg: Config, info, stop: StopRequest, run_id: str, suite_eval=None):
 
     progress = Progress(total_steps, state.step, info.is_main and cfg.train.progress_bar)
     t_start = time.time()
-    elapsed0 = state.elapsed_s
+    step0, elapsed0 = state.step, state.elapsed_s
     last_saved = -1
     tok_window, t_window = 0, time.time()
     tokens0 = state.tokens
@@ -335,7 +335,10 @@ def _train(cfg: Config, info, stop: StopRequest, run_id: str, suite_eval=None):
         export_final(engine, lambda d: task.export(engine, d), out / "final")
     writer.close()
     if info.is_main:
-        log.info("done: %d steps, %s tokens in %.1fs; model in %s", state.step, f"{state.tokens:,}", state.elapsed_s,
+        # what this process did; a resumed run also says where it started
+        resumed_at = f" (resumed at step {step0}; {state.step} of {total_steps} done in all)" if resume else ""
+        log.info("done: %d steps, %s tokens in %.1fs%s; model in %s", state.step - step0,
+                 f"{state.tokens - tokens0:,}", state.elapsed_s - elapsed0, resumed_at,
                  out / "final" if cfg.train.save_final else f"{out / 'checkpoints'} (train.save_final=false)")
     return {"step": state.step, **ev}, engine
 

@@ -160,6 +160,7 @@ def test_a_damaged_checkpoint_is_skipped_for_the_one_before(tmp_path, died_after
     resumed = _train(out, "train.max_steps=6")
     assert f"skipping damaged checkpoint {out / 'checkpoints' / 'step-4'}: {victim}" in resumed.stderr
     assert "step-2 at step 2" in resumed.stderr
+    assert "done: 4 steps, " in resumed.stderr and "(resumed at step 2; 6 of 6 done in all)" in resumed.stderr
     # the first run's records after step 2 are dropped on resume: every step is logged once
     assert [r["step"] for r in read_metrics(out) if "loss" in r] == [1, 2, 3, 4, 5, 6]
 

@@ -275,3 +275,19 @@ def test_trimmed_micro_batches_give_the_untrimmed_logprobs():
     # are over the same terms (exactly zero weights dropped): fp32 rounding of reordered sums, ~1e-7 relative
     # on log-probs of size ~3.5; 1e-5 is 30x that
     assert float((full[:, :3] - trimmed).abs().max()) < 1e-5 and float(full[:, 3:].abs().max()) == 0.0
+
+
+def test_the_done_line_counts_what_this_process_did():
+    """A finished checkpoint resumed into a new directory runs nothing, and says so (not the checkpoint's totals)."""
+    from ftdist.rl.driver import PPODriver
+
+    cfg = load_config("ppo_tiny", ["ppo.iterations=3"])
+    saved = {"iteration": 2, "samples": 8, "elapsed_s": 3.0, "kl_coef": 0.05, "prompts": {"epoch": 0, "position": 4}}
+    driver = PPODriver(cfg, {}, PromptSet(["a", "b"], {}), None, 0, "run")
+    driver.restore(saved)
+    assert driver.summary() == "0 iterations, 0 samples in 0.0s (resumed at iteration 2; 2 of 3 done in all)"
+    driver.iteration, driver.samples, driver.elapsed = 3, 12, 4.5  # what iterate() adds for one more iteration
+    assert driver.summary() == "1 iterations, 4 samples in 1.5s (resumed at iteration 2; 3 of 3 done in all)"
+    fresh = PPODriver(cfg, {}, PromptSet(["a", "b"], {}), None, 0, "run")
+    fresh.iteration, fresh.samples, fresh.elapsed = 3, 12, 4.5
+    assert fresh.summary() == "3 iterations, 12 samples in 4.5s"
