@@ -86,7 +86,7 @@ def export(run_dir: str, step: str, out: str, overwrite: bool = False) -> Path:
         raise ExportError(f"{ckpt}: a LoRA run's checkpoint without its adapter/ directory")
     model, tokenizer = (None, None) if copied else _rebuilt(cfg, run, ckpt)
     # a full disk while writing: the checkpoint is untouched, --out as it was
-    with writing(out_dir, cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True), note=f"; {ckpt} is unchanged"):
+    with writing(out_dir, "the exported model", partial=tmp, kept=f"{ckpt} is unchanged"):
         if copied:
             shutil.copytree(ckpt / "adapter", tmp)
             _record_base(ckpt / "adapter", tmp)

@@ -138,7 +138,7 @@ def merge(base: str | None, adapters: list[str], out: str, dtype: str = "bf16", 
 
     tok_src = next((d for d in reversed(dirs) if (d / "tokenizer_config.json").exists()), None)
     tokenizer = AutoTokenizer.from_pretrained(str(tok_src) if tok_src else path, trust_remote_code=trust_remote_code)
-    with writing(out_dir):
+    with writing(out_dir, "the merged model"):
         out_dir.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out_dir, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)

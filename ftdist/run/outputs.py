@@ -36,24 +36,29 @@ def check_writable(path: str, key: str, directory: bool) -> None:
 
 
 @contextlib.contextmanager
-def writing(path, cleanup=None, note: str = ""):
-    """Writes to `path` inside the block: a failure (a full disk, a file system turned read-only) is one line
-    naming it, after `cleanup()` removed what was half-written."""
-    try:
-        yield
-    except OSError as e:
-        if cleanup is not None:
-            try:
-                cleanup()
-            except OSError:
-                pass
-        raise RunError(f"{path}: cannot be written ({e.strerror or e}){note}") from None
+def writing(path, what: str, partial=None, kept: str = ""):
+    """Writes of `what` to `path` inside the block. A full device is one line with the space free and needed
+    (run/disk.py); any other failure to write (a file system turned read-only, a permission) one line naming
+    the path. Either way the half-written `partial` (a file or directory) is removed; `kept` says what is
+    unchanged."""
+    from ftdist.run.disk import _remove, out_of_space, space_for
+
+    with space_for(path, what, partial=partial, kept=kept):
+        try:
+            yield
+        except OSError as e:
+            if out_of_space(e, partial or path):
+                raise  # space_for says how much space it needs
+            if partial is not None:
+                _remove(partial)
+            raise RunError(f"{path}: cannot write {what} ({e.strerror or e}){'; ' + kept if kept else ''}") \
+                from None
 
 
 def write_whole(path: Path, text: str) -> None:
     """`text` into `path`, written aside then renamed (never half a file)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with writing(path, cleanup=lambda: tmp.unlink(missing_ok=True)):
+    with writing(path, path.name, partial=tmp):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)

@@ -198,3 +198,15 @@ def test_chat_leaves_out_a_line_that_is_not_utf8_and_goes_on(monkeypatch, capsys
     out, err = capsys.readouterr()
     assert out.count("that line is not UTF-8 text and was left out") == 1 and out.count("assistant> ") == 1
     assert "Traceback" not in err
+
+
+def test_a_full_disk_under_evals_results_is_one_line_and_leaves_no_half_file(tmp_path, capsys):
+    from tests.helpers import fill_disk, small_disk
+
+    with small_disk(tmp_path / "disk", 256 << 10) as disk:
+        fill_disk(disk)
+        assert main(["eval", "ftdist/tiny", *EVAL, "--out", str(disk / "eval")]) == 1  # the run failed, not the input
+        line = _one_error_line(capsys)
+        assert line.startswith(f"ftdist: error: {disk / 'eval' / 'eval.json'}: no space left on the device while "
+                               f"writing eval.json ("), line
+        assert not [p for p in disk.rglob("*") if p.name.endswith(".tmp")]
