@@ -53,13 +53,14 @@ def main(argv: list[str]) -> int:
         return 0 if argv else 2
     recipe, overrides = argv[0], list(argv[1:])
 
-    from ftdist.config import ConfigError, load_config
+    from ftdist.config import load_config
+    from ftdist.errors import RunError, UserError, print_error
 
     try:
         cfg = load_config(recipe, overrides)  # a bad recipe stops here, before any worker starts
-    except ConfigError as e:
-        print(f"ftdist: error: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:
+        print_error(str(e))
+        return e.exit_code
     output_dir = _absolute_output_dir(cfg)
     overrides.append(f"output_dir={output_dir}")
 
@@ -76,9 +77,9 @@ def main(argv: list[str]) -> int:
 
     try:  # before Ray Train writes its own records into output_dir/ray
         rundir.claim(output_dir, cfg.overwrite_output_dir)
-    except ConfigError as e:
-        print(f"ftdist: error: {e}", file=sys.stderr)
-        return 2
+    except (UserError, RunError) as e:  # a used directory, a full disk
+        print_error(str(e))
+        return e.exit_code
 
     ray.init()
     gpus = int(ray.cluster_resources().get("GPU", 0))
