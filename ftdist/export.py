@@ -75,7 +75,7 @@ def export(run_dir: str, step: str, out: str, overwrite: bool = False) -> Path:
         raise ExportError(f"--out {out_dir}: not empty (use --overwrite)")
     check_writable(out, "--out", directory=True)
     try:
-        cfg = load_config(str(run / "config.yaml"))
+        cfg = _paths_of_run(load_config(str(run / "config.yaml")), run)
     except ConfigError as e:
         raise ExportError(f"{run / 'config.yaml'}: {e}") from None
     ckpt = find_checkpoint(run, step)
@@ -99,6 +99,26 @@ def export(run_dir: str, step: str, out: str, overwrite: bool = False) -> Path:
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
     return out_dir
+
+
+def _paths_of_run(cfg, run: Path):
+    """The recipe with its model named as the run read it: a relative path (as given on the run's command line)
+    is taken from the directory the run was started in, wherever the export runs."""
+    import dataclasses
+    import os
+
+    from ftdist.models.adapters import run_start_dir
+
+    start = run_start_dir(run)
+
+    def located(p):
+        if p is None or start is None or os.path.isabs(p) or os.path.exists(p) or not (start / p).exists():
+            return p
+        return str(start / p)
+
+    model = dataclasses.replace(cfg.model, name_or_path=located(cfg.model.name_or_path),
+                                tokenizer=located(cfg.model.tokenizer))
+    return dataclasses.replace(cfg, model=model)
 
 
 def _rebuilt(cfg, run: Path, ckpt: Path):

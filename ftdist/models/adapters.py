@@ -117,7 +117,7 @@ def adapter_base(adapter_dir: Path, given: Optional[str] = None) -> str:
         if not path.exists():
             raise ModelError(f"{adapter_dir}: the adapter's base {named} does not exist: pass --base")
         return named
-    tried = [Path.cwd() / path] + [d / path for d in (_run_start_dir(Path(adapter_dir)), Path(adapter_dir).absolute())
+    tried = [Path.cwd() / path] + [d / path for d in (run_start_dir(Path(adapter_dir)), Path(adapter_dir).absolute())
                                    if d is not None]
     for candidate in tried:
         if candidate.exists():
@@ -132,12 +132,13 @@ def adapter_base(adapter_dir: Path, given: Optional[str] = None) -> str:
                      f"{'; as a hub id it is not in the cache, and HF_HUB_OFFLINE=1' if hub_id else ''}): pass --base")
 
 
-def _run_start_dir(adapter_dir: Path) -> Optional[Path]:
-    """The working directory of the run an adapter comes from (output_dir/final, checkpoints/step-N/adapter, or an
-    export of it beside the run): the run directory's absolute path less its relative output_dir."""
+def run_start_dir(path: Path) -> Optional[Path]:
+    """The working directory a run was started in, for `path` inside the run (its output_dir, final/, or
+    checkpoints/step-N/adapter): the run directory's absolute path less its relative output_dir (config.yaml)."""
     import yaml
 
-    for run_dir in list(adapter_dir.absolute().parents)[:3]:
+    path = Path(path).absolute()
+    for run_dir in [path, *path.parents][:4]:
         try:
             out = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("output_dir")
         except (OSError, ValueError, AttributeError, yaml.YAMLError):

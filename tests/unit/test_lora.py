@@ -308,6 +308,31 @@ def test_an_adapter_finds_its_base_from_any_directory(tmp_path, monkeypatch, cap
     assert "pass --base" in capsys.readouterr().err
 
 
+def test_a_run_that_named_its_model_relatively_exports_from_any_directory(tmp_path, monkeypatch):
+    """export rebuilds the model from the run's config.yaml, whose model path is relative to where the run started."""
+    import shutil
+
+    from ftdist.cli import main
+    from ftdist.config import dump_config
+    from ftdist.engine.checkpoint import begin_checkpoint, commit_checkpoint
+    from tests.helpers import load_weights, max_abs_diff
+
+    shutil.copytree(resolve_model_path("ftdist/tiny"), tmp_path / "models" / "base")
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "runs" / "sft"
+    run.mkdir(parents=True)
+    dump_config(load_config("sft_tiny", ["output_dir=runs/sft", "model.name_or_path=models/base"]), run / "config.yaml")
+    weights = load_weights(tmp_path / "models" / "base")
+    tmp = begin_checkpoint(run / "checkpoints", 1, "r1")  # a ZeRO-0 engine state: the module's state dict
+    (tmp / "engine").mkdir()
+    torch.save({"module": weights}, tmp / "engine" / "mp_rank_00_model_states.pt")
+    commit_checkpoint(tmp, run / "checkpoints", 1, {"step": 1}, 0, "r1")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["export", str(run), "--out", "exported"]) == 0
+    assert max_abs_diff(load_weights(Path("exported")), weights) == 0.0
+
+
 def test_lora_on_8bit_base_trains_only_the_adapter():
     cfg = load_config("qlora_tiny", ["model.quantization.load_in_4bit=false", "model.quantization.load_in_8bit=true",
                                      "model.lora.modules_to_save=[]"]).model
