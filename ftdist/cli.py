@@ -37,15 +37,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def cmd_train(args) -> int:
-    from ftdist.config import load_config
+    from ftdist.config import config_yaml, load_config
 
     cfg = None
     try:
         cfg = load_config(args.recipe, args.overrides)
-        if args.print_config:
-            import yaml
-
-            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        if args.print_config:  # with a `# <library> default: X` mark on each value that differs from it
+            print(config_yaml(cfg), end="")
             return 0
         if os.environ.get("RANK", "0") == "0":  # one probe, by the process that claims output_dir next
             from ftdist.run.outputs import check_writable

@@ -4,10 +4,11 @@
         --suite exact_match=qa.jsonl --suite choice=mc.jsonl --out eval/
 
 MODEL: the forms `ftdist generate` takes (a model directory, a run's output_dir with --step or its final/, a
-LoRA adapter, ftdist/tiny), optionally named as NAME=MODEL. Suites (SUITE=FILE, any data file ftdist reads):
+LoRA adapter, ftdist/tiny), optionally named as NAME=MODEL. Suites (SUITE[@SPLIT]=DATA, any data ftdist reads):
 
   perplexity   exp of the mean negative log-likelihood per target token (unsmoothed): the assistant tokens of
-               conversations, every token of text rows (the tokenisation of training, data.max_length --max-length)
+               conversations, every token of text rows (the tokenisation of training; --max-length tokens,
+               by default the model's maximum)
   exact_match  greedy answer to each prompt (a `prompt` column, text or messages, or `messages` ending with the
   contains     reference answer; else a `reference`/`answer`/`completion` column) compared with the reference
                after normalisation (whitespace collapsed, case and trailing punctuation ignored): equal, or
@@ -67,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights' dtype (default: bf16 on a GPU, fp32 on CPU)")
     p.add_argument("--max-samples", type=int, default=0, help="use at most this many rows per suite (0 = all)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer length for exact_match/contains")
-    p.add_argument("--max-length", type=int, default=2048, help="tokens per row for perplexity (longer: truncated)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="tokens per row for perplexity and lm_eval (longer: truncated; default: each model's maximum, "
+                        "max_position_embeddings; above it is refused)")
     p.add_argument("--batch-size", type=int, default=8, help="rows per forward or generate call (default 8)")
     p.add_argument("--reward-model", default=None, help="reward model directory for the reward suite")
     p.add_argument("--judge-model", default=None, help="causal LM directory (or ftdist/tiny) for the judge suite")
@@ -115,15 +118,14 @@ def _sharded_model(spec: str, settings, cfg, scratch: str):
     from ftdist.engine.dist import init_distributed
     from ftdist.engine.engine import FrozenEngine
     from ftdist.infer import InferError, resolve_model_dir
-    from ftdist.models.loading import load_causal_lm
+    from ftdist.models.loading import load_causal_lm, side_model_config
 
     path = resolve_model_dir(spec, settings.step if (Path(spec) / "config.yaml").exists() else None, scratch)
     if (Path(path) / "adapter_config.json").exists():
         raise InferError(f"{spec}: a LoRA adapter; ZeRO-3 evaluation loads whole models: merge it first "
                          f"(ftdist merge), or evaluate it with deepspeed.zero_stage below 3")
     dtype = settings.dtype if settings.dtype != "auto" else ("bf16" if torch.cuda.is_available() else "fp32")
-    model_cfg = dataclasses.replace(cfg.model, name_or_path=path, dtype=dtype, lora=None, quantization=None,
-                                    gradient_checkpointing=False)
+    model_cfg = side_model_config(cfg.model, path, quantized=False, dtype=dtype)  # whole, frozen, in the eval's dtype
     run_cfg = dataclasses.replace(cfg, model=model_cfg)
     frozen = FrozenEngine(lambda: load_causal_lm(model_cfg), run_cfg, init_distributed(cfg.dist.backend,
                                                                                       cfg.dist.timeout_s), 1)
@@ -176,7 +178,8 @@ def evaluate_models(settings, key: str = "--suite", option=lambda name: "--" + n
                                         settings.base, settings.dtype, device, scratch)
             if template is not None:
                 tok.chat_template = template
-            mine = evaluate_model(model, tok, suites, settings, helpers, (rank, world), synced=sharded)
+            fitted = _fit_max_length(settings, model, spec, option("max_length"), cfg is not None)
+            mine = evaluate_model(model, tok, suites, fitted, helpers, (rank, world), synced=sharded)
             del model
             if sharded:
                 frozen.close()
@@ -190,6 +193,17 @@ def evaluate_models(settings, key: str = "--suite", option=lambda name: "--" + n
     if rank == 0:
         compare_to_first(results, all_samples, helpers)
     return (models if rank == 0 else []), results, all_samples
+
+
+def _fit_max_length(settings, model, spec: str, key: str, recipe: bool):
+    """settings with this model's max_length: as given (refused above the model's positions, naming both), or
+    where left out the model's maximum."""
+    import dataclasses
+
+    from ftdist.models.loading import max_length_for
+
+    n = max_length_for(settings.max_length, key, spec, model.config, "null" if recipe else "leave it out")
+    return dataclasses.replace(settings, max_length=n)
 
 
 def _template(spec, key: str):

@@ -59,12 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens generated at most per answer (default 256)")
+    """Where a default differs from transformers' generate (GenerationConfig's: greedy, top_k 50, top_p 1.0,
+    repetition_penalty 1.0, max_length 20 tokens in all), the help names transformers' as config/schema.py does."""
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens generated at most per answer (default "
+                   "256) (transformers default: max_length=20, prompt included)")
+    sampled = " (transformers default: greedy, do_sample=False)" if temperature > 0 else ""
     p.add_argument("--temperature", type=float, default=temperature,
-                   help=f"0 = greedy; > 0 samples (default {temperature:g})")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default 0: off)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="as transformers (default 1.0: off)")
+                   help=f"0 = greedy; > 0 samples (default {temperature:g}){sampled}")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off, as transformers)")
+    p.add_argument("--top-k", type=int, default=0,
+                   help="sample among the k likeliest tokens (default 0: off) (transformers default: 50)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="as transformers (default 1.0: off, as transformers)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
 
 

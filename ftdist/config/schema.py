@@ -384,9 +384,10 @@ class PPOConfig:
 @dataclass
 class EvalConfig:
     suites: list[str] = _f(
-        [], "Evaluation suites, each SUITE=FILE as `ftdist eval --suite` takes them (perplexity, exact_match, "
-        "contains, choice, reward, judge), or lm_eval:TASK[,TASK] (lm-evaluation-harness tasks, with lm-eval "
-        "installed; run on rank 0). During training (stages sft, dpo, orpo) they run on the model being "
+        [], "Evaluation suites, each SUITE[@SPLIT]=DATA as `ftdist eval --suite` takes them (SUITE: perplexity, "
+        "exact_match, contains, choice, reward, judge; DATA: a data file, a datasets directory or a Hub dataset "
+        "name; @SPLIT: that split of a directory or Hub name, default train), or lm_eval:TASK[,TASK] "
+        "(lm-evaluation-harness tasks, with lm-eval installed; run on rank 0). During training (stages sft, dpo, orpo) they run on the model being "
         "trained at every evaluation (train.eval_every, and before and after training) on at most "
         "train.eval_max_samples rows each, logged as eval/SUITE/METRIC, every answer and score in "
         "output_dir/samples/step_N.jsonl; with stage: eval, on eval.models.")
@@ -408,8 +409,9 @@ class EvalConfig:
         None, "A directory of lm-evaluation-harness task YAMLs (e.g. tasks on local data files) for lm_eval:TASK.")
     max_samples: int = _f(0, "stage: eval: rows per suite at most (0 = all; during training: train.eval_max_samples).")
     max_new_tokens: int = _f(64, "Tokens generated at most per answer (exact_match, contains, reward, judge).")
-    max_length: int = _f(2048, "stage: eval: tokens per perplexity row (longer: truncated; during training: "
-                         "data.max_length).")
+    max_length: Optional[int] = _f(
+        None, "stage: eval: tokens per perplexity and lm_eval row (longer: truncated); null: each model's maximum "
+        "(max_position_embeddings); above a model's maximum is refused. During training: data.max_length.")
     batch_size: int = _f(8, "Rows per forward or generate call.")
 
 

@@ -184,7 +184,7 @@ def _validate_eval(cfg: Config) -> None:
                                   f"with `ftdist eval` instead")
             continue
         if not sep or name not in EVAL_SUITES or not path:
-            raise ConfigError(f"eval.suites[{i}]: got {spec!r}, allowed: SUITE=FILE with SUITE one of "
+            raise ConfigError(f"eval.suites[{i}]: got {spec!r}, allowed: SUITE[@SPLIT]=DATA with SUITE one of "
                               f"{', '.join(EVAL_SUITES)}, or lm_eval:TASK[,TASK]")
     names = {str(s).partition("=")[0].partition("@")[0] for s in e.suites}
     if "reward" in names and not e.reward_model:
@@ -192,13 +192,13 @@ def _validate_eval(cfg: Config) -> None:
     if "judge" in names and not e.judge_model:
         raise ConfigError("eval.suites has a judge suite: set eval.judge_model (a causal LM directory)")
     for k in ("max_new_tokens", "batch_size", "max_length"):
-        if getattr(e, k) <= 0:
+        if getattr(e, k) is not None and getattr(e, k) <= 0:  # max_length null: the model's maximum
             raise ConfigError(f"eval.{k}: got {getattr(e, k)}, must be > 0")
     if e.max_samples < 0:
         raise ConfigError(f"eval.max_samples: got {e.max_samples}, must be >= 0 (0 = all rows)")
     if cfg.stage == "eval":
         if not e.models or not e.suites:
-            raise ConfigError("stage=eval needs eval.models (the models to compare) and eval.suites (SUITE=FILE)")
+            raise ConfigError("stage=eval needs eval.models (the models to compare) and eval.suites (SUITE[@SPLIT]=DATA)")
     elif e.suites and cfg.stage not in ("sft", "dpo", "orpo"):
         raise ConfigError(f"eval.suites during training: the suites evaluate a causal LM (stages sft, dpo, orpo), "
                           f"not stage={cfg.stage}; evaluate its output with `ftdist eval` or a stage: eval recipe")

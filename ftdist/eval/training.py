@@ -74,6 +74,11 @@ class SuiteEval:
         if self.helpers is None:
             self.helpers = self._load_helpers(engine.device)
         synced = engine.zero_stage == 3 and info.world_size > 1
+        if self.settings.max_length is None:  # data.max_length: null, resolved after this hook was built
+            from ftdist.models.loading import max_length_for
+
+            n = max_length_for(None, "data.max_length", self.cfg.model.name_or_path, engine.module.config)
+            self.settings = dataclasses.replace(self.settings, max_length=n)
         try:
             mine = evaluate_model(engine.module, tokenizer, self.suites, self.settings, self.helpers,
                                   (info.rank, info.world_size), synced)

@@ -167,7 +167,8 @@ def load_causal_lm(model_cfg, dtype: torch.dtype | None = None, auto_class=None,
     return model
 
 
-def side_model_config(model_cfg, name_or_path: str | None = None, *, quantized: bool = True, trained: bool = False):
+def side_model_config(model_cfg, name_or_path: str | None = None, *, quantized: bool = True, trained: bool = False,
+                      dtype: str | None = None):
     """The ModelConfig of a model loaded beside the policy, derived from the recipe's `model` (dtype, attention
     kernel, trust_remote_code): a reference, a reward model, a critic's starting weights. Never with an adapter.
 
@@ -175,8 +176,10 @@ def side_model_config(model_cfg, name_or_path: str | None = None, *, quantized: 
     quantisation: DPO's step 1 then gives ln 2, PPO's first KL 0); a different model (a reward model) or one whose
     every weight trains (a critic: 4-bit weights cannot) is loaded in full precision (quantized=False).
     trained: keeps `model.gradient_checkpointing`; a frozen model runs no backward and never needs it.
+    dtype: instead of `model.dtype` (an evaluated model: the eval's own dtype).
     """
     return dataclasses.replace(model_cfg, name_or_path=name_or_path or model_cfg.name_or_path, lora=None,
+                               dtype=dtype or model_cfg.dtype,
                                quantization=model_cfg.quantization if quantized else None,
                                gradient_checkpointing=model_cfg.gradient_checkpointing and trained)
 
@@ -239,15 +242,31 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
-def resolve_max_length(cfg):
-    """The recipe with data.max_length: null replaced by the model's maximum (max_position_embeddings, or
-    n_positions), checked as a recipe value would have been; a data.max_length above that maximum is refused
-    (a longer row would index past the model's position table: an IndexError deep inside the forward)."""
-    import dataclasses
+def max_length_for(value, key: str, name: str, model_config, unset: str = "null") -> int:
+    """The length `key` (data.max_length, eval.max_length, --max-length) stands for on this model: `value`, or the
+    model's maximum (max_position_embeddings, or n_positions) where it is None. A value above that maximum is
+    refused naming both numbers (a longer row would index past the model's position table: an IndexError deep
+    inside the forward). unset: how the user leaves the key out (null in a recipe), named in the advice."""
+    from ftdist.config import ConfigError
 
+    n = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
+    if value is None:
+        if not n:
+            raise ConfigError(f"{key} left out ({unset}): {name} states no maximum length "
+                              f"(max_position_embeddings); set {key}")
+        return int(n)
+    if n and value > n:
+        raise ConfigError(f"{key}={value} is above the {n} positions {name} takes (max_position_embeddings in its "
+                          f"config); set {key} <= {n}, or {unset} for {n}")
+    return value
+
+
+def resolve_max_length(cfg):
+    """The recipe with data.max_length: null replaced by the model's maximum, checked as a recipe value would
+    have been; a data.max_length above that maximum is refused (max_length_for)."""
     from transformers import AutoConfig
 
-    from ftdist.config import ConfigError, validate
+    from ftdist.config import validate
 
     path = resolve_model_path(cfg.model.name_or_path)
     try:
@@ -257,17 +276,10 @@ def resolve_max_length(cfg):
             return cfg  # loading the model says what is wrong with it
         raise ModelError(f"model.name_or_path={cfg.model.name_or_path!r}: cannot read its config for "
                          f"data.max_length=null: {e}") from None
-    n = getattr(mc, "max_position_embeddings", None) or getattr(mc, "n_positions", None)
+    n = max_length_for(cfg.data.max_length, "data.max_length", cfg.model.name_or_path, mc)
     if cfg.data.max_length is not None:
-        if n and cfg.data.max_length > n:
-            raise ConfigError(f"data.max_length={cfg.data.max_length} is above the {n} positions "
-                              f"{cfg.model.name_or_path} takes (max_position_embeddings in its config); set "
-                              f"data.max_length <= {n}, or null for {n}")
         return cfg
-    if not n:
-        raise ConfigError(f"data.max_length=null: {cfg.model.name_or_path} states no maximum length "
-                          f"(max_position_embeddings); set data.max_length")
     log.info("data.max_length=null: %d, the model's max_position_embeddings", n)
-    out = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_length=int(n)))
+    out = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_length=n))
     validate(out)
     return out

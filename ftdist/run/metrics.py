@@ -22,9 +22,7 @@ def wandb_problem(environ: Mapping[str, str] = os.environ, installed: Optional[b
     installed: whether the wandb package can be imported (default: looked up); a key is WANDB_API_KEY or the
     api.wandb.ai entry `wandb login` writes to ~/.netrc (netrc_file, default $NETRC or ~/.netrc)."""
     if installed is None:
-        import importlib.util
-
-        installed = importlib.util.find_spec("wandb") is not None
+        installed = _importable("wandb")
     if not installed:
         return ("logging.wandb=true but the wandb package is not installed: pip install 'ftdist[wandb]' (or pip "
                 "install wandb), or set logging.wandb=false")
@@ -35,6 +33,20 @@ def wandb_problem(environ: Mapping[str, str] = os.environ, installed: Optional[b
         return None
     return ("logging.wandb=true but no W&B API key was found: set WANDB_API_KEY (or run `wandb login`), or "
             "WANDB_MODE=offline to log to files only (`wandb sync` uploads them later)")
+
+
+def _importable(name: str) -> bool:
+    """Whether `import name` succeeds. A module already imported counts, whatever it is: find_spec raises
+    ValueError for one without __spec__ (a stand-in placed in sys.modules); None there blocks the import."""
+    import importlib.util
+    import sys
+
+    if name in sys.modules:
+        return sys.modules[name] is not None
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a parent package that fails to import, a broken module entry
+        return False
 
 
 def _netrc_has_key(path: str, base_url: str) -> bool:

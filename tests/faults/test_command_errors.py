@@ -100,6 +100,14 @@ CASES = [  # id, argv ({d}: the files above, {ro}: the read-only directory), exi
     ("eval-split-of-one-file", ["eval", "ftdist/tiny", "--suite", "perplexity@test=ftdist/tiny-task/eval"], 2,
      "is one file, with one split"),
     ("eval-unknown-template", ["eval", "ftdist/tiny", *EVAL, "--chat-template", "nope"], 2, "--chat-template='nope'"),
+    ("eval-max-length-above-positions", ["eval", "ftdist/tiny", *EVAL, "--max-length", "4096"], 2,
+     "--max-length=4096 is above the 512 positions ftdist/tiny takes (max_position_embeddings in its config); set "
+     "--max-length <= 512, or leave it out for 512"),
+    ("eval-recipe-max-length-above-positions", ["train", "sft_tiny", "stage=eval", "eval.models=[ftdist/tiny]",
+                                                "eval.suites=[perplexity=ftdist/tiny-task/eval]", "eval.max_samples=2",
+                                                "eval.max_length=4096", "output_dir={d}/eval-run"], 2,
+     "eval.max_length=4096 is above the 512 positions ftdist/tiny takes (max_position_embeddings in its config); "
+     "set eval.max_length <= 512, or null for 512"),
     ("generate-missing-prompts", ["generate", "ftdist/tiny", "--prompts", "{d}/none.jsonl", "--out", "{d}/a.jsonl"],
      2, "{d}/none.jsonl"),
     ("generate-truncated-weights", ["generate", "{d}/trunc", "--prompts", "{d}/p.jsonl", "--out", "{d}/a.jsonl"], 2,

@@ -109,3 +109,12 @@ def test_wandb_without_its_package_or_a_key_is_one_line(tmp_path, capsys, monkey
     monkeypatch.setenv("NETRC", str(tmp_path / "none"))
     line = _refused(*_train(capsys, tmp_path, "data.train=ftdist/tiny-task", "logging.wandb=true"))
     assert line == "ftdist: error: " + wandb_problem()
+    import sys
+    import types
+
+    # the package looked up: a module already imported counts (find_spec refuses one without __spec__, as a
+    # stand-in is), a blocked import (None in sys.modules) does not
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace())
+    assert wandb_problem({"WANDB_API_KEY": "k"}, netrc_file=str(netrc)) is None
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    assert "pip install 'ftdist[wandb]'" in wandb_problem({"WANDB_API_KEY": "k"}, netrc_file=str(netrc))

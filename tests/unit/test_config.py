@@ -330,3 +330,16 @@ def test_print_config_marks_values_that_differ_from_the_library_defaults():
     help_text = config_help()
     assert "(peft default: the architecture's attention projections" in help_text
     assert "(bitsandbytes default: fp32)" in help_text and "(transformers default: 50 (generate))" in help_text
+
+
+def test_the_print_config_command_prints_the_marks(capsys):
+    """`ftdist train RECIPE --print-config` prints config_yaml's text (library-default marks included), still the
+    same recipe when read back as YAML."""
+    import yaml
+
+    from ftdist.cli import main
+
+    assert main(["train", "sft_tiny", "--print-config", "train.lr=0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "  keep_last: 2  # transformers default: all (save_total_limit=None)" in out.splitlines()
+    assert yaml.safe_load(out) == load_config("sft_tiny", ["train.lr=0.5"]).to_dict()

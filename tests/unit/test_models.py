@@ -70,6 +70,29 @@ def test_cli_help_and_python_m():
     assert recipes.returncode == 0 and "sft_tiny" in recipes.stdout
 
 
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_sampling_help_names_transformers_defaults_where_they_differ(command, capsys):
+    """generate and chat sample with top_k 0 and answer up to 256 tokens, chat at temperature 0.7, where
+    transformers' GenerationConfig takes top_k 50, max_length 20 and greedy decoding: --help says so."""
+    from transformers import GenerationConfig
+
+    from ftdist.cli import main
+
+    library = GenerationConfig._get_default_generation_params()  # the defaults the help quotes
+    assert (library["top_k"], library["max_length"], library["do_sample"]) == (50, 20, False)
+    assert (library["top_p"], library["repetition_penalty"], library["temperature"]) == (1.0, 1.0, 1.0)
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "sample among the k likeliest tokens (default 0: off) (transformers default: 50)" in text
+    assert "(default 256) (transformers default: max_length=20, prompt included)" in text
+    assert "nucleus sampling mass (default 1.0: off, as transformers)" in text
+    greedy = "(transformers default: greedy, do_sample=False)"
+    assert (f"0 = greedy; > 0 samples (default 0.7) {greedy}" in text) == (command == "chat")
+    assert ("0 = greedy; > 0 samples (default 0)" in text) == (command == "generate")
+
+
 def test_import_ftdist_is_light():
     code = "import sys, ftdist, ftdist.config, ftdist.cli; print(' '.join(m for m in ('deepspeed', 'ray', 'torch') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
