@@ -149,10 +149,12 @@ def evaluate_models(settings, key: str = "--suite", option=lambda name: "--" + n
     built-in name, Jinja file or text) every model's tokenizer uses instead of its own."""
     import torch
 
+    from ftdist.data.templates import template_label
     from ftdist.engine.dist import gather_to_main
     from ftdist.infer import inference_process, load_model
 
-    template = _template(chat_template, option("chat_template") if cfg is None else "data.chat_template")
+    template_key = option("chat_template") if cfg is None else "data.chat_template"
+    template = _template(chat_template, template_key)
     suites, models = parse_suites(settings.suites, key, split), parse_models(settings.models)
     rank, world, device = inference_process()
     names = {suite.name for suite in suites}
@@ -176,10 +178,13 @@ def evaluate_models(settings, key: str = "--suite", option=lambda name: "--" + n
             else:
                 model, tok = load_model(spec, settings.step if (Path(spec) / "config.yaml").exists() else None,
                                         settings.base, settings.dtype, device, scratch)
+            label = None  # errors name the tokenizer's own template
             if template is not None:
                 tok.chat_template = template
+                label = template_label(chat_template, tok, template_key)
             fitted = _fit_max_length(settings, model, spec, option("max_length"), cfg is not None)
-            mine = evaluate_model(model, tok, suites, fitted, helpers, (rank, world), synced=sharded)
+            mine = evaluate_model(model, tok, suites, fitted, helpers, (rank, world), synced=sharded,
+                                  template=label)
             del model
             if sharded:
                 frozen.close()

@@ -153,6 +153,7 @@ def load_prompts(path: str, tokenizer) -> list[tuple[object, str]]:
     """[(the prompt as the file gives it, the text the model continues)]."""
     from ftdist.data.formats import RowProblem, normalize_messages
     from ftdist.data.loading import DataError, load_rows
+    from ftdist.data.templates import render_chat
 
     try:
         rows = load_rows(path)
@@ -177,7 +178,10 @@ def load_prompts(path: str, tokenizer) -> list[tuple[object, str]]:
             raise InferError(f"{path}: row {i + 1}: no prompt before the assistant turn")
         if getattr(tokenizer, "chat_template", None) is None:
             raise InferError(f"{path}: row {i + 1} is a conversation and the model's tokenizer has no chat template")
-        out.append((value, tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)))
+        try:  # a template that fails on every row (a syntax error) is a DataError: one line naming it
+            out.append((value, render_chat(tokenizer, messages, tokenize=False, add_generation_prompt=True)))
+        except RowProblem as e:  # the template raised for this conversation
+            raise InferError(f"{path}: row {i + 1}: {e}") from None
     return out
 
 
@@ -263,6 +267,8 @@ def run_chat(args) -> int:
     import torch
     from transformers import TextStreamer
 
+    from ftdist.data.formats import RowProblem
+    from ftdist.data.templates import render_chat
     from ftdist.models.generate import generate
     from ftdist.run.logs import setup_logging
 
@@ -306,7 +312,12 @@ def run_chat(args) -> int:
             continue
         history.append({"role": "user", "content": line})
         messages = ([{"role": "system", "content": system}] if system else []) + history
-        prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        try:
+            prompt = render_chat(tok, messages, tokenize=False, add_generation_prompt=True)
+        except RowProblem as e:  # the template refuses this conversation (e.g. no system role): the chat goes on
+            history.pop()
+            print(f"(that line was left out: {e}; /reset or /system may help)", flush=True)
+            continue
         print("assistant> ", end="", flush=True)
         try:
             _, response = generate(model, tok, [prompt], max_new_tokens=args.max_new_tokens, device=device,

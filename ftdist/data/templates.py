@@ -59,11 +59,11 @@ def resolve_chat_template(spec: str) -> str:
                       f"Jinja file")
 
 
-def template_label(spec: str | None, tokenizer) -> str:
-    """How errors name the chat template in use: data.chat_template's value, or the tokenizer's own."""
+def template_label(spec: str | None, tokenizer, key: str = "data.chat_template") -> str:
+    """How errors name the chat template in use: the value of `key` (data.chat_template, eval's --chat-template),
+    or the tokenizer's own."""
     if spec:
-        return f"data.chat_template={spec}" if len(spec) <= 80 and "\n" not in spec else \
-            "data.chat_template (the Jinja text given)"
+        return f"{key}={spec}" if len(spec) <= 80 and "\n" not in spec else f"{key} (the Jinja text given)"
     return f"the chat template of {getattr(tokenizer, 'name_or_path', '') or 'the tokenizer'}"
 
 

@@ -203,11 +203,11 @@ class _SFTEncoder:
 
     empty = {"input_ids": [], "labels": [], "truncated": False, "n_target": 0}
 
-    def __init__(self, tokenizer, normalize, data_cfg, keep, path: str):
+    def __init__(self, tokenizer, normalize, data_cfg, keep, path: str, template: str | None = None):
         self.tokenizer, self.normalize, self.keep, self.path = tokenizer, normalize, keep, path
         self.mapping, self.max_length = data_cfg.columns, data_cfg.max_length
         self.train_on_prompt, self.on_error = data_cfg.train_on_prompt, data_cfg.on_error
-        self.template = template_label(data_cfg.chat_template, tokenizer)
+        self.template = template or template_label(data_cfg.chat_template, tokenizer)
 
     @staticmethod
     def features():
@@ -322,8 +322,11 @@ def cache_location(kind: str, spec: str, tokenizer, settings: dict, data_cfg, ca
     return Path(cache_dir) / f"{kind}-{Path(resolve_data_path(spec)).stem}-{fingerprint}", fingerprint
 
 
-def tokenize_sft(spec: str, tokenizer, data_cfg, cache_dir: str | None, show_progress: bool = False):
+def tokenize_sft(spec: str, tokenizer, data_cfg, cache_dir: str | None, show_progress: bool = False,
+                 template: str | None = None):
     """Tokenise a data source once; the result is cached under cache_dir and reused by every rank and restart.
+    template: how errors name the tokenizer's chat template where data.chat_template does not (eval's
+    --chat-template).
 
     Rows are read and tokenised in data.num_proc processes and streamed to Arrow files (see data/parallel.py).
     Returns (datasets.Dataset with input_ids/labels, EncodeStats).
@@ -344,7 +347,7 @@ def tokenize_sft(spec: str, tokenizer, data_cfg, cache_dir: str | None, show_pro
         if fmt != "text":
             require_chat_template(tokenizer)  # before any worker starts
         return _SFTEncoder(tokenizer, SFT_NORMALIZERS[fmt], data_cfg,
-                           row_filter(data_cfg.filter, rows.column_names, path), path)
+                           row_filter(data_cfg.filter, rows.column_names, path), path, template)
 
     def finish(encoded, kept, drops, notes) -> EncodeStats:
         stats = EncodeStats(rows=len(kept), filtered=drops.get("filtered", 0), skipped=drops.get("skipped", 0),

@@ -12,11 +12,18 @@ TEMPLATES = Path(__file__).parent / "judge_templates"
 
 
 def _conversation_text(tok, prompt, answer: str) -> str:
-    """The prompt and answer as the scoring model sees them: its chat template for conversations."""
+    """The prompt and answer as the scoring model sees them: its chat template for conversations (a failing
+    template is one line naming it)."""
+    from ftdist.data.formats import RowProblem
+    from ftdist.data.templates import render_chat
+
     if isinstance(prompt, str) or getattr(tok, "chat_template", None) is None:
         text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
         return text + answer
-    return tok.apply_chat_template(list(prompt) + [{"role": "assistant", "content": answer}], tokenize=False)
+    try:
+        return render_chat(tok, list(prompt) + [{"role": "assistant", "content": answer}], tokenize=False)
+    except RowProblem as e:
+        raise EvalError(f"the reward model: {e}") from None
 
 
 class RewardScorer:

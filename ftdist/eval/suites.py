@@ -41,7 +41,7 @@ def _share(n: int, share: tuple[int, int], synced: bool = False) -> tuple[list[i
 
 
 def suite_perplexity(model, tok, path: str, args, share=(0, 1), synced: bool = False,
-                     split: Optional[str] = None) -> list[dict]:
+                     split: Optional[str] = None, template: Optional[str] = None) -> list[dict]:
     """Per row: its target tokens and their summed negative log-likelihood (float32 sums of float32 log-probs)."""
     import torch
 
@@ -50,7 +50,7 @@ def suite_perplexity(model, tok, path: str, args, share=(0, 1), synced: bool = F
 
     data = data_settings(path, split, max_length=args.max_length, max_samples=args.max_samples)
     try:
-        ds, _ = tokenize_sft(path, tok, data, None)
+        ds, _ = tokenize_sft(path, tok, data, None, template=template)
     except ValueError as e:
         raise split_error(e, path, split) from None
     device = next(model.parameters()).device
@@ -76,24 +76,37 @@ def suite_perplexity(model, tok, path: str, args, share=(0, 1), synced: bool = F
     return samples
 
 
-def greedy_answers(model, tok, rows, path: str, args, synced: bool = False) -> list[str]:
-    """The model's greedy answer to each row's prompt (text as it is, messages through the chat template);
-    `synced`: every rank calls this with as many rows (ZeRO-3 generation, transformers' synced_gpus)."""
+def prompt_texts(tok, rows, path: str, template: Optional[str] = None) -> list[str]:
+    """Every row's prompt as the model continues it: text as it is, messages through the chat template (a failing
+    template is one line naming it, `template` or the tokenizer's own, and the row). Every rank renders every
+    row, so that a row the template refuses stops all ranks alike (none is left waiting in a collective)."""
+    from ftdist.data.formats import RowProblem
+    from ftdist.data.templates import render_chat
+
+    texts = []
+    for i, (_, prompt, _) in enumerate(rows):
+        if isinstance(prompt, str):
+            texts.append(prompt)
+            continue
+        if getattr(tok, "chat_template", None) is None:
+            raise EvalError(f"{path}: conversation prompts need a chat template, and the tokenizer has none")
+        try:
+            texts.append(render_chat(tok, prompt, template, tokenize=False, add_generation_prompt=True))
+        except RowProblem as e:
+            raise EvalError(f"{path}: row {i + 1}: {e}") from None
+    return texts
+
+
+def greedy_answers(model, tok, texts: list[str], args, synced: bool = False) -> list[str]:
+    """The model's greedy answer to each prompt text (prompt_texts); `synced`: every rank calls this with as many
+    texts (ZeRO-3 generation, transformers' synced_gpus)."""
     from ftdist.models.generate import generate
 
     device = next(model.parameters()).device
     answers = []
-    for start in range(0, len(rows), args.batch_size):
-        texts = []
-        for _, prompt, _ in rows[start:start + args.batch_size]:
-            if isinstance(prompt, str):
-                texts.append(prompt)
-            elif getattr(tok, "chat_template", None) is None:
-                raise EvalError(f"{path}: conversation prompts need a chat template, and the tokenizer has none")
-            else:
-                texts.append(tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True))
-        _, response = generate(model, tok, texts, max_new_tokens=args.max_new_tokens, device=device,
-                               synced_gpus=synced)
+    for start in range(0, len(texts), args.batch_size):
+        _, response = generate(model, tok, texts[start:start + args.batch_size], max_new_tokens=args.max_new_tokens,
+                               device=device, synced_gpus=synced)
         for ids in response.tolist():
             ids = ids[:ids.index(tok.eos_token_id)] if tok.eos_token_id in ids else ids
             answers.append(tok.decode(ids, skip_special_tokens=True))
@@ -101,11 +114,12 @@ def greedy_answers(model, tok, rows, path: str, args, synced: bool = False) -> l
 
 
 def suite_answers(model, tok, path: str, args, contains: bool, share=(0, 1), synced: bool = False,
-                  split: Optional[str] = None) -> list[dict]:
+                  split: Optional[str] = None, template: Optional[str] = None) -> list[dict]:
     rows = qa_rows(path, args.max_samples, split=split)
+    texts = prompt_texts(tok, rows, path, template)
     mine, real = _share(len(rows), share, synced)
     samples = []
-    answers = greedy_answers(model, tok, [rows[i] for i in mine], path, args, synced)
+    answers = greedy_answers(model, tok, [texts[i] for i in mine], args, synced)
     for i, answer in zip(mine[:real], answers):
         given, _, ref = rows[i]
         a, r = normalise(answer), normalise(ref)
@@ -257,18 +271,20 @@ def _question(prompt) -> str:
 
 
 def evaluate_model(model, tok, suites: list[Suite], args, helpers: dict, share=(0, 1),
-                   synced: bool = False) -> list[dict]:
-    """This rank's share of every suite's rows, as samples (suite, row, what was asked, answered and scored)."""
+                   synced: bool = False, template: Optional[str] = None) -> list[dict]:
+    """This rank's share of every suite's rows, as samples (suite, row, what was asked, answered and scored).
+    template: how errors name the chat template `tok` carries (templates.template_label; None: the tokenizer's)."""
     samples = []
     for name, path, split in suites:
         if name == "perplexity":
-            smp = suite_perplexity(model, tok, path, args, share, synced, split)
+            smp = suite_perplexity(model, tok, path, args, share, synced, split, template)
         elif name == "choice":
             smp = suite_choice(model, tok, path, args, share, synced, split)
         elif name in ("reward", "judge"):
             rows = qa_rows(path, args.max_samples, need_reference=False, split=split)
+            texts = prompt_texts(tok, rows, path, template)
             mine, real = _share(len(rows), share, synced)
-            answers = greedy_answers(model, tok, [rows[i] for i in mine], path, args, synced)[:real]
+            answers = greedy_answers(model, tok, [texts[i] for i in mine], args, synced)[:real]
             mine = mine[:real]
             smp = [{"row": i, "prompt": rows[i][0], "answer": a} for i, a in zip(mine, answers)]
             if name == "reward":
@@ -280,7 +296,7 @@ def evaluate_model(model, tok, suites: list[Suite], args, helpers: dict, share=(
         elif name.startswith(LM_EVAL):
             smp = suite_lm_eval(model, tok, path, args, share, synced)
         else:
-            smp = suite_answers(model, tok, path, args, name == "contains", share, synced, split)
+            smp = suite_answers(model, tok, path, args, name == "contains", share, synced, split, template)
         samples += [{"suite": name, **sm} for sm in smp]
     return samples
 

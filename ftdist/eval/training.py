@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from ftdist.config import Config, ConfigError
+from ftdist.data.templates import template_label
 from ftdist.eval.scorers import Judge, RewardScorer
 from ftdist.eval.rows import EvalError, parse_suites
 from ftdist.eval.suites import aggregate, evaluate_model
@@ -81,7 +82,8 @@ class SuiteEval:
             self.settings = dataclasses.replace(self.settings, max_length=n)
         try:
             mine = evaluate_model(engine.module, tokenizer, self.suites, self.settings, self.helpers,
-                                  (info.rank, info.world_size), synced)
+                                  (info.rank, info.world_size), synced,
+                                  template_label(self.cfg.data.chat_template, tokenizer))
         except EvalError as e:
             raise ConfigError(str(e)) from None
         order = {suite.name: k for k, suite in enumerate(self.suites)}

@@ -23,14 +23,18 @@ def _absolute(path):
 
 
 def _resolved(cfg: Config) -> Config:
+    """The recipe with absolute paths, checked before anything loads (models/preflight.py: the models are models,
+    not adapters; the data sources exist; logging.wandb has its package and key; data.max_length fits the model,
+    null resolved). The precision is not checked here: the actors' devices decide it."""
     import dataclasses
 
-    from ftdist.models.loading import resolve_max_length
+    from ftdist.models.preflight import preflight
 
     model = dataclasses.replace(cfg.model, name_or_path=_absolute(cfg.model.name_or_path))
     ppo = dataclasses.replace(cfg.ppo, reward_model=_absolute(cfg.ppo.reward_model))
-    cfg = dataclasses.replace(cfg, output_dir=str(Path(cfg.output_dir).resolve()), model=model, ppo=ppo)
-    return resolve_max_length(cfg)
+    out = dataclasses.replace(cfg, output_dir=str(Path(cfg.output_dir).resolve()), model=model, ppo=ppo)
+    out.notes = cfg.notes  # what loading the recipe decided, logged by preflight
+    return preflight(out)
 
 
 def train(cfg: Config) -> dict:

@@ -15,6 +15,7 @@ import numpy as np
 
 from ftdist.data.formats import RowProblem, normalize_messages
 from ftdist.data.loading import DataError, RowError, load_rows, resolve_data_path, row_filter
+from ftdist.data.templates import render_chat, template_label
 
 
 @dataclass
@@ -36,7 +37,8 @@ class PromptSet:
                          {k: [v for s in sets for v in s.extras.get(k, [None] * len(s))] for k in names})
 
 
-def render_prompt(value, tokenizer) -> str:
+def render_prompt(value, tokenizer, template: str | None = None) -> str:
+    """A row's prompt as the policy continues it; `template` names the chat template in errors (template_label)."""
     if isinstance(value, str):
         if not value:
             raise RowProblem("prompt is empty")
@@ -44,7 +46,7 @@ def render_prompt(value, tokenizer) -> str:
     messages = normalize_messages(value, "prompt")
     if messages[-1]["role"] == "assistant":
         raise RowProblem("prompt ends with an assistant turn; the policy writes that turn")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return render_chat(tokenizer, messages, template, tokenize=False, add_generation_prompt=True)
 
 
 def load_prompts(spec: str, data_cfg, tokenizer, max_rows: int = 0) -> PromptSet:
@@ -58,11 +60,12 @@ def load_prompts(spec: str, data_cfg, tokenizer, max_rows: int = 0) -> PromptSet
     others = [c for c in rows.column_names if c != col]
     texts, extras = [], {c: [] for c in others}
     keep = row_filter(data_cfg.filter, rows.column_names, path)
+    template = template_label(data_cfg.chat_template, tokenizer)
     for i, row in enumerate(rows):
         if keep is not None and not keep(row, i):
             continue
         try:
-            text = render_prompt(row[col], tokenizer)
+            text = render_prompt(row[col], tokenizer, template)
         except RowProblem as e:
             if data_cfg.on_error == "skip":
                 continue

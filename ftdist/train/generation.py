@@ -6,7 +6,8 @@ import torch
 
 from ftdist.data.answers import exact_match
 from ftdist.data.formats import SFT_NORMALIZERS, RowProblem, detect_format
-from ftdist.data.loading import load_rows
+from ftdist.data.loading import DataError, load_rows
+from ftdist.data.templates import render_chat
 from ftdist.engine.dist import all_reduce_sum, rank_batches
 from ftdist.models.generate import generate as generate_ids
 
@@ -42,16 +43,23 @@ def generate(engine, tokenizer, prompts: list[str], max_new_tokens: int, batch_s
     return outs
 
 
-def exact_match_accuracy(engine, tokenizer, convs, max_new_tokens: int, batch_size: int) -> float:
-    """Share of conversations whose greedy answer matches the reference (all ranks, each its share)."""
+def exact_match_accuracy(engine, tokenizer, convs, max_new_tokens: int, batch_size: int,
+                         template: str | None = None) -> float:
+    """Share of conversations whose greedy answer matches the reference (all ranks, each its share). `template`
+    names the chat template in errors (templates.template_label)."""
     if not convs:
         return float("nan")
+    # every rank renders every prompt: a conversation the template refuses stops all ranks alike, in one line
+    try:
+        texts = [render_chat(tokenizer, m, template, tokenize=False, add_generation_prompt=True) for m, _ in convs]
+    except RowProblem as e:
+        raise DataError(f"data.eval: a prompt for the exact-match accuracy: {e}") from None
     correct = total = 0
     for chunk in rank_batches(len(convs), batch_size, engine.info):
         # an empty share still generates (collective under ZeRO-3), and is not counted
-        batch = [convs[i] for i in chunk or [0]]
-        prompts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m, _ in batch]
-        answers = generate(engine, tokenizer, prompts, max_new_tokens, batch_size)
+        index = chunk or [0]
+        batch = [convs[i] for i in index]
+        answers = generate(engine, tokenizer, [texts[i] for i in index], max_new_tokens, batch_size)
         if chunk:
             correct += sum(exact_match(a, ref) for a, (_, ref) in zip(answers, batch))
             total += len(chunk)

@@ -22,6 +22,7 @@ from ftdist.data.mixture import (mix_lists, mix_tokenized, mixture_fingerprint, 
                                  source_configs)
 from ftdist.data.preference import (PreferenceData, collate_pairs, load_preference_pairs, pair_tokens,
                                    tokenize_preference)
+from ftdist.data.templates import template_label
 from ftdist.models.loading import DTYPES, attn_implementation
 
 log = logging.getLogger("ftdist")
@@ -121,5 +122,6 @@ class PairTask:
         if not convs:
             return {}
         acc = exact_match_accuracy(engine, self.tokenizer, convs, self.cfg.train.eval_max_new_tokens,
-                                   self.cfg.train.micro_batch_size * 4)
+                                   self.cfg.train.micro_batch_size * 4,
+                                   template_label(self.cfg.data.chat_template, self.tokenizer))
         return {"eval/accuracy": acc}

@@ -11,6 +11,7 @@ from ftdist.algos.sft import sft_loss_sum
 from ftdist.data.batching import TokenData, collate_rows
 from ftdist.data.mixture import (list_lengths, mix_lists, mix_tokenized, mixture_fingerprint, mixture_summary,
                                  source_configs)
+from ftdist.data.templates import template_label
 from ftdist.data.tokenize import tokenize_sft
 from ftdist.models.adapters import apply_lora
 from ftdist.models.forward import causal_logits
@@ -98,7 +99,8 @@ class SFTTask:
                               lambda src: load_eval_conversations(src.spec, src.cfg, limit), self.cfg.seed, limit)
             out["eval/accuracy"] = exact_match_accuracy(engine, self.tokenizer, convs,
                                                         self.cfg.train.eval_max_new_tokens,
-                                                        self.cfg.train.micro_batch_size * 4)
+                                                        self.cfg.train.micro_batch_size * 4,
+                                                        template_label(self.cfg.data.chat_template, self.tokenizer))
         return out
 
     def export(self, engine, out_dir: str) -> None:

@@ -218,3 +218,73 @@ def test_a_full_disk_under_evals_results_is_one_line_and_leaves_no_half_file(tmp
         assert line.startswith(f"ftdist: error: {disk / 'eval' / 'eval.json'}: no space left on the device while "
                                f"writing eval.json ("), line
         assert not [p for p in disk.rglob("*") if p.name.endswith(".tmp")]
+
+
+@pytest.fixture(scope="module")
+def bad_templates(tmp_path_factory) -> dict:
+    """For each failing chat template (a syntax error; one that raises for a user turn starting with 'x'): a Jinja
+    file, and a copy of the tiny model whose tokenizer carries that template as its own."""
+    from transformers import AutoTokenizer
+
+    from ftdist.models.loading import resolve_model_path
+    from tests.unit.test_data_checks import RAISES, SYNTAX
+
+    out = {}
+    for name, text in (("syntax", SYNTAX), ("raises", RAISES)):
+        d = tmp_path_factory.mktemp(name)
+        (d / "chat.jinja").write_text(text)
+        shutil.copytree(resolve_model_path("ftdist/tiny"), d / "model")
+        tok = AutoTokenizer.from_pretrained(d / "model")
+        tok.chat_template = text
+        tok.save_pretrained(d / "model")
+        out[name] = d
+    return out
+
+
+@pytest.mark.parametrize("kind,problem,row", [
+    ("syntax", "line 2: not a valid Jinja template: unexpected '}'", ""),
+    ("raises", "line 2: the template raised an error: roles must alternate", "row 1: "),
+])
+def test_a_failing_chat_template_is_one_line_naming_it_in_every_command(kind, problem, row, bad_templates, tmp_path,
+                                                                        capsys, monkeypatch):
+    """generate, eval (the model's own template and --chat-template), PPO's prompts and chat: the template's
+    failure is one line naming the template and its line (a failure for one conversation also names file and
+    row), before any generation; chat leaves out a line the template refuses and goes on."""
+    import io
+    import sys
+
+    d = bad_templates[kind]
+    jinja, model = d / "chat.jinja", d / "model"
+    conv = [{"role": "user", "content": "x Sort the digits: 2 1"}]
+    prompts, qa, chats = tmp_path / "p.jsonl", tmp_path / "qa.jsonl", tmp_path / "chats.jsonl"
+    prompts.write_text(json.dumps({"prompt": conv}) + "\n")
+    qa.write_text(json.dumps({"prompt": conv, "reference": "1 2"}) + "\n")
+    chats.write_text(json.dumps({"messages": conv + [{"role": "assistant", "content": "1 2"}]}) + "\n")
+    at = row and f"{{data}}: {row}"  # where the template raised: the file and row
+    cases = [
+        (["generate", str(model), "--prompts", str(prompts), "--out", str(tmp_path / "a.jsonl")],
+         f"{at.format(data=prompts)}the chat template of {model}, {problem}"),
+        (["eval", str(model), "--suite", f"exact_match={qa}"], f"{at.format(data=qa)}the chat template of {model}, "
+                                                               f"{problem}"),
+        (["eval", "ftdist/tiny", "--suite", f"exact_match={qa}", "--chat-template", str(jinja)],
+         f"{at.format(data=qa)}--chat-template={jinja}, {problem}"),
+        (["eval", "ftdist/tiny", "--suite", f"perplexity={chats}", "--chat-template", str(jinja)],
+         f"{at.format(data=chats)}--chat-template={jinja}, {problem}"),
+        (["train", "grpo_tiny", f"output_dir={tmp_path / 'ppo'}", f"data.train={prompts}", "data.eval=null",
+          f"data.chat_template={jinja}"], f"{at.format(data=prompts)}data.chat_template={jinja}, {problem}"),
+    ]
+    for argv, words in cases:
+        assert main(argv) == 2, argv
+        line = _one_error_line(capsys)
+        assert line == f"ftdist: error: {words}", line
+    assert not (tmp_path / "a.jsonl").exists() and not (tmp_path / "ppo" / "checkpoints").exists()
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("x 2 1\nSort the digits: 2 1\n/exit\n"))
+    if kind == "syntax":  # every conversation fails: the command stops
+        assert main(["chat", str(model), "--max-new-tokens", "2", "--temperature", "0"]) == 2
+        assert _one_error_line(capsys) == f"ftdist: error: the chat template of {model}, {problem}"
+        return
+    assert main(["chat", str(model), "--max-new-tokens", "2", "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    assert (f"(that line was left out: the chat template of {model}, {problem}; /reset or /system may help)"
+            in out and out.count("assistant> ") == 1)  # the next line was answered

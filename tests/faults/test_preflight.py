@@ -118,3 +118,29 @@ def test_wandb_without_its_package_or_a_key_is_one_line(tmp_path, capsys, monkey
     assert wandb_problem({"WANDB_API_KEY": "k"}, netrc_file=str(netrc)) is None
     monkeypatch.setitem(sys.modules, "wandb", None)
     assert "pip install 'ftdist[wandb]'" in wandb_problem({"WANDB_API_KEY": "k"}, netrc_file=str(netrc))
+
+
+def test_ppo_is_checked_before_anything_loads(tmp_path, capsys, monkeypatch):
+    """stage=ppo runs preflight in its controller before the tokenizer, the prompts or any actor: a LoRA adapter
+    as the model, a missing mixture source, logging.wandb without its package or key, each one line before the
+    run directory is claimed. The precision is left to the actors' devices: fp16 is not refused here."""
+    from ftdist.cli import main
+    from ftdist.config import load_config
+    from ftdist.models.preflight import preflight
+    from ftdist.run.metrics import wandb_problem
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "ftdist/tiny"}))
+    gone = tmp_path / "gone.jsonl"
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    for override, words in [(f"model.name_or_path={adapter}", f"model.name_or_path: {adapter} is a LoRA adapter"),
+                            (f"data.train=[ftdist/tiny-task/prompts, {{path: {gone}, weight: 0.5}}]",
+                             f"data.train[1]: {gone}: data file not found"),
+                            ("logging.wandb=true", wandb_problem())]:
+        rc = main(["train", "grpo_tiny", f"output_dir={tmp_path / 'run'}", "data.eval=null", override])
+        assert _refused(rc, capsys.readouterr().err).startswith(f"ftdist: error: {words}")
+        assert not (tmp_path / "run").exists()  # refused before the run directory was claimed
+    assert preflight(load_config("grpo_tiny", ["model.dtype=fp16"])).model.dtype == "fp16"
