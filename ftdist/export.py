@@ -39,28 +39,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def find_checkpoint(run_dir: Path, step: str) -> Path:
-    """checkpoints/step-N of run_dir, complete and undamaged (its manifest checked), or an ExportError that says
-    which steps there are."""
-    from ftdist.engine.checkpoint import damaged_file, is_complete, list_checkpoints
+    """checkpoints/step-N of run_dir, complete and undamaged (its manifest checked, sha256 included), or an
+    ExportError that says what is wrong with that step (checkpoint_problem) and which other steps are complete."""
+    from ftdist.engine.checkpoint import checkpoint_problem, is_complete, list_checkpoints
 
     root = run_dir / "checkpoints"
-    complete = [(n, p) for n, p in list_checkpoints(root) if is_complete(p)]
-    have = ", ".join(str(n) for n, _ in complete) or "none"
+    steps = list_checkpoints(root)
+    complete = [n for n, p in steps if is_complete(p)]  # the quick check (sizes): a damaged one is named below
+
+    def others(n=None) -> str:
+        return ", ".join(str(k) for k in complete if k != n) or "none"
+
     if step == "latest":
         if not complete:
             raise ExportError(f"{root}: no complete checkpoint")
-        path = complete[-1][1]
+        n = complete[-1]
     else:
         try:
             n = int(step)
         except ValueError:
             raise ExportError(f"--step {step!r}: a step number or 'latest'") from None
-        path = dict(complete).get(n)
-        if path is None:
-            raise ExportError(f"--step {n}: {root} has no complete checkpoint of that step (complete: {have})")
-    bad = damaged_file(path)
-    if bad:
-        raise ExportError(f"{path}: damaged ({bad}); export another step (complete: {have})")
+        if n not in dict(steps):
+            raise ExportError(f"--step {n}: {root} has no checkpoint of that step (complete: {others()})")
+    path = dict(steps)[n]
+    problem = checkpoint_problem(path)
+    if problem:
+        raise ExportError(f"{path}: {problem}; export another step (complete: {others(n)})")
     return path
 
 

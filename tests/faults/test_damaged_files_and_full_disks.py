@@ -121,6 +121,32 @@ def test_a_damaged_checkpoint_says_which_file_and_what_is_wrong(tmp_path, caplog
     assert checkpoint_problem(second).startswith("incomplete: no valid manifest.json")
 
 
+def test_export_names_a_damaged_step_and_lists_only_the_others(tmp_path):
+    """export/eval/generate --step: a damaged step is described (checkpoint_problem) and left out of the steps
+    offered instead; it used to be listed among the complete ones."""
+    from ftdist.export import ExportError, find_checkpoint
+
+    root = tmp_path / "checkpoints"
+    first, second = _checkpoint(root, 2), _checkpoint(root, 4)
+    assert find_checkpoint(tmp_path, "latest") == second and find_checkpoint(tmp_path, "2") == first
+    state = second / "trainer_state.json"
+    size = state.stat().st_size
+    state.write_text("g" * size)  # the same size: only its sha256 tells
+    for step in ("4", "latest"):
+        with pytest.raises(ExportError) as e:
+            find_checkpoint(tmp_path, step)
+        assert str(e.value) == (f"{second}: damaged: trainer_state.json does not match its manifest (sha256); "
+                                f"export another step (complete: 2)")
+    state.write_text("garbage")  # another size: not complete by the quick check either
+    with pytest.raises(ExportError) as e:
+        find_checkpoint(tmp_path, "4")
+    assert str(e.value) == (f"{second}: damaged: trainer_state.json is 7 bytes, its manifest records {size}; "
+                            f"export another step (complete: 2)")
+    assert find_checkpoint(tmp_path, "latest") == first  # the newest complete one
+    with pytest.raises(ExportError, match=r"--step 9: .* has no checkpoint of that step \(complete: 2\)$"):
+        find_checkpoint(tmp_path, "9")
+
+
 def test_a_full_disk_while_writing_a_checkpoint_keeps_the_one_before(tmp_path):
     """The loop's and the PPO driver's checkpoint writes (checkpoint_space around them), with torch.save's own
     short-write error on a real full disk."""
