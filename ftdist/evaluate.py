@@ -251,8 +251,7 @@ def run(args) -> int:
 def run_recipe(cfg) -> dict:
     """A `stage: eval` recipe: eval.models on eval.suites; eval.json, samples.jsonl and config.yaml in output_dir.
     Returns {model: {suite: metrics}} (empty on ranks other than 0)."""
-    from ftdist.config import dump_config
-    from ftdist.run.outputs import check_writable
+    from ftdist.run.outputs import check_writable, dump_config
 
     check_writable(cfg.output_dir, "output_dir", directory=True)
     models, results, samples = evaluate_models(cfg.eval, "eval.suites", lambda name: f"eval.{name}", cfg,

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import os
 import types
 import typing
 from pathlib import Path
@@ -410,7 +409,3 @@ def config_markdown() -> str:
         shown = "section" if section else f"`{default!r}`"
         rows.append(f"| `{key}` | {tp.replace('|', chr(92) + '|')} | {shown} | {help} |")
     return "\n".join(rows)
-
-
-def dump_config(cfg: Config, path: str | os.PathLike) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

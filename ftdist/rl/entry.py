@@ -11,8 +11,9 @@ import logging
 import os
 from pathlib import Path
 
-from ftdist.config import Config, ConfigError, dump_config
+from ftdist.config import Config, ConfigError
 from ftdist.run.lifecycle import RunFailure
+from ftdist.run.outputs import dump_config
 
 log = logging.getLogger("ftdist")
 

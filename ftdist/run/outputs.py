@@ -62,3 +62,11 @@ def write_whole(path: Path, text: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
+
+
+def dump_config(cfg, path) -> None:
+    """The fully resolved recipe as YAML in `path` (a run's config.yaml), written aside then renamed: on a full
+    disk the one there before stays whole."""
+    import yaml
+
+    write_whole(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))

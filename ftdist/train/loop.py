@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from ftdist.config import Config, ConfigError, dump_config, resume_changes
+from ftdist.config import Config, ConfigError, resume_changes
 from ftdist.data.batching import plan_epoch
 from ftdist.data.loading import data_fingerprint
 from ftdist.engine.checkpoint import (export_final, find_latest, load_checkpoint, read_trainer_state,
@@ -32,6 +32,7 @@ from ftdist.models.preflight import preflight
 from ftdist.run import rundir, testing
 from ftdist.run.logs import fmt_metrics, setup_logging
 from ftdist.run.metrics import MetricsWriter, Progress
+from ftdist.run.outputs import dump_config
 from ftdist.run.seeding import seed_everything
 from ftdist.run.lifecycle import StopRequest, end_process
 from ftdist.train.step import NonFiniteError, optimizer_step

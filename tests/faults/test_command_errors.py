@@ -35,9 +35,10 @@ def files(tmp_path_factory) -> Path:
     """A truncated model, a model and an adapter with crafted pickles, a run with a crafted checkpoint."""
     import torch
 
-    from ftdist.config import dump_config, load_config
+    from ftdist.config import load_config
     from ftdist.engine.checkpoint import begin_checkpoint, commit_checkpoint
     from ftdist.models.loading import resolve_model_path
+    from ftdist.run.outputs import dump_config
 
     d = tmp_path_factory.mktemp("bad")
     tiny = Path(resolve_model_path("ftdist/tiny"))

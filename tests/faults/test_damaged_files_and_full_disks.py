@@ -175,6 +175,30 @@ def test_a_full_disk_while_writing_a_checkpoint_keeps_the_one_before(tmp_path):
         assert damaged_file(first) is None and {p: p.read_bytes() for p in before} == before
 
 
+def test_a_full_disk_while_recording_the_recipe_keeps_the_one_before(tmp_path):
+    """config.yaml is written aside and renamed: on a full disk the recorded recipe of the run is kept whole (it
+    used to be truncated in place, and a resume then had no recipe to compare with)."""
+    import yaml
+
+    from ftdist.config import load_config
+    from ftdist.run.disk import DiskFullError
+    from ftdist.run.outputs import dump_config
+
+    with small_disk(tmp_path / "disk", 256 << 10) as disk:
+        path = disk / "config.yaml"
+        dump_config(load_config("sft_tiny"), path)
+        before = path.read_text()
+        fill_disk(disk)  # no 4 KiB page left
+        # a longer recipe: more than the page the old text holds (written in place, it would be cut off there)
+        longer = load_config("sft_tiny", ["eval.suites=[" + ", ".join(f"perplexity=held-out/part-{i:03d}.jsonl"
+                                                                       for i in range(80)) + "]"])
+        assert len(yaml.safe_dump(longer.to_dict(), sort_keys=False)) > 4096 > len(before)
+        with pytest.raises(DiskFullError) as e:
+            dump_config(longer, path)
+        assert str(e.value).startswith(f"{path}: no space left on the device while writing config.yaml ("), e.value
+        assert path.read_text() == before and sorted(p.name for p in disk.iterdir()) == ["config.yaml", "filler"]
+
+
 def test_a_full_disk_while_exporting_keeps_the_final_model_before(tmp_path):
     from safetensors.torch import save_file
 

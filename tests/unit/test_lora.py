@@ -313,8 +313,8 @@ def test_a_run_that_named_its_model_relatively_exports_from_any_directory(tmp_pa
     import shutil
 
     from ftdist.cli import main
-    from ftdist.config import dump_config
     from ftdist.engine.checkpoint import begin_checkpoint, commit_checkpoint
+    from ftdist.run.outputs import dump_config
     from tests.helpers import load_weights, max_abs_diff
 
     shutil.copytree(resolve_model_path("ftdist/tiny"), tmp_path / "models" / "base")

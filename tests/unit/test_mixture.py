@@ -6,8 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from ftdist.config import ConfigError, DataSource, dump_config, load_config
+from ftdist.config import ConfigError, DataSource, load_config
 from ftdist.data.mixture import capped, mixture_fingerprint, select_rows, source_configs
+from ftdist.run.outputs import dump_config
 
 pytestmark = pytest.mark.unit
 
