@@ -366,7 +366,8 @@ class PPOConfig:
         "node:IP of 1.0), or a custom resource its nodes were started with (ray start --resources).")
     call_timeout_s: float = _f(
         3600.0, "Longest any actor call may take (a rollout, a scoring pass, an update, a checkpoint) before the run "
-        "stops with an error naming the group and rank; 0 = no limit.")
+        "stops with an error naming the group and rank; 0 = no limit. The workers' start (loading the models, "
+        "forming the process groups) waits at most dist.timeout_s instead.")
     device: Literal["auto", "gpu", "cpu"] = _f("auto", "Actor bundles: a GPU each (auto: when the Ray cluster has GPUs) "
                                                "or CPU only.")
     eval_every: int = _f(

@@ -134,8 +134,16 @@ class Calls:
     hosts: list = field(default_factory=list)  # (host name, address) per rank, where known
 
 
-def get(*calls: Calls, timeout_s: float = 0.0) -> list:
-    """The results of one or more groups' calls, in order, waiting at most timeout_s (0 = no limit) in all.
+CALL_LIMIT = ("ppo.call_timeout_s", "a reward function that never returns, or a stuck collective?")
+# the workers' start: spawning, imports, model loading and the process group, which takes what loading takes (a
+# large model from network storage: minutes), not what a call takes; a rank that never joins the process group
+# fails in the actors after dist.timeout_s, so the driver waits as long
+START_LIMIT = ("dist.timeout_s", "a rank that never joined its process group, or a model load that never ended?")
+
+
+def get(*calls: Calls, timeout_s: float = 0.0, limit: tuple[str, str] = CALL_LIMIT) -> list:
+    """The results of one or more groups' calls, in order, waiting at most timeout_s (0 = no limit) in all;
+    `limit`: the key that sets timeout_s and the likely cause, named when it runs out.
 
     A failure is one line naming the group, the rank, the call and the cause (the actor's traceback is kept
     in the error's details); a problem the user can fix (ConfigError, DataError, ...) is re-raised as itself.
@@ -149,8 +157,7 @@ def get(*calls: Calls, timeout_s: float = 0.0) -> list:
             try:
                 out.append(ray.get(ref, timeout=left))
             except ray.exceptions.GetTimeoutError:
-                raise RunFailure(f"{where} gave no answer within ppo.call_timeout_s={timeout_s:g}s (a reward function "
-                                 f"that never returns, or a stuck collective?)") from None
+                raise RunFailure(f"{where} gave no answer within {limit[0]}={timeout_s:g}s ({limit[1]})") from None
             except ray.exceptions.RayTaskError as e:
                 cause = unwrap_error(e)
                 if cause is not None and type(cause).__name__ in USER_ERRORS:
@@ -259,7 +266,8 @@ def started_groups(cfg) -> tuple[dict[str, ActorGroup], list]:
               for role, n in ranks.items()}
     log.info("actor groups: %s on %s", ", ".join(f"{r} x{n}" for r, n in ranks.items()), "GPUs" if gpu else "CPUs")
     try:
-        get(*[Calls(g.role, "start", g.start(cfg)) for g in groups.values()], timeout_s=cfg.ppo.call_timeout_s)
+        get(*[Calls(g.role, "start", g.start(cfg)) for g in groups.values()], timeout_s=cfg.dist.timeout_s,
+            limit=START_LIMIT)
     except Exception:
         shutdown(list(groups.values()), pgs, started=False)
         raise
