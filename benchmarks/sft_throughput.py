@@ -56,6 +56,12 @@ SETTINGS = {
     # model shape, data and schedule of the full run and of the smoke test
     "full": dict(hidden=512, intermediate=1536, layers=6, heads=8, kv_heads=4, vocab=8192, samples=3000,
                  max_length=1024, min_length=32, median_length=170, sigma=0.85, batch=8, micro=4, steps=8, warmup=2),
+    # held-out shape: a GPT-2-shaped model (learned positions, tied embeddings, MHA with head size 64) on
+    # chats whose answers are lognormal with a heavy tail (sigma 1.1), one epoch at the recipe's default
+    # micro-batch size (4 rows) and steps of 8 samples
+    "longtail": dict(arch="gpt2", hidden=256, layers=6, heads=4, vocab=16384, samples=400, max_length=1024,
+                     min_length=24, median_length=140, sigma=1.1, batch=8, micro=4, unpacked_micro=4, steps=50,
+                     warmup=2),
     "tiny": dict(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=512, samples=200,
                  max_length=128, min_length=16, median_length=40, sigma=0.7, batch=4, micro=2, steps=3, warmup=1,
                  tokenizer_sentences=2000),
@@ -166,13 +172,22 @@ def prepare_workdir(work: Path, s: dict, seed: int = 0) -> dict:
             f.write(json.dumps(r) + "\n")
     tok.save_pretrained(work / "model")
     # the vocabulary the model is built for (a BPE trained on made-up text may learn fewer merges)
-    config = LlamaConfig(vocab_size=max(len(tok), s["vocab"]), hidden_size=s["hidden"], intermediate_size=s["intermediate"],
-                         num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
-                         num_key_value_heads=s["kv_heads"], max_position_embeddings=s["max_length"],
-                         tie_word_embeddings=False, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, use_cache=False)
+    ids = dict(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+               use_cache=False)
+    if s.get("arch") == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        config = GPT2Config(vocab_size=max(len(tok), s["vocab"]), n_embd=s["hidden"], n_layer=s["layers"],
+                            n_head=s["heads"], n_positions=s["max_length"], **ids)
+        model_class = GPT2LMHeadModel
+    else:
+        config = LlamaConfig(vocab_size=max(len(tok), s["vocab"]), hidden_size=s["hidden"],
+                             intermediate_size=s["intermediate"], num_hidden_layers=s["layers"],
+                             num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
+                             max_position_embeddings=s["max_length"], tie_word_embeddings=False, **ids)
+        model_class = LlamaForCausalLM
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(getattr(torch, s.get("save_dtype", "float32")))
+    model = model_class(config).to(getattr(torch, s.get("save_dtype", "float32")))
     model.save_pretrained(work / "model", safe_serialization=True)
     n_params = sum(p.numel() for p in model.parameters())
     lengths.sort()
@@ -230,13 +245,14 @@ def arm_ftdist(work: Path, s: dict, a, packing: bool = True, group_by_length="st
     # unpacked: one micro-batch of the whole step's samples (micro = global batch, the case in which only a
     # split of the step's rows by length can cut padding)
     rows = rows_per_step(work, s, a.seed)[0] if packing else s["batch"]
+    micro = 1 if packing else s.get("unpacked_micro", rows)
     out = work / "runs" / f"ftdist-{'packed' if packing else group_by_length}-{os.getpid()}"
     cfg = load_config(data=dict(
         stage="sft", output_dir=str(out), seed=a.seed,
         model={"name_or_path": str(work / "model"), "dtype": "fp32", "attn_implementation": "sdpa"},
         data={"train": str(work / "data.jsonl"), "max_length": s["max_length"], "packing": packing,
               "cache_dir": str(work / "cache")},
-        train={"micro_batch_size": 1 if packing else rows, "global_batch_size": rows,
+        train={"micro_batch_size": micro, "global_batch_size": rows,
                "group_by_length": group_by_length, "max_steps": s["steps"], "lr": LR,
                "scheduler": "linear", "warmup_ratio": 0.0, "weight_decay": 0.0, "max_grad_norm": 1.0,
                "log_every": 1, "progress_bar": False},
@@ -363,8 +379,7 @@ def write_lengths(work: Path, s: dict) -> None:
 def spawn_arm(name: str, work: Path, a) -> dict:
     cmd = [sys.executable, __file__, "--arm", name, "--work", str(work), "--seed", str(a.seed),
            "--steps", str(a.steps), "--warmup", str(a.warmup)]
-    if a.tiny:
-        cmd.append("--tiny")
+    cmd += ["--setting", a.setting]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": str(a.threads), "TQDM_DISABLE": "1",
            "ACCELERATE_DISABLE_RICH": "1"}
@@ -381,7 +396,8 @@ def spawn_arm(name: str, work: Path, a) -> dict:
 def table(results: dict[str, list[dict]], meta: dict, s: dict, a) -> str:
     keys = ("tokens_per_s", "tokens_per_cpu_s", "padding_fraction", "peak_rss_mb")
     med = {n: {k: statistics.median(r[k] for r in rs) for k in keys} for n, rs in results.items() if rs}
-    lines = [f"model: Llama {meta['n_params'] / 1e6:.1f}M parameters (random init), fp32, sdpa, CPU, "
+    arch = "GPT-2" if s.get("arch") == "gpt2" else "Llama"
+    lines = [f"model: {arch} {meta['n_params'] / 1e6:.1f}M parameters (random init), fp32, sdpa, CPU, "
              f"{a.threads} thread(s) per arm; data: {meta['samples']} chat samples, {meta['tokens']} tokens, length "
              f"p50 {meta['length_p50']} / p90 {meta['length_p90']} / max {meta['length_max']} "
              f"({meta['clipped']} clipped at {s['max_length']})",
@@ -415,6 +431,9 @@ def table(results: dict[str, list[dict]], meta: dict, s: dict, a) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="a tiny model and a few steps: checks every arm runs")
+    p.add_argument("--setting", choices=sorted(SETTINGS), default="full",
+                   help="model and data: full (27M Llama, 3000 chats), longtail (11M GPT-2, 400 chats with "
+                        "heavy-tailed answers, one epoch), tiny (same as --tiny)")
     p.add_argument("--repeats", type=int, default=3, help="rounds over all arms, in rotating order (default 3)")
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per arm (default: 8, tiny 3)")
@@ -430,7 +449,9 @@ def main(argv=None) -> int:
                         "the default with --tiny)")
     p.add_argument("--arm", default=None, help=argparse.SUPPRESS)  # internal: run one arm in this process
     a = p.parse_args(argv)
-    s = dict(SETTINGS["tiny" if a.tiny else "full"])
+    a.tiny = a.tiny or a.setting == "tiny"
+    a.setting = "tiny" if a.tiny else a.setting
+    s = dict(SETTINGS[a.setting])
     s["steps"] = a.steps = a.steps or s["steps"]
     s["warmup"] = a.warmup = a.warmup or s["warmup"]
     if not 1 <= s["warmup"] < s["steps"]:
@@ -447,7 +468,7 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"--arms: unknown {sorted(unknown)}; allowed: {', '.join(ARMS)}")
     tmp = None if a.work else tempfile.TemporaryDirectory(prefix="sft-throughput-")
-    work = Path(a.work or tmp.name) / ("tiny" if a.tiny else "full")
+    work = Path(a.work or tmp.name) / a.setting
     t0 = time.time()
     meta = prepare_workdir(work, s)
     write_lengths(work, s)
