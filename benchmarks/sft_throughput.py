@@ -3,6 +3,8 @@
     python benchmarks/sft_throughput.py                 # the full comparison, 3 rounds (~11 min on 2 CPU cores)
     python benchmarks/sft_throughput.py --repeats 1     # one round
     python benchmarks/sft_throughput.py --tiny          # seconds: a smoke test of every arm (CI)
+    python benchmarks/sft_throughput.py --setting longtail --arms ftdist,ftdist_unpacked,trl,trl_packing --repeats 1
+                                                        # a 9M GPT-2 on 400 long-tailed chats, one epoch (~25 min)
 
 Every arm trains the same randomly initialised Llama (weights written once and loaded by each
 arm), on the same JSONL of chat samples, with the same tokenizer and chat template, in fp32,
