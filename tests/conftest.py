@@ -58,3 +58,24 @@ def ppo_warm(tmp_path_factory) -> dict:
     pool = base / "pool.jsonl"
     pool.write_text("\n".join(rows) + "\n")
     return {"base": base, "policy": base / "sft" / "final", "pool": pool}
+
+
+# what a one-process `ftdist train` run in this process (ftdist.cli.main in-process) writes into os.environ to
+# form its process group: left behind, every later subprocess would inherit the same rendezvous port and fail
+# to bind it (EADDRINUSE), or take itself for rank 0 of another launcher's world
+_PROCESS_GROUP_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _process_group_env_restored():
+    before = {k: os.environ.get(k) for k in _PROCESS_GROUP_ENV}
+    yield
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -15,12 +15,13 @@ from ftdist.config import ConfigError
 WANDB_KEYLESS_MODES = ("offline", "dryrun", "disabled")
 
 
-def wandb_problem(environ: Mapping[str, str] = os.environ, installed: Optional[bool] = None,
+def wandb_problem(environ: Optional[Mapping[str, str]] = None, installed: Optional[bool] = None,
                   netrc_file: Optional[str] = None) -> Optional[str]:
     """Why logging.wandb=true would fail in this environment (one line saying what fixes it), or None.
 
     installed: whether the wandb package can be imported (default: looked up); a key is WANDB_API_KEY or the
     api.wandb.ai entry `wandb login` writes to ~/.netrc (netrc_file, default $NETRC or ~/.netrc)."""
+    environ = os.environ if environ is None else environ  # read at the call: the process's environment now
     if installed is None:
         installed = _importable("wandb")
     if not installed:

@@ -84,7 +84,9 @@ def test_final_is_replaced_whole_or_not_at_all(tmp_path):
         open(os.path.join(d, "config.json"), "w").write("{}")
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(OSError):
+    from ftdist.run.disk import DiskFullError
+
+    with pytest.raises(DiskFullError, match=f"{final}: no space left on the device while writing the final model"):
         export_final(_OneRank(), dies_half_way, final)
     assert sorted(p.name for p in final.iterdir()) == ["model.safetensors"]  # untouched
 
