@@ -223,12 +223,13 @@ def from_main(obj):
 _main_results = 0
 
 
-def run_on_main_then_others(main_fn, others_fn=None, poll_s: float = 0.5):
+def run_on_main_then_others(main_fn, others_fn=None, poll_s: float = 0.5, ack_timeout_s: float = 60.0):
     """main_fn() on rank 0 while the other ranks wait, then others_fn() on them (e.g. tokenise and cache, then
     read the cache); returns this rank's result. The others wait through the rendezvous store, not a collective,
     so no process-group timeout limits how long rank 0 may take; an exception on rank 0 is re-raised on every
-    rank as the same type and message (no rank is left waiting), a dead rank 0 ends the wait when the store
-    goes with it (or the launcher stops the job)."""
+    rank as the same type and message (no rank is left waiting; rank 0 keeps the store, which lives in its
+    process, until every rank has read the error or ack_timeout_s passed), a dead rank 0 ends the wait when the
+    store goes with it (or the launcher stops the job)."""
     global _main_results
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return main_fn()
@@ -243,6 +244,7 @@ def run_on_main_then_others(main_fn, others_fn=None, poll_s: float = 0.5):
                 store.set(key, pickle.dumps(e))
             except Exception:  # an exception that does not pickle: its type and message
                 store.set(key, pickle.dumps(RuntimeError(f"{type(e).__name__}: {e}")))
+            _wait_until_read(store, key, dist.get_world_size() - 1, ack_timeout_s)
             raise
         store.set(key, b"ok")
         return out
@@ -252,8 +254,17 @@ def run_on_main_then_others(main_fn, others_fn=None, poll_s: float = 0.5):
         time.sleep(poll_s)
     answer = store.get(key)
     if answer != b"ok":
+        store.add(f"{key}/read", 1)  # rank 0 holds the store (and so its own exit) until every rank has read it
         raise pickle.loads(answer)
     return others_fn() if others_fn is not None else None
+
+
+def _wait_until_read(store, key: str, readers: int, timeout_s: float, poll_s: float = 0.05) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while store.add(f"{key}/read", 0) < readers and time.monotonic() < deadline:
+        time.sleep(poll_s)
 
 
 def barrier() -> None:
