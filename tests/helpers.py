@@ -36,15 +36,53 @@ def _free_port() -> int:
 
 
 def run_ftdist(nproc: int, recipe: str, overrides: list[str], timeout: int = 300, check: bool = True,
-               env: dict | None = None) -> subprocess.CompletedProcess:
-    # the checkout first; what PYTHONPATH already holds (e.g. packages installed with --target) after it
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **(env or {})}
-    proc = run_group(ftdist_cmd(nproc, recipe, overrides), timeout, env=full_env)
+               env: dict | None = None, inprocess: bool | None = None) -> subprocess.CompletedProcess:
+    """`ftdist train RECIPE OVERRIDES` on nproc ranks. One rank runs in this process unless inprocess=False (a
+    new interpreter and its imports cost ~10 s of a 2-core machine; a test of the process itself, its signals
+    or its exit, asks for one); several ranks run under torchrun."""
+    if nproc == 1 and inprocess is not False:
+        proc = run_inprocess(["train", recipe, *overrides], env=env)
+    else:
+        # the checkout first; what PYTHONPATH already holds (e.g. packages installed with --target) after it
+        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **(env or {})}
+        proc = run_group(ftdist_cmd(nproc, recipe, overrides), timeout, env=full_env)
     if check and proc.returncode != 0:
         raise AssertionError(f"ftdist exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
                              f"--- stderr\n{proc.stderr[-8000:]}")
     return proc
+
+
+def run_inprocess(argv: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    """`ftdist ARGV` through ftdist.cli.main in this process, with `env` set for the call: its exit code, and what
+    it printed and logged (one stream each, as a subprocess's would be). tests/conftest.py restores the process
+    group variables and destroys a leftover group after each test."""
+    import io
+    import logging
+
+    from ftdist.cli import main
+
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
+    out, err = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(err)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s ftdist: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(argv))
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+    finally:
+        root.removeHandler(handler)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return subprocess.CompletedProcess(["ftdist", *argv], code, out.getvalue(), err.getvalue())
 
 
 def run_group(cmd: list[str], timeout: float, env: dict | None = None, cwd=ROOT) -> subprocess.CompletedProcess:

@@ -28,7 +28,7 @@ def test_a_failing_reward_function_stops_with_one_line_and_a_checkpoint(tmp_path
     # below the workers' start on a loaded 2-core machine (12-20 s measured: three actors importing deepspeed and
     # loading models on two cores), which is bounded by dist.timeout_s and not by this
     overrides = [f"output_dir={out}", *COMMON, f"ppo.reward_fn=tests.faults.faulty_rewards:{fn}", "ppo.call_timeout_s=10"]
-    proc = run_ftdist(1, "grpo_tiny", overrides, timeout=600, env=ENV, check=False)
+    proc = run_ftdist(1, "grpo_tiny", overrides, timeout=600, env=ENV, check=False, inprocess=False)
     assert proc.returncode == 1, proc.stderr[-6000:]
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("ftdist: error")]
     assert len(lines) == 1, proc.stderr[-6000:]

@@ -41,7 +41,7 @@ def _train(recipe: str, out: Path, warm: dict, *extra: str, torchrun: bool = Fal
     overrides = [f"output_dir={out}", f"model.name_or_path={warm['policy']}", f"data.train={warm['pool']}",
                  *COMMON, *extra]
     if not torchrun:
-        return run_ftdist(1, recipe, overrides, timeout=900, env=ENV)
+        return run_ftdist(1, recipe, overrides, timeout=900, env=ENV, inprocess=False)
     # the driver under a launcher (as `make demo` runs its stages): its torchrun variables must not leak into
     # the actor groups' own process groups
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
