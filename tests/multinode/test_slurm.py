@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import ROOT, load_weights, max_abs_diff, read_metrics
-from tests.slurm.jobs import cancelled_unless_completed, preempt, wait_ended, wait_running
+from tests.slurm.jobs import (assert_requeued_and_resumed, cancelled_unless_completed, job_id_of, preempted_mid_run,
+                              sbatch, sft_env, tail, train_steps, wait_ended, wait_running)
 
 pytestmark = pytest.mark.multinode
 
@@ -47,93 +48,72 @@ def slurm_hosts(hosts):
         subprocess.run(["bash", str(script), "down", "--hosts"], capture_output=True, timeout=120)
 
 
-def _sbatch(run_dir: Path, log: Path, launch: str, *extra: str, timeout: float = 30):
-    env = {**os.environ, "RECIPE": "sft_tiny", "OVERRIDES": f"output_dir={run_dir} {OVERRIDES}",
-           "FTDIST_LAUNCH": launch, "FTDIST_NPROC_PER_NODE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = ["sbatch", "--parsable", *TWO_NODES, f"--output={log}", *extra, "slurm/sft_7b.sh"]
-    return subprocess.run(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def _steps(run_dir: Path) -> list[int]:
-    return [r["step"] for r in read_metrics(run_dir) if "loss" in r] if (run_dir / "metrics.jsonl").exists() else []
-
-
-def _tail(path: Path, n: int = 4000) -> str:
-    return path.read_text()[-n:] if path.exists() else "(no output yet)"
+def _sbatch(run_dir: Path, log: Path, launch: str, *extra: str, overrides: str = OVERRIDES, env: dict | None = None,
+            timeout: float = 30):
+    return sbatch([*TWO_NODES, f"--output={log}", *extra], {**sft_env(run_dir, overrides, launch, 1), **(env or {})},
+                  timeout=timeout)
 
 
 @pytest.fixture(scope="module")
 def straight(slurm_hosts, tmp_path_factory):
     base = tmp_path_factory.mktemp("two_nodes")
     r = _sbatch(base / "run", base / "job.out", "srun", "--wait", timeout=JOB_TIMEOUT_S)
-    log = _tail(base / "job.out", 20000)
+    log = tail(base / "job.out", 20000)
     assert r.returncode == 0, f"sbatch --wait rc={r.returncode}\n{r.stderr}\n--- job output\n{log[-6000:]}"
     return base / "run", log
 
 
 def test_srun_per_rank_on_two_nodes(straight):
+    """Alone proves: slurm/sft_7b.sh with --nodes=2 in srun mode runs one rank per task on both nodes, to the end."""
     run_dir, log = straight
     assert "srun: 2 task(s), one rank each" in log and PLACEMENT in log, log[-4000:]
-    assert _steps(run_dir) == list(range(1, STEPS + 1))
+    assert train_steps(run_dir) == list(range(1, STEPS + 1))
 
 
 def test_torchrun_per_node_preempted_requeued_resumed(straight, tmp_path):
-    """torchrun on each node; USR1 to the batch shell: every rank on both nodes checkpoints, the job requeues and
+    """Alone proves: with torchrun starting the ranks (one per node) USR1 checkpoints, requeues and resumes exactly.
+
+    torchrun on each node; USR1 to the batch shell: every rank on both nodes checkpoints, the job requeues and
     resumes from that checkpoint; restored state, then the same fp32 operations in the same order as the
-    uninterrupted srun job (the same 2 ranks): bit-identical weights."""
+    uninterrupted srun job (the same 2 ranks): bit-identical weights. (This is also the USR1 proof of
+    slurm/sft_7b.sh's torchrun mode; tests/slurm/test_sbatch_sft.py proves its srun mode.)"""
     run_dir, log_path = tmp_path / "run", tmp_path / "job.out"
-    r = _sbatch(run_dir, log_path, "torchrun")
-    assert r.returncode == 0, r.stderr
-    job_id = r.stdout.strip().split(";")[0]
-    with cancelled_unless_completed(job_id) as last:
-        deadline = time.monotonic() + JOB_TIMEOUT_S
-        wait_running(job_id, lambda: len(_steps(run_dir)) >= 2, deadline, lambda: _tail(log_path))
-        preempt(job_id)
-        wait_ended(job_id, deadline, lambda: _tail(log_path), last)
-    log = log_path.read_text()
-    assert last.get("JobState") == "COMPLETED" and last.get("Restarts") == "1", (last, log[-6000:])
+    job_id = job_id_of(_sbatch(run_dir, log_path, "torchrun"))
+    last, log = preempted_mid_run(job_id, run_dir, log_path, JOB_TIMEOUT_S)
     assert "torchrun on 2 node(s) x 1 process(es)" in log and log.count(PLACEMENT) == 2, log[-6000:]
-    stopped = re.search(r"checkpoint saved at step (\d+); exiting for requeue", log)
-    assert stopped, log[-6000:]
-    k = int(stopped.group(1))
-    assert 2 <= k < STEPS and re.search(rf"resumed from \S*step-{k} at step {k}\b", log), log[-6000:]
-    assert _steps(run_dir) == list(range(1, STEPS + 1))
+    assert_requeued_and_resumed(last, log, run_dir, STEPS)
     assert max_abs_diff(load_weights(run_dir / "final"), load_weights(straight[0] / "final")) == 0.0
 
 
 def test_node_down_mid_run_then_resubmitted_resumes(straight, slurm_hosts, tmp_path):
-    """Every process of ftnode2 killed mid-run (the node going down, its slurmd with it): the surviving rank on
+    """Alone proves: a node lost mid-run stops the surviving ranks with one line naming it; resubmitted, it resumes.
+
+    Every process of ftnode2 killed mid-run (the node going down, its slurmd with it): the surviving rank on
     ftnode1 stops at once with one line naming the lost rank and host, instead of hanging in a collective; with
     the node back, the job submitted again resumes from the newest complete checkpoint and ends with the weights
     of the uninterrupted job (restored state, the same operations in the same order: bit-identical)."""
     run_dir, log_path = tmp_path / "run", tmp_path / "job.out"
-    env_extra = {"OVERRIDES": f"output_dir={run_dir} {OVERRIDES} checkpoint.every_steps=5 checkpoint.keep_last=0",
-                 "FTDIST_STEP_DELAY_S": "0.5"}  # 20 steps of at least 0.5 s: time to kill a node between them
-    env = {**os.environ, "RECIPE": "sft_tiny", "FTDIST_LAUNCH": "torchrun", "FTDIST_NPROC_PER_NODE": "1",
-           "OMP_NUM_THREADS": "1", **env_extra}
-    cmd = ["sbatch", "--parsable", *TWO_NODES, f"--output={log_path}", "slurm/sft_7b.sh"]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
-    assert r.returncode == 0, r.stderr
-    job_id = r.stdout.strip().split(";")[0]
+    overrides = f"{OVERRIDES} checkpoint.every_steps=5 checkpoint.keep_last=0"
+    # 20 steps of at least 0.5 s: time to kill a node between them
+    job_id = job_id_of(_sbatch(run_dir, log_path, "torchrun", overrides=overrides, env={"FTDIST_STEP_DELAY_S": "0.5"}))
     lost = "rank 1 (ftnode2) died: every rank on ftnode2 is gone (node down?)"
     with cancelled_unless_completed(job_id) as last:
         deadline = time.monotonic() + JOB_TIMEOUT_S
         wait_running(job_id, lambda: (run_dir / "checkpoints" / "step-10" / "manifest.json").exists(), deadline,
-                     lambda: _tail(log_path))
+                     lambda: tail(log_path))
         pids = subprocess.run(["ip", "netns", "pids", "ft-ftnode2"], capture_output=True, text=True).stdout.split()
         assert pids
         subprocess.run(["kill", "-KILL", *pids])
         t0 = time.monotonic()
-        while lost not in _tail(log_path, 20000):
-            assert time.monotonic() - t0 < 60, _tail(log_path)  # the 10 s check-in wait, then the message
+        while lost not in tail(log_path, 20000):
+            assert time.monotonic() - t0 < 60, tail(log_path)  # the 10 s check-in wait, then the message
             time.sleep(0.5)
         # the node comes back (its slurmd restarted); the broken job is cancelled and submitted again
         up = subprocess.run(["bash", str(ROOT / "launch" / "local_slurm.sh"), "up", "--hosts"], capture_output=True,
                             text=True, timeout=120)
         assert up.returncode == 0, up.stderr[-3000:]
         subprocess.run(["scancel", job_id], timeout=30)
-        wait_ended(job_id, deadline, lambda: _tail(log_path), last)
+        wait_ended(job_id, deadline, lambda: tail(log_path), last)
     assert f"ftdist: error (rank 0): a collective failed: lost the connection to another rank ({lost})" in \
         log_path.read_text()
     saved = sorted(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*")
@@ -141,27 +121,26 @@ def test_node_down_mid_run_then_resubmitted_resumes(straight, slurm_hosts, tmp_p
     assert saved and saved[-1] >= 10
 
     again = tmp_path / "again.out"
-    r = subprocess.run([*cmd[:-2], f"--output={again}", "--wait", "slurm/sft_7b.sh"], cwd=ROOT,
-                       env={**env, "FTDIST_STEP_DELAY_S": "0"}, stdin=subprocess.DEVNULL, capture_output=True,
-                       text=True, timeout=JOB_TIMEOUT_S)
-    log = _tail(again, 20000)
+    r = _sbatch(run_dir, again, "torchrun", "--wait", overrides=overrides, env={"FTDIST_STEP_DELAY_S": "0"},
+                timeout=JOB_TIMEOUT_S)
+    log = tail(again, 20000)
     assert r.returncode == 0, f"{r.stderr}\n{log[-6000:]}"
     assert re.search(rf"resumed from \S*step-{saved[-1]} at step {saved[-1]}\b", log), log[-6000:]
     assert max_abs_diff(load_weights(run_dir / "final"), load_weights(straight[0] / "final")) == 0.0
 
 
 def test_ppo_script_brings_up_ray_across_both_nodes(slurm_hosts, tmp_path):
-    """slurm/ppo_7b.sh with --nodes=2: its Ray cluster spans both nodes (head on ftnode1, a worker node on
+    """Alone proves: slurm/ppo_7b.sh on two nodes brings up one Ray cluster across both and runs GRPO on it.
+
+    slurm/ppo_7b.sh with --nodes=2: its Ray cluster spans both nodes (head on ftnode1, a worker node on
     ftnode2) and GRPO's groups run on both, the policy on one and reference and reward on the other."""
     log_path = tmp_path / "job.out"
     pin = "{policy: {node:10.77.0.11: 0.01}, ref: {node:10.77.0.12: 0.01}, reward: {node:10.77.0.12: 0.01}}"
-    env = {**os.environ, "RECIPE": "grpo_tiny", "OMP_NUM_THREADS": "1",
+    env = {"RECIPE": "grpo_tiny",
            "OVERRIDES": f"output_dir={tmp_path / 'run'} data.eval=null train.progress_bar=false ppo.iterations=3 "
                         f"ppo.eval_every=0 dist.backend=gloo 'ppo.resources={pin}'"}
-    r = subprocess.run(["sbatch", "--parsable", *TWO_NODES, f"--output={log_path}", "--wait", "slurm/ppo_7b.sh"],
-                       cwd=ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                       timeout=JOB_TIMEOUT_S)
-    log = _tail(log_path, 30000)
+    r = sbatch([*TWO_NODES, f"--output={log_path}", "--wait"], env, script="slurm/ppo_7b.sh", timeout=JOB_TIMEOUT_S)
+    log = tail(log_path, 30000)
     assert r.returncode == 0, f"{r.stderr}\n{log[-6000:]}"
     assert re.search(r"Ray head on ftnode1 \(10\.77\.0\.11:\d+\).*; 2 node\(s\)", log), log[-4000:]
     assert ("placement: policy on ftnode1 (10.77.0.11) ranks 0-1; ref on ftnode2 (10.77.0.12) rank 0; "

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.slurm.jobs import job_info
+from tests.slurm.jobs import assert_none_alive, job_info
 
 pytestmark = pytest.mark.slurm
 
@@ -56,6 +56,7 @@ def _wait_for(pred, timeout: float, what: str, interval: float = 0.25):
 
 
 def test_sbatch_two_tasks_srun(tmp_path: Path):
+    """Alone proves: launch/local_slurm.sh's cluster runs a 2-task srun step (the Slurm side, without ftdist)."""
     out = tmp_path / "out.txt"
     script = tmp_path / "two_tasks.sh"
     script.write_text(
@@ -77,6 +78,7 @@ def test_sbatch_two_tasks_srun(tmp_path: Path):
 
 
 def test_usr1_trap_requeues_and_restarts(tmp_path: Path):
+    """Alone proves: --signal=B:USR1 reaches a trap that requeues the job, and nothing of the first run survives."""
     out = tmp_path / "out.txt"
     ready = tmp_path / "ready"
     marker = tmp_path / "usr1_marker"
@@ -150,10 +152,4 @@ def test_usr1_trap_requeues_and_restarts(tmp_path: Path):
     assert last.get("ExitCode") == "0:0", last
     # Nothing of the first run may keep running after the requeue (proctrack/pgid kills
     # the batch shell's background children; proctrack/linuxproc lets them escape).
-    leftovers = _live_procs_with_env(token)
-    for pid in leftovers:
-        try:
-            os.kill(pid, 9)
-        except OSError:
-            pass
-    assert not leftovers, f"processes of the requeued first run still alive: {leftovers}"
+    assert_none_alive(_live_procs_with_env(token), "processes of the requeued first run")

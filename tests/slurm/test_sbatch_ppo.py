@@ -5,16 +5,15 @@ requeues itself, comes up again and completes; no Ray process of the job is left
 
 from __future__ import annotations
 
-import os
 import re
 import socket
-import subprocess
 import time
 
 import pytest
 
-from tests.helpers import ROOT, procs_with_arg
-from tests.slurm.jobs import cancelled_unless_completed, preempt, wait_ended, wait_running
+from tests.helpers import procs_with_arg
+from tests.slurm.jobs import (assert_none_alive, cancelled_unless_completed, job_id_of, preempt, sbatch, wait_ended,
+                              wait_running)
 
 pytestmark = pytest.mark.slurm
 
@@ -39,14 +38,12 @@ def _free_port_block(n: int = 9) -> int:
 
 
 def test_ray_cluster_up_driver_preempted_down_and_requeued(tmp_path):
+    """Alone proves: slurm/ppo_7b.sh stops its driver and Ray cluster on USR1, requeues, and leaves no Ray behind."""
     log_path, ready = tmp_path / "job.out", tmp_path / "driver.pid"
-    env = {**os.environ, "FTDIST_DRIVER": f"python tests/slurm/ray_probe.py {ready}",
+    env = {"FTDIST_DRIVER": f"python tests/slurm/ray_probe.py {ready}",
            "FTDIST_RAY_HEAD_IP": "127.0.0.1", "FTDIST_RAY_PORT": str(_free_port_block()), "FTDIST_RAY_WAIT": "120"}
-    r = subprocess.run(["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=2",
-                        "--gpus-per-node=0", "--time=20", f"--output={log_path}", "slurm/ppo_7b.sh"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
-    assert r.returncode == 0, r.stderr
-    job_id = r.stdout.strip().split(";")[0]
+    job_id = job_id_of(sbatch(["--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=2", "--gpus-per-node=0",
+                               "--time=20", f"--output={log_path}"], env, script="slurm/ppo_7b.sh"))
     ray_tmp = f"/tmp/ray-ftdist-{job_id}"
 
     def context() -> str:
@@ -69,10 +66,4 @@ def test_ray_cluster_up_driver_preempted_down_and_requeued(tmp_path):
     assert "probe: stop=True" in log and "requeueing job" in log
     assert log.count("stopping the Ray cluster") == 2
     time.sleep(2)
-    leftovers = procs_with_arg(ray_tmp)
-    for pid in leftovers:
-        try:
-            os.kill(pid, 9)
-        except OSError:
-            pass
-    assert not leftovers, f"Ray processes of job {job_id} still alive after it ended: {leftovers}"
+    assert_none_alive(procs_with_arg(ray_tmp), f"Ray processes of job {job_id} after it ended")
