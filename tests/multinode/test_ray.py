@@ -11,34 +11,29 @@ import re
 import secrets
 import shutil
 import subprocess
-import sys
 import time
 import uuid
 
 import pytest
 
-from tests.helpers import ROOT, load_weights, max_abs_diff, read_metrics, run_ftdist
+from tests.helpers import load_weights, max_abs_diff, read_metrics, run_ftdist
 from tests.multinode.conftest import on_host
+from tests.ray.jobs import (SFT_OVERRIDES, SFT_STEPS, VENV_BIN, client_env, job_client, node_env, submit, train_steps,
+                            wait_job, wait_while_running)
 
 pytestmark = pytest.mark.multinode
 
 HEAD = "10.77.0.11"
-STEPS = 6
-OVERRIDES = ["data.eval=null", f"train.max_steps={STEPS}", "train.log_every=1", "train.progress_bar=false",
-             "checkpoint.every_steps=2", "checkpoint.keep_last=0", "dist.backend=gloo", "dist.timeout_s=120"]
 JOB_TIMEOUT_S = 420
-TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
 class Cluster:
     def __init__(self, token: str):
-        venv_bin = os.path.dirname(sys.executable)
-        self.ray = f"{venv_bin}/ray"
+        self.ray = f"{VENV_BIN}/ray"
         self.token = token
-        self.env = {"PATH": f"{venv_bin}:/usr/bin:/bin", "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1",
-                    "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+        self.env = node_env(token)
         self.procs: dict[str, subprocess.Popen] = {}
-        self.client_env = {"RAY_ADDRESS": f"http://{HEAD}:8265", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+        self.client_env = client_env(f"http://{HEAD}:8265", token)
 
     def start(self, host: str) -> None:
         # each node its own temp dir (node-local on a cluster; the hosts here share /tmp): left to default, a
@@ -67,10 +62,22 @@ class Cluster:
             assert time.monotonic() < deadline, f"not {n} Ray nodes in {timeout}s"
             time.sleep(1)
 
-    def client(self):
-        from ray.job_submission import JobSubmissionClient
+    def kill_worker_node(self) -> None:
+        """ftnode2's raylet SIGKILLed: the node is lost with every worker on it."""
+        pids = subprocess.run(["ip", "netns", "pids", "ft-ftnode2"], capture_output=True, text=True).stdout.split()
+        raylet = [p for p in pids if open(f"/proc/{p}/comm").read().strip() == "raylet"]
+        assert len(raylet) == 1, pids
+        os.kill(int(raylet[0]), 9)
 
-        return JobSubmissionClient(f"http://{HEAD}:8265", headers={"authorization": f"Bearer {self.token}"})
+    def restart_worker_node(self) -> None:
+        """ftnode2 back after kill_worker_node: a new `ray start` joins the head again."""
+        self.procs["ftnode2"].wait(timeout=120)  # `ray start --block` on the node ends with its raylet
+        self.wait_nodes(1)
+        self.start("ftnode2")
+        self.wait_nodes(2)
+
+    def client(self):
+        return job_client(f"http://{HEAD}:8265", self.token)
 
 
 @pytest.fixture(scope="module")
@@ -95,82 +102,68 @@ def ray_hosts(hosts):
             shutil.rmtree(f"/tmp/ftray-{host}-{os.getpid()}", ignore_errors=True)
 
 
-def _submit(cluster: Cluster, run_dir, sid: str, env: dict | None = None, wait: bool = True):
-    full = {**os.environ, **cluster.client_env, "FTDIST_RAY_WORKERS": "2", "FTDIST_RAY_MAX_FAILURES": "2",
-            "FTDIST_RAY_SUBMIT_ARGS": f"--submission-id {sid}" + ("" if wait else " --no-wait"), **(env or {})}
-    cmd = ["bash", "launch/ray_submit.sh", "sft_tiny", f"output_dir={run_dir}", *OVERRIDES]
-    return subprocess.run(cmd, cwd=ROOT, env=full, capture_output=True, text=True, timeout=JOB_TIMEOUT_S,
-                          stdin=subprocess.DEVNULL)
-
-
-def _wait_job(client, sid: str) -> str:
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while time.monotonic() < deadline:
-        status = str(client.get_job_status(sid)).split(".")[-1]
-        if status in TERMINAL:
-            return status
-        time.sleep(1)
-    raise AssertionError(f"job {sid} not finished:\n{client.get_job_logs(sid)[-4000:]}")
-
-
 @pytest.fixture(scope="module")
 def straight(ray_hosts, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("ray_hosts") / "run"
     sid = f"ftdist-hosts-{uuid.uuid4().hex[:8]}"
-    r = _submit(ray_hosts, run_dir, sid)
-    status = _wait_job(ray_hosts.client(), sid)
+    r = submit(ray_hosts.client_env, run_dir, sid, wait=True, timeout=JOB_TIMEOUT_S)
+    status = wait_job(ray_hosts.client(), sid, JOB_TIMEOUT_S)
     logs = ray_hosts.client().get_job_logs(sid)
     assert r.returncode == 0 and status == "SUCCEEDED", f"{status}\n{r.stderr[-3000:]}\n{logs[-6000:]}"
     return run_dir, logs
 
 
 def test_ray_train_ranks_on_both_hosts(straight, tmp_path):
+    """Alone proves: Ray Train places SFT's ranks on two hosts and trains the weights of 2 ranks on one host."""
     run_dir, logs = straight
     assert "sft on Ray: 2 worker(s) (CPU)" in logs
     assert re.search(r"process group: 2 ranks \(gloo\) on 2 hosts: ftnode\d \(10\.77\.0\.1\d\) rank 0; "
                      r"ftnode\d \(10\.77\.0\.1\d\) rank 1", logs), logs[-4000:]
-    assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == list(range(1, STEPS + 1))
+    assert train_steps(run_dir) == list(range(1, SFT_STEPS + 1))
     one = tmp_path / "one_host"
-    run_ftdist(2, "sft_tiny", [f"output_dir={one}", *OVERRIDES])
+    run_ftdist(2, "sft_tiny", [f"output_dir={one}", *SFT_OVERRIDES])
     # the same 2 ranks and the same fp32 operations, whichever host each runs on: within the 1e-5 asked for
     assert max_abs_diff(load_weights(run_dir / "final"), load_weights(one / "final")) <= 1e-5
 
 
 def test_lost_worker_node_restarts_the_group_from_the_checkpoint(ray_hosts, straight, tmp_path):
+    """Alone proves: a Ray Train worker lost mid-run (here with its node) restarts the group from the checkpoint.
+
+    Ray Train starts a new worker group once the node is back, the loop resumes from the step-2 checkpoint and
+    the job ends with the weights of the uninterrupted job, bit for bit."""
     run_dir, pid_dir = tmp_path / "run", tmp_path / "pids"
     sid = f"ftdist-nodekill-{uuid.uuid4().hex[:8]}"
     # every rank waits after the step-2 checkpoint, so the node is lost at a known point
-    r = _submit(ray_hosts, run_dir, sid, env={"FTDIST_HANG_AFTER_CHECKPOINT": "2", "FTDIST_PID_DIR": str(pid_dir)},
-                wait=False)
+    r = submit(ray_hosts.client_env, run_dir, sid, wait=False, timeout=JOB_TIMEOUT_S,
+               env={"FTDIST_HANG_AFTER_CHECKPOINT": "2", "FTDIST_PID_DIR": str(pid_dir)})
     assert r.returncode == 0, r.stderr
     client = ray_hosts.client()
     manifest = run_dir / "checkpoints" / "step-2" / "manifest.json"
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while not (manifest.exists() and len(list(pid_dir.glob("rank*.pid"))) == 2):
-        assert str(client.get_job_status(sid)).split(".")[-1] not in TERMINAL, client.get_job_logs(sid)[-6000:]
-        assert time.monotonic() < deadline, client.get_job_logs(sid)[-4000:]
-        time.sleep(0.5)
-    time.sleep(1.0)
-    pids = subprocess.run(["ip", "netns", "pids", "ft-ftnode2"], capture_output=True, text=True).stdout.split()
-    raylet = [p for p in pids if open(f"/proc/{p}/comm").read().strip() == "raylet"]
-    assert len(raylet) == 1, pids
-    os.kill(int(raylet[0]), 9)
-    ray_hosts.procs["ftnode2"].wait(timeout=120)  # `ray start --block` on the node ends with its raylet
-    ray_hosts.wait_nodes(1)
+    wait_while_running(client, sid, lambda: manifest.exists() and len(list(pid_dir.glob("rank*.pid"))) == 2,
+                       JOB_TIMEOUT_S)
+    time.sleep(1.0)  # past the checkpoint's last barrier, waiting
+    on_node2 = set(subprocess.run(["ip", "netns", "pids", "ft-ftnode2"], capture_output=True, text=True).stdout.split())
+    victims = {f.name: f.read_text().strip() for f in pid_dir.glob("rank*.pid") if f.read_text().strip() in on_node2}
+    assert len(victims) == 1, (victims, on_node2)  # one worker per host
+    ray_hosts.kill_worker_node()
     # the group cannot fit on the head alone (1 CPU for 2 workers): it waits until the node is back
-    ray_hosts.start("ftnode2")
-    ray_hosts.wait_nodes(2)
-    status = _wait_job(client, sid)
+    ray_hosts.restart_worker_node()
+    status = wait_job(client, sid, JOB_TIMEOUT_S)
     logs = client.get_job_logs(sid)
     assert status == "SUCCEEDED", logs[-6000:]
+    [(rank_file, victim)] = victims.items()
+    assert (pid_dir / rank_file).read_text().strip() != victim  # a new worker group ran
     assert re.search(r"resumed from \S*step-2 at step 2\b", logs), logs[-6000:]
-    assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == list(range(1, STEPS + 1))
+    # steps 1-2 from the first group, 3-6 after the restart, each once
+    assert train_steps(run_dir) == list(range(1, SFT_STEPS + 1))
     # restored state, then the same fp32 operations in the same order as the straight run: bit-identical
     assert max_abs_diff(load_weights(run_dir / "final"), load_weights(straight[0] / "final")) == 0.0
 
 
 def test_grpo_groups_on_both_hosts_lose_a_node_and_resume(ray_hosts, ppo_warm, tmp_path):
-    """GRPO submitted to the cluster with the policy's 2 ranks pinned to ftnode1 and the reference and reward
+    """Alone proves: GRPO's groups placed on two hosts by ppo.resources; a lost node stops the driver, which resumes.
+
+    GRPO submitted to the cluster with the policy's 2 ranks pinned to ftnode1 and the reference and reward
     actors to ftnode2 (ppo.resources with Ray's node:IP resources): the run log and metrics.jsonl show that
     placement. The worker node is then lost mid-run: the driver stops with one line naming the group, rank and
     host of the dead actor (it does not restart groups itself) and keeps the newest complete checkpoint; with
@@ -182,30 +175,21 @@ def test_grpo_groups_on_both_hosts_lose_a_node_and_resume(ray_hosts, ppo_warm, t
 
     pin = {"policy": {f"node:{HEAD}": 0.01}, "ref": {"node:10.77.0.12": 0.01}, "reward": {"node:10.77.0.12": 0.01}}
     out = tmp_path / "grpo"
+    overrides = [f"model.name_or_path={ppo_warm['policy']}", f"data.train={ppo_warm['pool']}", *COMMON,
+                 "ppo.kl_estimator=k3", "checkpoint.every_steps=2", "dist.backend=gloo",
+                 f"ppo.resources={json.dumps(pin)}"]
 
-    def submit(sid: str, env: dict):
-        full = {**os.environ, **ray_hosts.client_env, "FTDIST_RAY_SUBMIT_ARGS": f"--submission-id {sid} --no-wait",
-                **env}
-        cmd = ["bash", "launch/ray_submit.sh", "grpo_tiny", f"output_dir={out}",
-               f"model.name_or_path={ppo_warm['policy']}", f"data.train={ppo_warm['pool']}", *COMMON,
-               "ppo.kl_estimator=k3", "checkpoint.every_steps=2", "dist.backend=gloo",
-               f"ppo.resources={json.dumps(pin)}"]
-        r = subprocess.run(cmd, cwd=ROOT, env=full, capture_output=True, text=True, timeout=120,
-                           stdin=subprocess.DEVNULL)
+    def submit_grpo(sid: str, env: dict):
+        r = submit(ray_hosts.client_env, out, sid, wait=False, env=env, recipe="grpo_tiny", overrides=overrides,
+                   workers=None, timeout=120)
         assert r.returncode == 0, r.stderr[-3000:]
 
     client = ray_hosts.client()
     sid = f"ftdist-grpo-{uuid.uuid4().hex[:8]}"
-    submit(sid, {"FTDIST_STEP_DELAY_S": "1"})  # iterations of at least 1 s: the node goes between two of them
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while not (out / "checkpoints" / "step-4" / "manifest.json").exists():
-        assert str(client.get_job_status(sid)).split(".")[-1] not in TERMINAL, client.get_job_logs(sid)[-6000:]
-        assert time.monotonic() < deadline, client.get_job_logs(sid)[-4000:]
-        time.sleep(0.5)
-    pids = subprocess.run(["ip", "netns", "pids", "ft-ftnode2"], capture_output=True, text=True).stdout.split()
-    raylet = [p for p in pids if open(f"/proc/{p}/comm").read().strip() == "raylet"]
-    os.kill(int(raylet[0]), 9)
-    status = _wait_job(client, sid)
+    submit_grpo(sid, {"FTDIST_STEP_DELAY_S": "1"})  # iterations of at least 1 s: the node goes between two of them
+    wait_while_running(client, sid, (out / "checkpoints" / "step-4" / "manifest.json").exists, JOB_TIMEOUT_S)
+    ray_hosts.kill_worker_node()
+    status = wait_job(client, sid, JOB_TIMEOUT_S)
     logs = client.get_job_logs(sid)
     assert status == "FAILED", logs[-6000:]
     assert ("placement: policy on ftnode1 (10.77.0.11) ranks 0-1; ref on ftnode2 (10.77.0.12) rank 0; "
@@ -219,12 +203,10 @@ def test_grpo_groups_on_both_hosts_lose_a_node_and_resume(ray_hosts, ppo_warm, t
                    if (p / "manifest.json").exists())
     assert 4 <= saved[-1] < ITERATIONS
 
-    ray_hosts.procs["ftnode2"].wait(timeout=120)  # `ray start --block` on the node ends with its raylet
-    ray_hosts.start("ftnode2")
-    ray_hosts.wait_nodes(2)
+    ray_hosts.restart_worker_node()
     sid = f"ftdist-grpo-again-{uuid.uuid4().hex[:8]}"
-    submit(sid, {})
-    status = _wait_job(client, sid)
+    submit_grpo(sid, {})
+    status = wait_job(client, sid, JOB_TIMEOUT_S)
     logs = client.get_job_logs(sid)
     assert status == "SUCCEEDED", logs[-6000:]
     assert f"resumed from {out / 'checkpoints' / f'step-{saved[-1]}'} at iteration {saved[-1]}" in logs, logs[-4000:]

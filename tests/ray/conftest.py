@@ -1,4 +1,6 @@
-"""A real local Ray head for the tests in tests/ray/: 127.0.0.1 only, dashboard on loopback.
+"""A real local Ray head for the tests in tests/ray/: 127.0.0.1 only, dashboard on loopback. One per session:
+the jobs of tests/ray/test_ray_submit.py run on it and the PPO/GRPO drivers of tests/ray/test_ppo.py join it (one
+starts a local Ray of its own, as a driver without RAY_ADDRESS does).
 
 Each session gets its own temp dir, free ports and authentication token, so that it can run
 next to other Ray clusters on the same machine (Ray enables token authentication when
@@ -15,7 +17,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import ROOT, procs_with_arg
+from tests.ray.jobs import VENV_BIN, client_env, job_client, node_env
 
 START_TIMEOUT_S = 120
 
@@ -70,19 +72,20 @@ def listening_sockets(pids: list[int]) -> list[tuple[str, int]]:
 
 
 class RayHead:
-    def __init__(self, temp_dir: str, dashboard: str, token: str, proc: subprocess.Popen, log: Path):
+    def __init__(self, temp_dir: str, dashboard: str, gcs: str, token: str, proc: subprocess.Popen, log: Path):
         self.temp_dir, self.dashboard, self.proc, self.log = temp_dir, dashboard, proc, log
         self._token = token
         # what a shell that talks to this cluster needs (ray job submit, launch/ray_submit.sh)
-        self.env = {"RAY_ADDRESS": dashboard, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+        self.env = client_env(dashboard, token)
+        # what a driver that joins this cluster needs (`ftdist train` of PPO/GRPO: ray.init(RAY_ADDRESS)); without
+        # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 Ray swaps 127.0.0.1 for the machine's address, where the head is not
+        self.driver_env = {**self.env, "RAY_ADDRESS": gcs, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
     def listening_sockets(self) -> list[tuple[str, int]]:
         return listening_sockets(procs_with_arg(self.temp_dir))
 
     def client(self):
-        from ray.job_submission import JobSubmissionClient
-
-        return JobSubmissionClient(self.dashboard, headers={"authorization": f"Bearer {self._token}"})
+        return job_client(self.dashboard, self._token)
 
 
 @pytest.fixture(scope="session")
@@ -90,18 +93,14 @@ def ray_head():
     # short: Ray's unix socket paths under the temp dir must stay below 108 characters
     temp_dir = tempfile.mkdtemp(prefix="ftray-", dir="/tmp")
     gcs, dash, client, agent, agent_grpc, env_agent, metrics, node_mgr, obj_mgr = _free_ports(9)
-    venv_bin = os.path.dirname(sys.executable)
     # the job entrypoint's `python` comes from the PATH that the head was started with
     token = secrets.token_hex(32)
-    env = {**os.environ, "PATH": f"{venv_bin}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
-           "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+    env = {**os.environ, **node_env(token),
            # a one-node cluster: without this Ray swaps 127.0.0.1 for the machine's address and
            # listens on every interface
-           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-           # SIGTERM stops at once instead of draining the node for 30 s
-           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     log = Path(temp_dir) / "ray-start.log"
-    cmd = [f"{venv_bin}/ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+    cmd = [f"{VENV_BIN}/ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
            f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
            f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={env_agent}",
@@ -111,7 +110,7 @@ def ray_head():
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
-    head = RayHead(temp_dir, f"http://127.0.0.1:{dash}", token, proc, log)
+    head = RayHead(temp_dir, f"http://127.0.0.1:{dash}", f"127.0.0.1:{gcs}", token, proc, log)
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:

@@ -3,7 +3,9 @@ and reference, reward and critic actors, each group its own process group. The t
 a short SFT, learns the digit-sorting task from the rule-based reward on a pool of 16 prompts (so the
 same prompts come back every iteration and a few iterations show a clear rise); a run resumed from its
 iteration-5 checkpoint ends with the metrics and weights of the uninterrupted run. The GRPO run has its
-reference colocated with the policy as a 2-rank group, and its driver started by torchrun (as the demo does)."""
+reference colocated with the policy as a 2-rank group, and its driver started by torchrun (as the demo does)
+with no RAY_ADDRESS: it starts a local Ray of its own. The other drivers join the session's Ray head
+(tests/ray/conftest.py) through RAY_ADDRESS, as on a cluster, instead of starting one each (~15 s a start)."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from tests.helpers import _free_port, load_weights, max_abs_diff, read_metrics, 
 pytestmark = pytest.mark.ray
 
 ITERATIONS = 10
-# one local Ray per run, never an address inherited from the caller's shell
+# a local Ray of the run's own unless the session's head is given, never an address inherited from the caller's shell
 ENV = {"RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
 COMMON = ["data.eval=null", "train.progress_bar=false", "logging.tensorboard=false", "ppo.temperature=0.7",
           "ppo.rollout_batch_size=16", "ppo.samples_per_prompt=8", "ppo.mini_batch_size=32", "ppo.ppo_epochs=1",
@@ -37,15 +39,18 @@ def warm(ppo_warm) -> dict:
     return ppo_warm
 
 
-def _train(recipe: str, out: Path, warm: dict, *extra: str, torchrun: bool = False):
+def _train(recipe: str, out: Path, warm: dict, *extra: str, torchrun: bool = False, head=None):
+    """`ftdist train` as its own process (the driver); joining `head` (the session's Ray) when given."""
     overrides = [f"output_dir={out}", f"model.name_or_path={warm['policy']}", f"data.train={warm['pool']}",
                  *COMMON, *extra]
     if not torchrun:
-        return run_ftdist(1, recipe, overrides, timeout=900, env=ENV, inprocess=False)
+        env = {**ENV, **head.driver_env} if head is not None else ENV
+        return run_ftdist(1, recipe, overrides, timeout=900, env=env, inprocess=False)
     # the driver under a launcher (as `make demo` runs its stages): its torchrun variables must not leak into
     # the actor groups' own process groups
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
            str(_free_port()), "-m", "ftdist", "train", recipe, *overrides]
+    assert head is None, "the torchrun driver starts its own Ray"
     proc = run_group(cmd, 900, env={**os.environ, "OMP_NUM_THREADS": "1", **ENV})
     assert proc.returncode == 0, proc.stderr[-8000:]
     return proc
@@ -61,14 +66,15 @@ def _rise(rows: list[dict]) -> float:
 
 
 @pytest.fixture(scope="module")
-def ppo_run(warm) -> Path:
+def ppo_run(warm, ray_head) -> Path:
     out = warm["base"] / "ppo"
     _train("ppo_tiny", out, warm, "ppo.critic_lr=1e-3", "checkpoint.every_steps=5", "ppo.kl_target=2.0",
-           "ppo.kl_horizon=2000", f"data.eval={warm['pool']}")
+           "ppo.kl_horizon=2000", f"data.eval={warm['pool']}", head=ray_head)
     return out
 
 
 def test_ppo_reward_rises_with_separate_actor_groups(ppo_run):
+    """Alone proves: PPO with policy, reference, reward and critic groups learns the task (reward rises)."""
     rows = _iterations(ppo_run)
     assert [r["step"] for r in rows] == list(range(1, ITERATIONS + 1))
     assert PER_ITERATION | {"value_loss", "vf_clipfrac", "critic/lr"} <= set(rows[0]), sorted(rows[0])
@@ -86,14 +92,15 @@ def test_ppo_reward_rises_with_separate_actor_groups(ppo_run):
     AutoModelForCausalLM.from_pretrained(ppo_run / "final")
 
 
-def test_ppo_resumes_from_a_checkpoint_identically(ppo_run, warm):
+def test_ppo_resumes_from_a_checkpoint_identically(ppo_run, warm, ray_head):
+    """Alone proves: PPO resumed from its iteration-5 checkpoint repeats the straight run's numbers exactly."""
     resumed = warm["base"] / "resumed"
     resumed.mkdir()
     # the same output_dir layout, cut at iteration 5: the run must pick it up by itself (checkpoint.resume=auto)
     shutil.copytree(ppo_run / "checkpoints" / "step-5", resumed / "checkpoints" / "step-5")
     shutil.copy(ppo_run / "run.json", resumed / "run.json")  # the same run: auto-resume takes only its own
     _train("ppo_tiny", resumed, warm, "ppo.critic_lr=1e-3", "checkpoint.every_steps=5", "ppo.kl_target=2.0",
-           "ppo.kl_horizon=2000")
+           "ppo.kl_horizon=2000", head=ray_head)
     straight = {r["step"]: r for r in _iterations(ppo_run)}
     again = _iterations(resumed)
     assert [r["step"] for r in again] == list(range(6, ITERATIONS + 1))
@@ -106,7 +113,7 @@ def test_ppo_resumes_from_a_checkpoint_identically(ppo_run, warm):
 
 
 def test_a_ppo_checkpoint_is_exported_and_evaluated_by_step(ppo_run, tmp_path):
-    """`ftdist export/eval RUN --step N` read the policy group's engine state of a PPO checkpoint."""
+    """Alone proves: `ftdist export/eval RUN --step N` read the policy group's engine state of a PPO checkpoint."""
     from ftdist.cli import main
 
     assert main(["export", str(ppo_run), "--step", str(ITERATIONS), "--out", str(tmp_path / "last")]) == 0
@@ -122,6 +129,7 @@ def test_a_ppo_checkpoint_is_exported_and_evaluated_by_step(ppo_run, tmp_path):
 
 
 def test_grpo_reward_rises_without_a_critic(warm):
+    """Alone proves: GRPO (no critic) learns with the reference colocated, its driver under torchrun, Ray local."""
     out = warm["base"] / "grpo"
     # the reference shares the policy's bundles and is a 2-rank group of its own
     _train("grpo_tiny", out, warm, "ppo.kl_estimator=k3", "ppo.colocation=policy_ref", "ppo.ref_ranks=2",
@@ -133,13 +141,14 @@ def test_grpo_reward_rises_without_a_critic(warm):
     assert not (out / "checkpoints" / f"step-{ITERATIONS}" / "critic").exists()
 
 
-def test_grpo_reward_rises_with_async_rollouts_and_the_reference_beside_the_policy(warm):
+def test_grpo_reward_rises_with_async_rollouts_and_the_reference_beside_the_policy(warm, ray_head):
+    """Alone proves: one-step off-policy rollouts (ppo.async_rollouts) with no reference group still learn."""
     out = warm["base"] / "grpo_async"
     # one step off-policy: each batch generated beside the previous update; no reference group (ppo.ref_ranks=0)
     # each update trains on samples of the weights one update older: the reward rises more slowly per iteration
     iterations = 16
     _train("grpo_tiny", out, warm, "ppo.async_rollouts=true", "ppo.ref_ranks=0", "deepspeed.zero_stage=0",
-           "ppo.generate_batch_size=8", "checkpoint.every_steps=5", f"ppo.iterations={iterations}")
+           "ppo.generate_batch_size=8", "checkpoint.every_steps=5", f"ppo.iterations={iterations}", head=ray_head)
     rows = _iterations(out)
     assert len(rows) == iterations and all(math.isfinite(r["kl"]) for r in rows)
     # the second batch was generated beside the first update, by the starting weights = the reference: KL 0 up
@@ -156,6 +165,7 @@ def test_grpo_reward_rises_with_async_rollouts_and_the_reference_beside_the_poli
 
 
 def test_bad_reward_function_fails_before_any_actor_starts(tmp_path):
+    """Alone proves: a ppo.reward_fn that does not resolve is an input error (exit 2), before any actor starts."""
     proc = run_ftdist(1, "ppo_tiny", [f"output_dir={tmp_path}", "ppo.reward_fn=ftdist.data.tiny_task:nope"],
                       check=False, env=ENV, timeout=120)
     assert proc.returncode == 2, proc.stderr[-3000:]
