@@ -1,6 +1,7 @@
 """The GPU checks of benchmarks/gpu_check.sh that are not already a script of their own.
 
     python benchmarks/gpu_checks.py zero     [--tiny] [--json FILE]   ZeRO-2/3, one rank, against a plain loop (bf16)
+    python benchmarks/gpu_checks.py zero --tiny --steps 3               the same over 3 steps (a CPU smoke test)
     python benchmarks/gpu_checks.py qlora    [--tiny] [--json FILE]   QLoRA peak memory against `ftdist plan`
     python benchmarks/gpu_checks.py generate [--tiny] [--json FILE]   the PPO policy's generate call: tokens/s
     python benchmarks/gpu_checks.py sft-record FILE {ckpt,packing}    the result line of a gpu_sft.py --json run
@@ -34,30 +35,44 @@ def _gb(x: float) -> str:
     return f"{x:.2f} GB" if x >= 0.1 else f"{x * 1e3:.1f} MB"
 
 
-def _train(recipe: dict, path: Path, nproc: int = 0) -> list[dict]:
-    """`ftdist train` in its own process (nproc > 0: under torchrun with that many ranks); the metrics."""
+def _start_train(recipe: dict, path: Path, nproc: int = 0) -> subprocess.Popen:
+    """Start `ftdist train` in its own process (nproc > 0: under torchrun with that many ranks), its output
+    into a log file next to the recipe."""
     import yaml
 
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
                 if nproc else [sys.executable])
-    proc = subprocess.run([*launcher, "-m", "ftdist", "train", str(path)], env=gpu_sft.subprocess_env(), cwd=ROOT,
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"ftdist train {path} failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
+    with open(path.with_suffix(".log"), "w") as log:
+        return subprocess.Popen([*launcher, "-m", "ftdist", "train", str(path)], env=gpu_sft.subprocess_env(),
+                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _metrics(proc: subprocess.Popen, recipe: dict, path: Path) -> list[dict]:
+    """Wait for a run of _start_train; its metrics."""
+    if proc.wait() != 0:
+        raise SystemExit(f"ftdist train {path} failed ({proc.returncode}):\n"
+                         f"{path.with_suffix('.log').read_text()[-6000:]}")
     out = Path(recipe["output_dir"]) / "metrics.jsonl"
     return [json.loads(line) for line in out.read_text().splitlines()]
 
 
+def _train(recipe: dict, path: Path, nproc: int = 0) -> list[dict]:
+    """`ftdist train` in its own process (nproc > 0: under torchrun with that many ranks); the metrics."""
+    return _metrics(_start_train(recipe, path, nproc), recipe, path)
+
+
 # -- ZeRO-2 and ZeRO-3 on one rank (NCCL on a GPU) against a plain PyTorch loop -------------------------
-ZERO_STEPS, ZERO_LR = 6, 0.05  # SGD (momentum 0.9) at 0.05 lowers the tiny model's loss by ~10% in 6 steps
+# SGD (momentum 0.9) at 0.05 lowers the tiny model's loss by ~47% in 6 steps, ~31% in 3 (6.27 -> 4.35); 3 is the
+# fewest steps over which that drop clears 5x the allowed difference (2 steps: ~4%; see check_zero)
+ZERO_STEPS, ZERO_LR = 6, 0.05
 
 
-def _zero_recipe(out: Path, zero: int) -> dict:
+def _zero_recipe(out: Path, zero: int, steps: int = ZERO_STEPS) -> dict:
     return {"stage": "sft", "output_dir": str(out), "seed": 42,
             "model": {"name_or_path": "ftdist/tiny", "dtype": "bf16"},
             "data": {"train": "ftdist/tiny-task", "max_length": 64, "cache_dir": str(out.parent / "cache")},
-            "train": {"micro_batch_size": 16, "global_batch_size": 16, "max_steps": ZERO_STEPS, "lr": ZERO_LR,
+            "train": {"micro_batch_size": 16, "global_batch_size": 16, "max_steps": steps, "lr": ZERO_LR,
                       "optimizer": "sgd", "scheduler": "constant", "warmup_ratio": 0.0, "weight_decay": 0.0,
                       "max_grad_norm": 0.0, "log_every": 1, "progress_bar": False},
             "deepspeed": {"zero_stage": zero},
@@ -106,16 +121,26 @@ def plain_loop_losses(recipe: dict, device) -> list[float]:
     return losses
 
 
-def check_zero(work: Path, tiny: bool) -> dict:
+def check_zero(work: Path, tiny: bool, steps: int = ZERO_STEPS) -> dict:
     import torch
 
     cuda = torch.cuda.is_available() and not tiny
-    runs = {}
+    # the three runs side by side (nothing here is timed; each is deterministic on its own): the ZeRO-2 and
+    # ZeRO-3 runs in their own processes while this one runs the plain loop. The tokenised data they share is
+    # cached atomically (whichever finishes first writes it, the others' identical copies are dropped).
+    started = {}
     for zero in (2, 3):
-        recipe = _zero_recipe(work / f"zero{zero}", zero)
-        metrics = _train(recipe, work / f"zero{zero}.yaml", nproc=1)
-        runs[f"zero{zero}"] = [r["loss"] for r in metrics if "loss" in r]
-    plain = plain_loop_losses(_zero_recipe(work / "plain", 2), "cuda" if cuda else "cpu")
+        recipe = _zero_recipe(work / f"zero{zero}", zero, steps)
+        started[f"zero{zero}"] = (_start_train(recipe, work / f"zero{zero}.yaml", nproc=1), recipe,
+                                  work / f"zero{zero}.yaml")
+    try:
+        plain = plain_loop_losses(_zero_recipe(work / "plain", 2, steps), "cuda" if cuda else "cpu")
+        runs = {name: [r["loss"] for r in _metrics(*run) if "loss" in r] for name, run in started.items()}
+    finally:  # none left running after a failure
+        for proc, _, _ in started.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     # Each run computes the same bf16 forward from the same weights; they differ only where a bf16 rounding
     # lands differently (the gradient reduction, the master-to-bf16 copy): a few roundings of 2^-8 each.
     # Allowed: 4 of them, relative to the loss. A wrong update (a lost or doubled gradient, a wrong lr) moves
@@ -124,13 +149,13 @@ def check_zero(work: Path, tiny: bool) -> dict:
     for name, losses in runs.items():
         worst = max(worst, max(abs(a - b) / b for a, b in zip(losses, plain)))
     drop = (plain[0] - plain[-1]) / plain[0]
-    ok = all(len(v) == ZERO_STEPS for v in runs.values()) and worst <= 4 * BF16_ROUNDING < drop / 5
+    ok = all(len(v) == steps for v in runs.values()) and worst <= 4 * BF16_ROUNDING < drop / 5
     backend = "nccl" if cuda else "gloo"
     line = (f"{'PASS' if ok else 'FAIL'} zero: ZeRO-2 and ZeRO-3, 1 rank ({backend}, bf16) against a plain loop over "
-            f"{ZERO_STEPS} steps: largest loss difference {worst:.3%} (allowed {4 * BF16_ROUNDING:.2%}); "
+            f"{steps} steps: largest loss difference {worst:.3%} (allowed {4 * BF16_ROUNDING:.2%}); "
             f"loss {plain[0]:.3f} -> {plain[-1]:.3f}")
     return {"check": "zero", "ok": ok, "line": line, "backend": backend, "losses": {**runs, "plain": plain},
-            "largest_relative_difference": worst, "allowed": 4 * BF16_ROUNDING}
+            "largest_relative_difference": worst, "allowed": 4 * BF16_ROUNDING, "steps": steps}
 
 
 # -- QLoRA: peak memory against ftdist plan ------------------------------------------------------------
@@ -264,7 +289,12 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="the tiny CPU version, even on a GPU")
     p.add_argument("--work", default=None, help="work directory (default: a temporary one); models are reused")
     p.add_argument("--json", default=None, help="append the result record to this JSON Lines file")
+    p.add_argument("--steps", type=int, default=ZERO_STEPS,
+                   help=f"zero: optimizer steps of each run (default {ZERO_STEPS}); at least 3, the fewest over which "
+                        "the tiny model's loss drops by more than 5x the allowed difference")
     a = p.parse_args(argv)
+    if a.steps < 3:
+        p.error("--steps: at least 3 (over fewer the loss drops too little to tell a wrong update)")
     if a.check == "sft-record":
         if len(a.args) != 2 or a.args[1] not in ("ckpt", "packing"):
             p.error("sft-record needs FILE and ckpt or packing")
@@ -282,7 +312,7 @@ def main(argv=None) -> int:
     if a.check == "zero":
         work = work / "zero"
         work.mkdir(exist_ok=True)
-    rec = CHECKS[a.check](work, a.tiny)
+    rec = check_zero(work, a.tiny, a.steps) if a.check == "zero" else CHECKS[a.check](work, a.tiny)
     print(rec["line"], flush=True)
     if a.json:
         with open(a.json, "a") as f:

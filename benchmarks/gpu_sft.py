@@ -4,11 +4,14 @@ with and without gradient checkpointing.
     python benchmarks/gpu_sft.py                       # on a GPU: TinyLlama-1.1B shape, 4 x 2048-token rows
     python benchmarks/gpu_sft.py --tiny                # anywhere: a tiny model on CPU, checks the script runs
     python benchmarks/gpu_sft.py --compare packing     # packed against padded rows of the same data
+    python benchmarks/gpu_sft.py --tiny --in-process --compare both   # the CI smoke test: every setting, one process
 
 Each setting is one real `python -m ftdist train recipe.yaml` process (one rank, ZeRO-0, bf16,
 data.packing=true, attention 'auto': flash-attention varlen when installed, else per-sample sdpa)
 on a randomly initialised model and generated chat data (benchmarks/sft_throughput.py makes
-both). Tokens/s comes from the run's metrics.jsonl over the steps after `--warmup`.
+both); with --in-process the same recipe runs through ftdist's CLI in this process instead (a quicker start,
+for a smoke test: the settings then share one process's imports and memory). Tokens/s comes from the run's
+metrics.jsonl over the steps after `--warmup`.
 
 MFU = model FLOPs per second / the GPU's peak dense bf16 FLOPs. Model FLOPs per trained token
 (PaLM, Chowdhery et al. 2022, appendix B): 6 N + 12 L d S, with N the parameters that multiply
@@ -109,11 +112,25 @@ def run_setting(work: Path, s: dict, a, checkpointing: bool, packing: bool = Tru
         # not already run with this recipe in this work directory (gpu_check.sh runs ckpt-off twice)
         shutil.rmtree(out, ignore_errors=True)
         path.write_text(text)
-        proc = subprocess.run([sys.executable, "-m", "ftdist", "train", str(path)], env=subprocess_env(), cwd=ROOT,
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"ftdist train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-6000:]}")
+        if a.in_process:
+            import signal
+
+            from ftdist.cli import main as ftdist_main
+
+            handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+            try:
+                code = ftdist_main(["train", str(path)])
+            finally:  # the run installs its own stop handlers
+                for sig, handler in handlers.items():
+                    signal.signal(sig, handler)
+            if code != 0:
+                raise SystemExit(f"ftdist train {path} failed ({code})")
+        else:
+            proc = subprocess.run([sys.executable, "-m", "ftdist", "train", str(path)], env=subprocess_env(),
+                                  cwd=ROOT, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise SystemExit(f"ftdist train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                                 f"{proc.stderr[-6000:]}")
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "tokens" in r and "elapsed_s" in r]
     w0, w1 = steps[s["warmup"] - 1], steps[-1]
@@ -136,11 +153,19 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="training precision (default bf16)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's peak bf16 TFLOPs, if not in the table")
     p.add_argument("--work", default=None, help="work directory (default: a temporary one)")
-    p.add_argument("--compare", choices=("ckpt", "packing"), default="ckpt",
+    p.add_argument("--compare", choices=("ckpt", "packing", "both"), default="ckpt",
                    help="ckpt: packed rows with gradient checkpointing off and on (default); packing: packed "
-                        "against padded rows of the same data (train.group_by_length=false), checkpointing off")
+                        "against padded rows of the same data (train.group_by_length=false), checkpointing off; "
+                        "both: the three settings of the two (packed off, packed on, padded off)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--in-process", action="store_true",
+                   help="run each setting's `ftdist train` in this process, not in its own (a quicker smoke test; "
+                        "the settings then share imports and memory)")
     a = p.parse_args(argv)
+    if a.in_process:  # the environment subprocess_env gives a child, before anything imports the HF libraries
+        env = subprocess_env()
+        os.environ.clear()
+        os.environ.update(env)
 
     import torch
 
@@ -167,7 +192,8 @@ def main(argv=None) -> int:
           f"{s['steps']} steps, first {s['warmup']} not timed; {flops_token / 1e6:,.1f} MFLOPs per token "
           f"(6N alone: {flops_token_6n / 1e6:,.1f})", flush=True)
     rows = []
-    settings = [(False, True), (True, True)] if a.compare == "ckpt" else [(False, True), (False, False)]
+    settings = {"ckpt": [(False, True), (True, True)], "packing": [(False, True), (False, False)],
+                "both": [(False, True), (True, True), (False, False)]}[a.compare]
     for ckpt, packing in settings:
         r = run_setting(work, s, a, ckpt, packing)
         r["mfu"] = r["tokens_per_s"] * flops_token / peak if peak else None

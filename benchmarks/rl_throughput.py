@@ -3,6 +3,7 @@
     python benchmarks/rl_throughput.py --work /tmp/rlbench             # the full comparison, 3 rounds
     python benchmarks/rl_throughput.py --repeats 1 --arms ftdist_grpo,trl_grpo,bare
     python benchmarks/rl_throughput.py --tiny                          # a smoke test of every arm (minutes)
+    python benchmarks/rl_throughput.py --tiny --repeats 1 --arms ftdist_grpo,trl_grpo   # the CI smoke test
     python benchmarks/rl_throughput.py --arms ftdist_grpo,ftdist_grpo_1rank --ftdist-overrides 'ppo.top_k=0'
 
 Every arm starts from the same policy and does the same work per iteration: draw `prompts` prompts of
@@ -31,8 +32,9 @@ micro-batches of 8 (fp32, no gradient checkpointing, no dropout, constant learni
 
 The policy is a randomly initialised GPT-2 (transformers GPT2Config; "full": n_embd 256, 12 layers, 4 heads,
 ~10M parameters) with ftdist's embedded tiny tokenizer (vocab 512, one token per digit, its chat
-template), SFT-warmed ONCE with `ftdist train sft_tiny` for `sft_steps` steps so the sampled reward starts
-between 0 and 1; `<work>/sft/final` is every arm's starting policy (built once per work directory).
+template), SFT-warmed ONCE with `ftdist train sft_tiny` (through ftdist's CLI in the benchmark's own process)
+for `sft_steps` steps so the sampled reward starts between 0 and 1; `<work>/sft/final` is every arm's starting
+policy (built once per work directory).
 
 Measured per arm, each round in its own process (ftdist: the `ftdist train` command, its Ray daemons and
 actors), over the iterations after the first `warmup`:
@@ -99,8 +101,10 @@ SETTINGS = {
     # policy shape, SFT warm-up, and the work of each iteration
     "full": dict(n_embd=256, n_layer=12, n_head=4, n_positions=256, sft_steps=150, prompts=16, G=8,
                  max_new_tokens=48, max_length=128, micro=8, iterations=12, warmup=2, arm_timeout_s=2400),
-    "tiny": dict(n_embd=64, n_layer=2, n_head=4, n_positions=128, sft_steps=40, prompts=4, G=4,
-                 max_new_tokens=16, max_length=64, micro=8, iterations=3, warmup=1, arm_timeout_s=600),
+    # a smoke test: the SFT warm-up only has to run (5 steps; this tiny policy samples a mean reward of 0.004 to
+    # 0.02 whether warmed 0, 10 or 40 steps), and one timed iteration after the untimed first
+    "tiny": dict(n_embd=64, n_layer=2, n_head=4, n_positions=128, sft_steps=5, prompts=4, G=4,
+                 max_new_tokens=16, max_length=64, micro=8, iterations=2, warmup=1, arm_timeout_s=600),
 }
 LR = 1e-4  # the tiny recipes' learning rate: the reward moves within the iterations measured
 TEMPERATURE = 0.7
@@ -138,13 +142,33 @@ def prepare_workdir(work: Path, s: dict, a) -> dict:
           f"vocab {len(tok)}); SFT warm-up: {s['sft_steps']} steps of sft_tiny", flush=True)
     sft = work / "sft"
     shutil.rmtree(sft, ignore_errors=True)
-    cmd = [sys.executable, "-m", "ftdist", "train", "sft_tiny", f"model.name_or_path={work / 'gpt2'}",
-           f"output_dir={sft}", f"train.max_steps={s['sft_steps']}", "data.eval=null", "train.progress_bar=false",
-           "checkpoint.every_steps=0", "logging.tensorboard=false"]
+    argv = ["train", "sft_tiny", f"model.name_or_path={work / 'gpt2'}", f"output_dir={sft}",
+            f"train.max_steps={s['sft_steps']}", "data.eval=null", "train.progress_bar=false",
+            "checkpoint.every_steps=0", "logging.tensorboard=false"]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=arm_env(a, single_process=True), cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"SFT warm-up failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    # `ftdist train` in this process, which has torch and transformers loaded already (a child would import them
+    # again), with a child's environment and thread count; after it, its process group is closed and this
+    # process's environment, threads and signal handlers (the run installs its own stop handlers) are restored
+    from ftdist.cli import main as ftdist_main
+    from ftdist.engine.dist import destroy_process_group
+
+    saved = dict(os.environ)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    threads = torch.get_num_threads()
+    os.environ.clear()
+    os.environ.update(arm_env(a, single_process=True))
+    torch.set_num_threads(a.threads)
+    try:
+        code = ftdist_main(argv)
+        destroy_process_group()
+    finally:
+        torch.set_num_threads(threads)
+        os.environ.clear()
+        os.environ.update(saved)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    if code != 0:
+        raise SystemExit(f"SFT warm-up failed ({code}): `ftdist {shlex.join(argv)}` (its log above)")
     meta = {"n_params": n_params, "vocab": len(tok), "sft_steps": s["sft_steps"],
             "sft_seconds": round(time.perf_counter() - t0, 1)}
     meta_path.write_text(json.dumps(meta))
@@ -589,10 +613,11 @@ def table(results: dict[str, list[dict]], meta: dict, s: dict, a) -> str:
 def main(argv=None) -> int:
     all_arms = (*ARMS, *VARIANTS)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiny", action="store_true", help="a tiny model and 3 iterations: checks every arm runs")
+    p.add_argument("--tiny", action="store_true",
+                   help="a tiny model, 5 SFT warm-up steps and 2 iterations: checks every arm runs")
     p.add_argument("--repeats", type=int, default=3, help="rounds over all arms, in rotating order (default 3)")
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(all_arms)}")
-    p.add_argument("--iterations", type=int, default=None, help="iterations per arm (default: 12, tiny 3)")
+    p.add_argument("--iterations", type=int, default=None, help="iterations per arm (default: 12, tiny 2)")
     p.add_argument("--lr", type=float, default=LR, help=f"learning rate of every arm (default {LR:g})")
     p.add_argument("--ftdist-overrides", default="", help="extra 'key=value key=value' for every ftdist arm")
     p.add_argument("--work", default=None, help="work directory: the SFT-warmed policy is cached there "
@@ -610,9 +635,10 @@ def main(argv=None) -> int:
     if not 1 <= s["warmup"] < s["iterations"]:
         p.error(f"--iterations must be above the {s['warmup']} warm-up iteration(s)")
     if a.arm:
-        import torch
+        if a.arm not in FTDIST_RECIPES:  # an ftdist arm's process only starts and watches `ftdist train`
+            import torch
 
-        torch.set_num_threads(a.threads)
+            torch.set_num_threads(a.threads)
         print("RESULT " + json.dumps(run_arm(a.arm, Path(a.work), s, a)), flush=True)
         return 0
     arms = [n for n in a.arms.split(",") if n]

@@ -2,7 +2,7 @@
 
     python benchmarks/tokenize_throughput.py                   # 10k / 50k / 100k conversations, 1 and 2 processes
     python benchmarks/tokenize_throughput.py --rows 2000 --procs 1,2   # a quick look
-    python benchmarks/tokenize_throughput.py --tiny            # seconds: a smoke test of both arms (CI)
+    python benchmarks/tokenize_throughput.py --tiny            # seconds: a smoke test of both arms (CI), in one process
 
 The same JSONL file of generated chats (1-3 user/assistant turns, some with a system prompt, lengths
 lognormal), the same BPE tokenizer and chat template, read from disk by each arm:
@@ -20,7 +20,9 @@ Measured per run, each in its own process: rows per second from reading the file
 processes together during that time, and its anonymous part (sampled every 50 ms from /proc; both include
 what each arm had imported: TRL's arm holds torch, transformers' trainer and a tiny model; RSS also counts the
 pages of memory-mapped Arrow files read, which the anonymous part leaves out). The arms run in
-rotating order. Timings on a shared machine swing; compare the arms within one run.
+rotating order. Timings on a shared machine swing; compare the arms within one run. With --in-process (the
+default of --tiny) every run shares one process instead: a quicker start, and each peak then includes what the
+runs before it left behind.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 MAX_LENGTH = 1024
+TINY_ROWS = 100  # row 30 of the stream is longer than MAX_LENGTH: --tiny truncates too
 ARMS = ("ftdist", "trl")
 
 
@@ -157,9 +160,12 @@ def run_arm(arm: str, data: Path, work: Path, procs: int) -> dict:
             "rows_per_s": rows / seconds, "peak_rss_mb": mem.peak / 2**20, "peak_anon_mb": mem.peak_anon / 2**20}
 
 
+ARM_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": "1"}
+
+
 def spawn(arm: str, data: Path, work: Path, procs: int) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **ARM_ENV}
     cmd = [sys.executable, __file__, "--arm", arm, "--data", str(data), "--work", str(work), "--procs", str(procs)]
     p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
     if p.returncode != 0:
@@ -186,16 +192,22 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default="10000,50000,100000", help="comma-separated conversation counts")
     p.add_argument("--procs", default="1,2", help="comma-separated process counts (data.num_proc / dataset_num_proc)")
-    p.add_argument("--tiny", action="store_true", help="300 conversations, 1 and 2 processes: checks both arms run")
+    p.add_argument("--tiny", action="store_true",
+                   help=f"{TINY_ROWS} conversations, 1 and 2 processes, --in-process: checks both arms run")
     p.add_argument("--work", default=None, help="work directory (data and tokenizer are reused from it)")
     p.add_argument("--json", default=None, help="also write every run's record to this JSON file")
+    p.add_argument("--in-process", action="store_true",
+                   help="run the arms one after another in this process (quicker start; the peak RSS is then "
+                        "shared; the default with --tiny)")
     p.add_argument("--arm", default=None, help=argparse.SUPPRESS)
     p.add_argument("--data", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.arm:
         print("RESULT " + json.dumps(run_arm(a.arm, Path(a.data), Path(a.work), int(a.procs))), flush=True)
         return 0
-    sizes = [300] if a.tiny else [int(x) for x in a.rows.split(",")]
+    sizes = [TINY_ROWS] if a.tiny else [int(x) for x in a.rows.split(",")]
+    if a.in_process or a.tiny:
+        os.environ.update(ARM_ENV)  # what a spawned arm gets, before anything imports torch or the HF libraries
     procs = [int(x) for x in a.procs.split(",")]
     tmp = None if a.work else tempfile.TemporaryDirectory(prefix="tokenize-throughput-")
     work = Path(a.work or tmp.name)
@@ -209,7 +221,8 @@ def main(argv=None) -> int:
             order = ARMS if k % 2 == 0 else ARMS[::-1]
             k += 1
             for arm in order:
-                r = {**spawn(arm, paths[n], work, pr), "n": n}
+                r = {**(run_arm(arm, paths[n], work, pr) if a.in_process or a.tiny else spawn(arm, paths[n], work, pr)),
+                     "n": n}
                 results.append(r)
                 print(f"{n} rows, {pr} process(es), {arm}: {r['rows_per_s']:.0f} rows/s, {r['seconds']:.1f}s, "
                       f"{r['tokens']} tokens, peak RSS {r['peak_rss_mb']:.0f} MB ({r['peak_anon_mb']:.0f} MB "
