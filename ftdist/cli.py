@@ -96,13 +96,9 @@ def _exit_on_collective_failure(exc: RuntimeError, timeout_s: int) -> None:
 
 
 def _destroy_process_group() -> None:
-    import torch.distributed as dist
+    from ftdist.engine.dist import destroy_process_group
 
-    if dist.is_available() and dist.is_initialized():
-        try:
-            dist.destroy_process_group()
-        except Exception:
-            pass
+    destroy_process_group()
 
 
 def cmd_recipes(args) -> int:

@@ -62,17 +62,23 @@ def main(argv=None) -> int:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from demo_pipeline import run_pipeline
 
-        run_pipeline(run_stage, args.stages.split(","), args.nproc, out, args.overrides)
+        run_pipeline(run_stage, args.stages.split(","), args.nproc, out, args.overrides,
+                     sft_report=lambda records: print_before_after("SFT", args.nproc, records, out))
         return 0
     recipe, method_overrides, label = METHODS[args.method]
     records = run_stage(args.nproc, recipe, out / "sft", ["checkpoint.resume=never", *method_overrides, *args.overrides])
+    print_before_after(label, args.nproc, records, out)
+    return 0
+
+
+def print_before_after(label: str, nproc: int, records: list[dict], out: Path) -> None:
+    """The SFT stage's table: eval loss and exact-match accuracy before training and after."""
     before, after = before_after(records)
-    print(f"\n{label} of the tiny Llama on digit sorting ({args.nproc} gloo ranks, ZeRO-2, CPU)")
+    print(f"\n{label} of the tiny Llama on digit sorting ({nproc} gloo ranks, ZeRO-2, CPU)")
     print(f"{'':14s}{'eval loss':>12s}{'accuracy':>12s}")
     for name, r in (("before", before), ("after", after)):
         print(f"{name:14s}{r['eval/loss']:12.4f}{r.get('eval/accuracy', float('nan')):12.1%}")
-    print(f"\nmodel: {out / 'sft' / 'final'}\nmetrics: {out / 'sft' / 'metrics.jsonl'}")
-    return 0
+    print(f"\nmodel: {out / 'sft' / 'final'}\nmetrics: {out / 'sft' / 'metrics.jsonl'}", flush=True)
 
 
 if __name__ == "__main__":

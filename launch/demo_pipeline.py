@@ -38,8 +38,10 @@ def _pct(x) -> str:
     return "-" if x is None else f"{x:.1%}"
 
 
-def run_pipeline(run_stage, stages: list[str], nproc: int, out: Path, sft_overrides: list[str]) -> list[dict]:
-    """Run the stages in order; returns one row per stage: rm_accuracy, dpo_reward_accuracy, task_accuracy."""
+def run_pipeline(run_stage, stages: list[str], nproc: int, out: Path, sft_overrides: list[str],
+                 sft_report=None) -> list[dict]:
+    """Run the stages in order; returns one row per stage: rm_accuracy, dpo_reward_accuracy, task_accuracy.
+    sft_report(records), if given, prints the SFT stage's own table (the one `make demo` prints) once it ends."""
     unknown = [s for s in stages if s not in STAGE_RECIPES]
     if unknown or stages[0] != "sft":
         raise SystemExit(f"demo: --stages must start with sft and use {', '.join(STAGE_RECIPES)} (got {stages})")
@@ -62,6 +64,8 @@ def run_pipeline(run_stage, stages: list[str], nproc: int, out: Path, sft_overri
         if stage == "sft":
             task_acc = last.get("eval/accuracy")
             policy = str(out / "sft" / "final")
+            if sft_report is not None:
+                sft_report(records)
         elif stage == "rm":
             rm_acc = last["eval/accuracy"]
         elif stage == "ppo":

@@ -70,10 +70,9 @@ _PROCESS_GROUP_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER
 def _process_group_env_restored():
     before = {k: os.environ.get(k) for k in _PROCESS_GROUP_ENV}
     yield
-    import torch.distributed as dist
+    from ftdist.engine.dist import destroy_process_group
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    destroy_process_group()
     for k, v in before.items():
         if v is None:
             os.environ.pop(k, None)

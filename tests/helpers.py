@@ -62,7 +62,7 @@ def run_inprocess(argv: list[str], env: dict | None = None) -> subprocess.Comple
 
     from ftdist.cli import main
 
-    saved = {k: os.environ.get(k) for k in (env or {})}
+    saved = dict(os.environ)  # restored whole: the run sets its process group's variables (MASTER_PORT, ...)
     os.environ.update(env or {})
     out, err = io.StringIO(), io.StringIO()
     handler = logging.StreamHandler(err)
@@ -77,11 +77,8 @@ def run_inprocess(argv: list[str], env: dict | None = None) -> subprocess.Comple
                 code = e.code if isinstance(e.code, int) else 1
     finally:
         root.removeHandler(handler)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        os.environ.clear()
+        os.environ.update(saved)
     return subprocess.CompletedProcess(["ftdist", *argv], code, out.getvalue(), err.getvalue())
 
 

@@ -267,6 +267,24 @@ def _wait_until_read(store, key: str, readers: int, timeout_s: float, poll_s: fl
         time.sleep(poll_s)
 
 
+def destroy_process_group() -> None:
+    """End this process's process group, and DeepSpeed's references to its groups with it when DeepSpeed used
+    it (a later run in the same process, e.g. a notebook's second `train`, would otherwise find DeepSpeed holding
+    the destroyed group)."""
+    import sys
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    comm = sys.modules.get("deepspeed.comm.comm")
+    try:
+        if comm is not None and comm.cdb is not None:
+            comm.destroy_process_group()
+        else:
+            dist.destroy_process_group()
+    except Exception:
+        pass
+
+
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

@@ -152,7 +152,12 @@ def _claim_output_dir(cfg: Config, info):
         nonlocal held
         run_id = rundir.claim(cfg.output_dir, cfg.overwrite_output_dir, fresh=cfg.checkpoint.resume == "never")
         held = rundir.lock(cfg.output_dir, run_id)
-        refuse_foreign_checkpoints(Path(cfg.output_dir) / "checkpoints", run_id, cfg.overwrite_output_dir)
+        try:
+            refuse_foreign_checkpoints(Path(cfg.output_dir) / "checkpoints", run_id, cfg.overwrite_output_dir)
+        except BaseException:  # refused: the lock goes with the refusal (a notebook's next run may take it)
+            held.release()
+            held = None
+            raise
         return run_id
 
     return _on_main(info, claim), held

@@ -5,12 +5,11 @@ highest log-likelihood; two models side by side in one table, eval.json and samp
 import json
 import math
 import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.helpers import ROOT
+from tests.helpers import run_inprocess
 
 pytestmark = pytest.mark.dist
 
@@ -18,8 +17,7 @@ MAX_NEW = 6
 
 
 def _eval(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ftdist", "eval", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+    return run_inprocess(["eval", *args])
 
 
 def _write(path, rows):

@@ -3,11 +3,10 @@ the same answers on 1 and 2 ranks, a run's final/ or one of its checkpoints, cle
 
 import json
 import subprocess
-import sys
 
 import pytest
 
-from tests.helpers import ROOT, ftdist_cmd, run_ftdist, run_group
+from tests.helpers import ftdist_cmd, run_ftdist, run_group, run_inprocess
 
 pytestmark = pytest.mark.dist
 
@@ -25,9 +24,8 @@ def _prompts(path):
 
 def _generate(*args: str, nproc: int = 1) -> subprocess.CompletedProcess:
     if nproc == 1:
-        cmd = [sys.executable, "-m", "ftdist", "generate", *args]
-    else:
-        cmd = ftdist_cmd(nproc, "x", [])[:-2] + ["generate", *args]  # the launcher, then `-m ftdist`
+        return run_inprocess(["generate", *args])
+    cmd = ftdist_cmd(nproc, "x", [])[:-2] + ["generate", *args]  # the launcher, then `-m ftdist`
     return run_group(cmd, 300)
 
 

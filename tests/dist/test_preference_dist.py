@@ -1,9 +1,9 @@
-"""Reward model and DPO with 2 gloo ranks under ZeRO-2 and ZeRO-3, full and LoRA (fp32, CPU).
+"""Reward model (ZeRO-2) and DPO (ZeRO-2 and ZeRO-3) with 2 gloo ranks, full and LoRA (fp32, CPU).
 
 Checks: DPO starts at loss ln 2 with zero implicit rewards (the reference is
 wired to the starting weights in every setup); the step-1 metrics equal a plain
 one-process computation over the same pairs (loop normalisation by pairs across
-ranks); ZeRO-2 and ZeRO-3 give the same metrics and weights; evaluation improves;
+ranks); ZeRO-2 and ZeRO-3 give DPO the same metrics and weights; evaluation improves;
 the reward model's final/ loads with transformers and scores the eval pairs
 exactly as the engine did.
 
@@ -34,8 +34,11 @@ RECIPE = dict(
     logging={"tensorboard": False},
 )
 LORA = ["model.lora.r=8", "model.lora.alpha=16", "model.lora.dropout=0.0"]
+# ZeRO-3 for DPO only: its reference runs beside the partitioned policy. A reward model under ZeRO-3 is the same
+# step function (its ZeRO-stage invariance: tests/dist/test_sft_equivalence.py) over a pure loss, and its final/
+# is gathered from the partitions by the code every stage uses (exact: tests/dist/test_export.py)
 CASES = {f"{stage}_{variant}_zero{z}": (stage, variant, z) for stage in ("rm", "dpo") for variant in ("full", "lora")
-         for z in (2, 3)}
+         for z in ((2, 3) if stage == "dpo" else (2,))}
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +110,7 @@ def test_dpo_step1_metrics_equal_one_process(runs):
         assert first["logps/rejected"] == pytest.approx(float(rejected.mean()), rel=GRAD_RTOL)
 
 
-@pytest.mark.parametrize("stage_variant", ["rm_full", "rm_lora", "dpo_full", "dpo_lora"])
+@pytest.mark.parametrize("stage_variant", ["dpo_full", "dpo_lora"])
 def test_zero2_equals_zero3(runs, stage_variant):
     z2, z3 = runs[f"{stage_variant}_zero2"], runs[f"{stage_variant}_zero3"]
     s2, s3 = _steps(z2), _steps(z3)

@@ -79,8 +79,9 @@ def runs(tmp_path_factory):
         "1rank_micro8_acc1": (1, ["train.micro_batch_size=8", "deepspeed.zero_stage=0", "train.group_by_length=false"]),
         "1rank_micro8_split": (1, ["train.micro_batch_size=8", "deepspeed.zero_stage=0"]),
         "1rank_micro2_acc4": (1, ["train.micro_batch_size=2", "deepspeed.zero_stage=0"]),
+        # ZeRO-3 runs once, with clipping (test_clipping_over_zero3_partitions_matches_plain_pytorch)
         **{f"2rank_micro2_acc2_zero{z}": (2, ["train.micro_batch_size=2", f"deepspeed.zero_stage={z}"])
-           for z in (0, 1, 2, 3)},
+           for z in (0, 1, 2)},
         "2rank_micro4_acc1_zero2": (2, ["train.micro_batch_size=4", "deepspeed.zero_stage=2"]),
         "1rank_micro8_gradckpt": (1, ["train.micro_batch_size=8", "deepspeed.zero_stage=0",
                                       "model.gradient_checkpointing=true"]),
@@ -132,7 +133,7 @@ def test_length_split_does_not_change_update(runs):
     assert sum(s["padding_fraction"] for s in split) < sum(p["padding_fraction"] for p in plain)
     assert max_abs_diff(runs["1rank_micro8_split"], runs["reference"]) < _sgd_tol(runs)
     # on 2 ranks every rank runs the same number of micro-batches (a ZeRO backward is collective)
-    assert all(r["micro_batches"] >= 2 for r in runs["2rank_micro2_acc2_zero3/metrics"])
+    assert all(r["micro_batches"] >= 2 for r in runs["2rank_micro2_zero3_clip/metrics"])
 
 
 def test_rank_split_does_not_change_update(runs):
@@ -140,7 +141,7 @@ def test_rank_split_does_not_change_update(runs):
     assert max_abs_diff(runs["2rank_micro2_acc2_zero2"], runs["1rank_micro2_acc4"]) < _sgd_tol(runs)
 
 
-@pytest.mark.parametrize("zero", [0, 1, 2, 3])
+@pytest.mark.parametrize("zero", [0, 1, 2])  # ZeRO-3: test_clipping_over_zero3_partitions_matches_plain_pytorch
 def test_zero_stages_match_plain_pytorch(runs, zero):
     assert max_abs_diff(runs[f"2rank_micro2_acc2_zero{zero}"], runs["reference"]) < _sgd_tol(runs)
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from ftdist.models.loading import decay_param_groups, enable_neftune
+from tests.helpers import run_inprocess
 
 pytestmark = pytest.mark.unit
 
@@ -46,7 +47,7 @@ def test_neftune_noise_only_in_training_with_the_right_scale(model):
 
 
 def _run(*args):
-    return subprocess.run([sys.executable, "-m", "ftdist", *args], capture_output=True, text=True, timeout=120)
+    return run_inprocess(list(args))
 
 
 def test_cli_errors_are_one_line_without_traceback(tmp_path):
