@@ -113,16 +113,9 @@ def run_setting(work: Path, s: dict, a, checkpointing: bool, packing: bool = Tru
         shutil.rmtree(out, ignore_errors=True)
         path.write_text(text)
         if a.in_process:
-            import signal
-
             from ftdist.cli import main as ftdist_main
 
-            handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
-            try:
-                code = ftdist_main(["train", str(path)])
-            finally:  # the run installs its own stop handlers
-                for sig, handler in handlers.items():
-                    signal.signal(sig, handler)
+            code = ftdist_main(["train", str(path)])
             if code != 0:
                 raise SystemExit(f"ftdist train {path} failed ({code})")
         else:

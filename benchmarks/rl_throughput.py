@@ -148,12 +148,11 @@ def prepare_workdir(work: Path, s: dict, a) -> dict:
     t0 = time.perf_counter()
     # `ftdist train` in this process, which has torch and transformers loaded already (a child would import them
     # again), with a child's environment and thread count; after it, its process group is closed and this
-    # process's environment, threads and signal handlers (the run installs its own stop handlers) are restored
+    # process's environment and threads are restored (the run puts back the signal handlers it replaced)
     from ftdist.cli import main as ftdist_main
     from ftdist.engine.dist import destroy_process_group
 
     saved = dict(os.environ)
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
     threads = torch.get_num_threads()
     os.environ.clear()
     os.environ.update(arm_env(a, single_process=True))
@@ -165,8 +164,6 @@ def prepare_workdir(work: Path, s: dict, a) -> dict:
         torch.set_num_threads(threads)
         os.environ.clear()
         os.environ.update(saved)
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
     if code != 0:
         raise SystemExit(f"SFT warm-up failed ({code}): `ftdist {shlex.join(argv)}` (its log above)")
     meta = {"n_params": n_params, "vocab": len(tok), "sft_steps": s["sft_steps"],

@@ -61,12 +61,13 @@ def run_inprocess(argv: list[str], env: dict | None = None) -> subprocess.Comple
     import logging
 
     from ftdist.cli import main
+    from ftdist.run.logs import DATE_FORMAT, LOG_FORMAT
 
     saved = dict(os.environ)  # restored whole: the run sets its process group's variables (MASTER_PORT, ...)
     os.environ.update(env or {})
     out, err = io.StringIO(), io.StringIO()
     handler = logging.StreamHandler(err)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s ftdist: %(message)s", "%H:%M:%S"))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, DATE_FORMAT))
     root = logging.getLogger()
     root.addHandler(handler)
     try:

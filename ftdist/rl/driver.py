@@ -173,23 +173,23 @@ class PPODriver:
         evaluating = self.eval_prompts is not None
         if self.iteration == 0 and evaluating:
             self._log_eval(writer, 0)
-        stop = StopRequest()  # Slurm preemption: finish the iteration, checkpoint, exit for requeue
         progress = Progress(p.iterations, self.iteration, cfg.train.progress_bar, desc="ppo")
         record: dict = {}
-        while self.iteration < p.iterations:
-            record = self.iterate()
-            writer.log(record)
-            progress.update(1, reward=record["reward_mean"], kl=record["kl"], len=record["response_len"])
-            done = self.iteration == p.iterations
-            if evaluating and p.eval_every and self.iteration % p.eval_every == 0 and not done:
-                self._log_eval(writer, self.iteration, progress)
-            every = cfg.checkpoint.every_steps
-            if (every and self.iteration % every == 0) or done or stop.requested:
-                self.save_checkpoint()
-            if stop.requested and not done:
-                progress.close()
-                return {"stopped_at": self.iteration}
-            testing.after_step()
+        with StopRequest() as stop:  # Slurm preemption: finish the iteration, checkpoint, exit for requeue
+            while self.iteration < p.iterations:
+                record = self.iterate()
+                writer.log(record)
+                progress.update(1, reward=record["reward_mean"], kl=record["kl"], len=record["response_len"])
+                done = self.iteration == p.iterations
+                if evaluating and p.eval_every and self.iteration % p.eval_every == 0 and not done:
+                    self._log_eval(writer, self.iteration, progress)
+                every = cfg.checkpoint.every_steps
+                if (every and self.iteration % every == 0) or done or stop.requested:
+                    self.save_checkpoint()
+                if stop.requested and not done:
+                    progress.close()
+                    return {"stopped_at": self.iteration}
+                testing.after_step()
         progress.close()
         final_eval = self._log_eval(writer, self.iteration) if evaluating else {}
         return {"step": self.iteration, **{k: record.get(k) for k in ("reward_mean", "kl")}, **final_eval}

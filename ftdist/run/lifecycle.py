@@ -12,15 +12,27 @@ from ftdist.errors import RunError
 
 class StopRequest:
     """SIGUSR1/SIGTERM/SIGINT (SIGUSR1 ahead of Slurm's time limit, SIGTERM on scancel/requeue, Ctrl-C): finish
-    the step, checkpoint, exit with 3. A second Ctrl-C stops at once. Install it first, before any slow start-up."""
+    the step, checkpoint, exit with 3. A second Ctrl-C stops at once. Install it first, before any slow start-up,
+    as a context manager (`with StopRequest() as stop:`) around the whole run."""
 
     def __init__(self):
         self.requested = False
+        self._previous = {}
         for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             try:
-                signal.signal(sig, self._handler)
+                self._previous[sig] = signal.signal(sig, self._handler)
             except ValueError:  # not the main thread (e.g. inside some Ray workers)
                 pass
+
+    def __enter__(self) -> "StopRequest":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """The handlers from before the run come back: a run inside a longer-lived process (a notebook, a
+        benchmark, a test) leaves that process's Ctrl-C as it found it."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
     def _handler(self, signum, frame):
         if self.requested and signum == signal.SIGINT:

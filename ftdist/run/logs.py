@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 
 
+LOG_FORMAT, DATE_FORMAT = "%(asctime)s %(levelname)s ftdist: %(message)s", "%H:%M:%S"
+
+
 def setup_logging(is_main: bool) -> None:
     import warnings
 
@@ -12,7 +15,7 @@ def setup_logging(is_main: bool) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
-                        format="%(asctime)s %(levelname)s ftdist: %(message)s", datefmt="%H:%M:%S")
+                        format=LOG_FORMAT, datefmt=DATE_FORMAT)
     logging.getLogger("ftdist").setLevel(logging.INFO if is_main else logging.WARNING)
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "datasets", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -71,21 +71,22 @@ def train(cfg: Config, end_process_when_done: bool = False, suite_eval=None) -> 
     eval.suites; the entry points pass it, this package does not import eval).
     """
     # first: a preemption signal during start-up (model load, op builds) must not kill a rank
-    stop = StopRequest()
-    info = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
-    setup_logging(info.is_main)
-    if info.world_size > 1:
-        hosts = rank_hosts()
-        if info.is_main:
-            log.info("process group: %d ranks (%s) on %s", info.world_size, info.backend, placement_summary(hosts))
-    run_id, held = _claim_output_dir(cfg, info)
-    try:
-        result, engine = _train(cfg, info, stop, run_id, suite_eval)
-    finally:
-        if held is not None:
-            held.release()
-    if end_process_when_done and info.world_size > 1:
-        end_process(3 if "stopped_at" in result else 0)  # `engine` is still referenced: nothing is torn down
+    with StopRequest() as stop:
+        info = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
+        setup_logging(info.is_main)
+        if info.world_size > 1:
+            hosts = rank_hosts()
+            if info.is_main:
+                log.info("process group: %d ranks (%s) on %s", info.world_size, info.backend,
+                         placement_summary(hosts))
+        run_id, held = _claim_output_dir(cfg, info)
+        try:
+            result, engine = _train(cfg, info, stop, run_id, suite_eval)
+        finally:
+            if held is not None:
+                held.release()
+        if end_process_when_done and info.world_size > 1:
+            end_process(3 if "stopped_at" in result else 0)  # `engine` is still referenced: nothing is torn down
     return result
 
 
