@@ -25,7 +25,10 @@ def main(argv=None) -> int:
     p.add_argument("junit", nargs="?", default="test-results/junit.xml")
     p.add_argument("--slowest", type=int, default=0, help="also list the N slowest tests")
     a = p.parse_args(argv)
-    root = ET.parse(a.junit).getroot()
+    try:
+        root = ET.parse(a.junit).getroot()
+    except (OSError, ET.ParseError) as e:
+        p.error(f"{a.junit}: {e.strerror if isinstance(e, OSError) else e} (launch/test.sh writes it on every run)")
     per_folder: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
     cases = []
     for case in root.iter("testcase"):
